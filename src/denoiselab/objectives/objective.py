@@ -1,0 +1,201 @@
+"""The denoising training objective: per-sample loss terms for one batch.
+
+Algorithm 1 of JiT, generalised to all nine prediction × loss combinations:
+
+    t ~ p(t);  ε ~ N(0, s²I);  z = t·x + (1−t)·ε
+    out = net(z, t, y)                                   # raw network output
+    pred = convert(out, prediction)                      # (x̂, ε̂, v̂), Table 1
+    target = convert(truth_in_prediction_space, prediction)
+    loss = mean over dims of (pred[L] − target[L])²      # L = loss space
+
+The target is converted with the same clamped formula as the prediction (as the official JiT
+code does for ``v = (x − z)/(1 − t)``), so every combination is an exact reweighting of the
+loss in prediction space — footnote 4 of the paper holds for every ``t``, clamp included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from denoiselab.objectives.parameterization import (
+    LossSpace,
+    Prediction,
+    Triple,
+    convert,
+    min_snr_weight,
+    parse_space,
+    preconditioner_coefficients,
+)
+from denoiselab.objectives.path import TimeSamplerConfig, expand_t, interpolate, sample_t
+
+Preconditioner = Literal["none", "edm", "linear"]
+Weighting = Literal["none", "min_snr"]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Everything that defines the denoising loss (JiT Table 9 defaults).
+
+    ``noise_scale`` is ``s`` in ``ε ~ N(0, s²I)``; the paper uses ``1.0 × image_size/256``.
+    ``t_eps`` clamps ``1 − t`` (and ``t`` for ε-prediction) wherever it divides.
+    ``label_drop`` replaces the class by the null class with this probability (for CFG).
+    """
+
+    prediction: str = "x"
+    loss_space: str = "v"
+    t_eps: float = 0.05
+    noise_scale: float = 1.0
+    time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
+    preconditioner: Preconditioner = "none"
+    sigma_data: float = 0.5
+    weighting: Weighting = "none"
+    min_snr_gamma: float = 5.0
+    label_drop: float = 0.1
+
+    def __post_init__(self) -> None:
+        pred = parse_space(self.prediction, Prediction)
+        parse_space(self.loss_space, LossSpace)
+        if self.preconditioner not in ("none", "edm", "linear"):
+            raise ValueError(
+                f"objective.preconditioner={self.preconditioner!r}; valid: 'none', 'edm', 'linear'"
+            )
+        if self.preconditioner != "none" and pred is not Prediction.X:
+            raise ValueError(
+                f"objective.preconditioner={self.preconditioner!r} wraps x-prediction only "
+                f"(JiT App. B.2); got prediction={self.prediction!r}"
+            )
+        if self.weighting not in ("none", "min_snr"):
+            raise ValueError(f"objective.weighting={self.weighting!r}; valid: 'none', 'min_snr'")
+        if not 0 < self.t_eps < 0.5:
+            raise ValueError(f"objective.t_eps={self.t_eps!r} must lie in (0, 0.5)")
+        if not (self.noise_scale > 0 and math.isfinite(self.noise_scale)):
+            raise ValueError(f"objective.noise_scale={self.noise_scale!r} must be > 0")
+        if not 0 <= self.label_drop < 1:
+            raise ValueError(f"objective.label_drop={self.label_drop!r} must lie in [0, 1)")
+
+    @property
+    def pred(self) -> Prediction:
+        return parse_space(self.prediction, Prediction)  # type: ignore[return-value]
+
+    @property
+    def loss(self) -> LossSpace:
+        return parse_space(self.loss_space, LossSpace)  # type: ignore[return-value]
+
+
+@dataclass
+class StepContext:
+    """What one objective evaluation saw; handed to extra loss terms (REPA, contrastive FM…).
+
+    ``hidden``: block index → patch-token states ``[B, N, D]`` for the blocks requested by
+    the extra terms (see ``LossTerm.hidden_blocks``).
+    """
+
+    x: Tensor
+    y: Tensor
+    t: Tensor
+    eps: Tensor
+    z_t: Tensor
+    net_out: Tensor
+    pred: Triple
+    target: Triple
+    hidden: dict[int, Tensor]
+
+
+class LossTerm:
+    """An extra named per-sample loss term. Subclasses set ``name`` and implement ``__call__``.
+
+    ``hidden_blocks``: network blocks whose hidden states the term needs.
+    """
+
+    name: str = "extra"
+    hidden_blocks: tuple[int, ...] = ()
+
+    def __call__(self, ctx: StepContext) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+Net = Callable[..., Tensor]
+
+
+class DenoisingObjective(nn.Module):
+    """Computes ``{"denoise": [B], <extra terms>: [B]}`` for a batch.
+
+    It is an ``nn.Module`` only so that extra terms with parameters (e.g. a REPA projector)
+    are trained and checkpointed with it; the core loss has no parameters.
+    """
+
+    def __init__(
+        self, cfg: ObjectiveConfig, num_classes: int, extra_terms: list[LossTerm] | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.extra_terms = list(extra_terms or [])
+        for i, term in enumerate(self.extra_terms):
+            if isinstance(term, nn.Module):
+                self.add_module(f"term{i}_{term.name}", term)
+
+    # -- conversions -------------------------------------------------------------------------
+    def complete(self, net_out: Tensor, z_t: Tensor, t: Tensor) -> Triple:
+        """Raw network output → ``(x̂, ε̂, v̂)``, applying the preconditioner if any."""
+        cfg = self.cfg
+        if cfg.preconditioner != "none":
+            c_skip, c_out = preconditioner_coefficients(
+                cfg.preconditioner, t, sigma_data=cfg.sigma_data, t_eps=cfg.t_eps
+            )
+            net_out = expand_t(c_skip, z_t) * z_t + expand_t(c_out, z_t) * net_out
+        return convert(net_out, cfg.pred, z_t, t, cfg.t_eps)
+
+    def velocity(self, net_out: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """Velocity ``v̂`` that the sampler integrates, from any prediction space (Table 1 row 3)."""
+        return self.complete(net_out, z_t, t).v
+
+    def weight(self, t: Tensor) -> Tensor:
+        """Optional explicit per-sample weight ``[B]`` on top of the loss-space reweighting."""
+        if self.cfg.weighting == "min_snr":
+            return min_snr_weight(t, self.cfg.min_snr_gamma, self.cfg.noise_scale)
+        return torch.ones_like(t)
+
+    # -- randomness --------------------------------------------------------------------------
+    def draw(self, x: Tensor, y: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """Draw ``t [B]``, ``ε [B, ...]`` and the (possibly dropped) labels for one batch."""
+        b = x.shape[0]
+        t = sample_t(self.cfg.time, b, generator=generator, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = eps * self.cfg.noise_scale
+        if self.cfg.label_drop > 0:
+            drop = torch.rand(b, generator=generator, device=x.device) < self.cfg.label_drop
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return t, eps, y
+
+    # -- the loss ----------------------------------------------------------------------------
+    def forward(
+        self, net: Net, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Per-sample loss terms for clean data ``x: [B, ...]`` and labels ``y: [B]``."""
+        t, eps, y = self.draw(x, y, generator)
+        return self.terms(net, x, y, t, eps)
+
+    def terms(self, net: Net, x: Tensor, y: Tensor, t: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        """Deterministic part of :meth:`forward`: the loss terms for given ``t`` and ``ε``."""
+        z_t = interpolate(x, eps, t)
+        blocks = sorted({b for term in self.extra_terms for b in term.hidden_blocks})
+        hidden: dict[int, Tensor] = dict.fromkeys(blocks)  # type: ignore[arg-type]
+        net_out = net(z_t, t, y, hidden_out=hidden) if blocks else net(z_t, t, y)
+        pred = self.complete(net_out, z_t, t)
+        truth = {Prediction.X: x, Prediction.EPS: eps, Prediction.V: x - eps}[self.cfg.pred]
+        target = convert(truth, self.cfg.pred, z_t, t, self.cfg.t_eps)
+        diff = pred.get(self.cfg.loss) - target.get(self.cfg.loss)
+        diff = diff.to(torch.promote_types(diff.dtype, torch.float32))  # bf16 → fp32 loss
+        out = {"denoise": diff.pow(2).flatten(1).mean(1) * self.weight(t)}
+        if self.extra_terms:
+            ctx = StepContext(x, y, t, eps, z_t, net_out, pred, target, hidden)
+            for term in self.extra_terms:
+                out[term.name] = term(ctx)
+        return out
