@@ -1,0 +1,197 @@
+"""The ``denoiselab`` command (also ``python -m denoiselab``).
+
+Each subcommand imports what it needs lazily, so ``denoiselab info`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from denoiselab.config import dump_yaml
+    from denoiselab.train.build import load_train_config
+    from denoiselab.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from denoiselab.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        weights = resolve_checkpoint(args.resume)
+        if args.config is not None:
+            print(
+                f"note: resuming; the run's own config is used, not {args.config}", file=sys.stderr
+            )
+        from denoiselab.train.build import config_from_yaml_text
+
+        base = config_from_yaml_text(load_checkpoint(weights, with_state=False).config_yaml)
+        from denoiselab.config import apply_overrides, from_dict, to_dict
+        from denoiselab.train.config import TrainConfig
+
+        cfg = from_dict(TrainConfig, apply_overrides(to_dict(base), overrides))
+        out = Path(args.out) if args.out else weights.parent.parent
+    else:
+        if args.config is None:
+            raise SystemExit("denoiselab train: give a CONFIG file (e.g. configs/quickstart.yaml)")
+        cfg = load_train_config(args.config, overrides)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        weights = None
+    if args.steps is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, duration_nimg=args.steps * cfg.global_batch)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return 0
+    train(cfg, out, resume=weights)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from denoiselab.images import save_grid, save_images
+    from denoiselab.sampling.generate import balanced_labels, generate, noise_for
+    from denoiselab.train.build import restore
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ema: float | str | None = "auto" if args.ema is None else args.ema
+    if args.no_ema:
+        ema = None
+    r = restore(args.run, ema=ema, device=device)
+    mc = r.model_cfg
+    if args.class_id is not None and not 0 <= args.class_id < mc.num_classes:
+        raise SystemExit(
+            f"denoiselab sample: --class {args.class_id} is out of range; "
+            f"valid: 0 … {mc.num_classes - 1}"
+        )
+    out = Path(args.out)
+    shape = (mc.in_channels, mc.image_size, mc.image_size)
+    images = []
+    for start in range(0, args.num, args.batch):
+        n = min(args.batch, args.num - start)
+        if args.class_id is not None:
+            labels = torch.full((n,), args.class_id, dtype=torch.long)
+        else:
+            labels = balanced_labels(n, mc.num_classes, offset=start)
+        noise = noise_for(args.seed + start, n, shape, r.cfg.objective.noise_scale, device)
+        x = generate(
+            r.net,
+            r.objective.velocity,
+            labels.to(device),
+            noise,
+            null_class=mc.num_classes,
+            steps=args.steps,
+            solver=args.solver,
+            cfg_scale=args.cfg,
+            interval=tuple(args.cfg_interval),
+        )
+        save_images(x, out, start=start)
+        images.append(x.cpu())
+    grid = torch.cat(images)[:256]
+    save_grid(grid, out / "grid.png")
+    print(f"{args.num} samples ({r.weights}, step {r.checkpoint.step}) → {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from denoiselab.models.flops import describe
+    from denoiselab.models.registry import MODEL_PRESETS
+
+    names = list(MODEL_PRESETS) if args.model == "all" else [args.model]
+    for name in names:
+        if len(names) > 1:
+            print(f"== {name}")
+        print(describe(name, image_size=args.image_size))
+    return 0
+
+
+def _toy(argv: list[str]) -> int:
+    from denoiselab.analysis.toy import toy_main
+
+    return toy_main(argv)
+
+
+def _analyze(argv: list[str]) -> int:
+    from denoiselab.analysis.gaussian import analyze_main
+
+    return analyze_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="denoiselab",
+        description="Train, sample, evaluate and ablate diffusion Transformers that predict clean data.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/quickstart.yaml)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.add_argument("--out", help="run folder (default runs/<config name>)")
+    t.add_argument("--steps", type=int, help="total optimizer steps (overrides duration_nimg)")
+    t.add_argument("--resume", help="run folder or checkpoint file to resume from")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="generate images from a run or checkpoint")
+    s.add_argument("run", help="run folder or checkpoint file")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
+    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    s.add_argument("--ema", type=float, help="EMA decay to use (default: the largest)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights")
+    s.add_argument("--class", dest="class_id", type=int, help="only this class")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--device")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_sample)
+
+    i = sub.add_parser("info", help="parameters and forward cost of a model preset")
+    i.add_argument("model", help="preset name (e.g. JiT-B/16) or 'all'")
+    i.add_argument("--image-size", type=int)
+    i.set_defaults(func=_info)
+
+    sub.add_parser(
+        "toy", help="JiT Fig. 2 toy experiment (see `denoiselab toy -h`)", add_help=False
+    )
+    sub.add_parser(
+        "analyze",
+        help="JLT local Gaussian analysis (`denoiselab analyze gaussian -h`)",
+        add_help=False,
+    )
+    return p
+
+
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"toy": _toy, "analyze": _analyze}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`train cfg.yaml --steps 5 optim.lr=1e-3`)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from denoiselab.config import ConfigError
+    from denoiselab.train.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

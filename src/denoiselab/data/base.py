@@ -1,0 +1,79 @@
+"""The dataset contract shared by every built-in dataset.
+
+A dataset is map-style: ``ds[i] -> (image, label)`` with ``image: float32 [C, H, W]`` in
+``[-1, 1]`` and ``label: int`` in ``[0, num_classes)``. Randomness that depends on the epoch
+(horizontal flips) goes through :meth:`ImageDataset.get_item`, so that the training loader
+can pass the epoch in and a resumed run sees exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import SupportsIndex
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+# Stream tag that keeps flip draws independent of every other use of (seed, index, ...).
+_FLIP_STREAM = 0x0F11B
+
+
+def flip_decision(seed: int, index: int, epoch: int) -> bool:
+    """Whether sample ``index`` is mirrored in ``epoch``: a fair coin, pure in its arguments."""
+    return bool(np.random.default_rng((_FLIP_STREAM, seed, index, epoch)).random() < 0.5)
+
+
+def uint8_to_model(array: np.ndarray) -> Tensor:
+    """``uint8 [H, W, C]`` → ``float32 [C, H, W]`` in ``[-1, 1]`` (JiT: ``x / 255 · 2 − 1``)."""
+    x = torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1).contiguous()
+    return x.div_(255).mul_(2).sub_(1)
+
+
+class ImageDataset(Dataset):
+    """Base class: subclasses set the attributes and implement ``__len__`` and ``_load``.
+
+    Attributes:
+        num_classes: number of labels; the null class of CFG is ``num_classes``.
+        channels: 1 or 3.
+        image_size: side of the square images, in pixels.
+        class_names: ``class_names[label]`` is a readable name.
+        seed: seeds everything that is random about a sample (content, flips).
+        hflip: mirror each sample with probability 1/2, decided by ``(seed, index, epoch)``.
+    """
+
+    num_classes: int
+    channels: int
+    image_size: int
+    class_names: list[str]
+    seed: int = 0
+    hflip: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> tuple[Tensor, int]:
+        """Un-flipped sample ``index`` (already range-checked)."""
+        raise NotImplementedError
+
+    def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Tensor, int]:
+        """Sample ``index`` as seen in ``epoch``: ``(image [C, H, W] in [-1, 1], label)``."""
+        i = self._check_index(index)
+        image, label = self._load(i)
+        if self.hflip and flip_decision(self.seed, i, epoch):
+            image = image.flip(-1)
+        return image, label
+
+    def __getitem__(self, index: SupportsIndex) -> tuple[Tensor, int]:
+        return self.get_item(index, epoch=0)
+
+    def caption(self, index: SupportsIndex) -> str:
+        """A short English description of sample ``index`` (the class name by default)."""
+        return self.class_names[self[index][1]]
+
+    def _check_index(self, index: SupportsIndex) -> int:
+        i = operator.index(index)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {type(self).__name__} of {len(self)}")
+        return i

@@ -1,0 +1,89 @@
+"""``DataConfig``: which dataset, at which resolution, and ``build_dataset(cfg)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from denoiselab.data.base import ImageDataset
+from denoiselab.data.digits import DigitsDataset
+from denoiselab.data.imagefolder import ImageFolderDataset
+from denoiselab.data.shapes import ShapesDataset
+
+DatasetName = Literal["shapes", "digits", "imagefolder"]
+IMAGE_SIZE_RANGE = (8, 1024)
+# hflip=None picks the dataset's default: on for photos (as JiT on ImageNet), off for the
+# built-ins (mirrored digits are not digits; shapes are already drawn at random angles).
+DEFAULT_HFLIP = {"shapes": False, "digits": False, "imagefolder": True}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset choice and preprocessing.
+
+    Attributes:
+        name: ``"shapes"`` (procedural, the default), ``"digits"`` (sklearn 8×8 digits) or
+            ``"imagefolder"`` (``root/<class>/*.jpg`` photos, JiT preprocessing).
+        image_size: side of the square images in pixels.
+        root: the class-folder tree; required by ``imagefolder`` only.
+        num_images: length of ``shapes`` (defines the epoch); ignored by the others.
+        seed: dataset seed: shapes content and flip decisions (not the batch order).
+        channels: 3 (RGB) or 1 (grey).
+        hflip: random horizontal flips; ``None`` = dataset default (``DEFAULT_HFLIP``).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+    """
+
+    name: DatasetName = "shapes"
+    image_size: int = 32
+    root: str | None = None
+    num_images: int = 50_000
+    seed: int = 0
+    channels: int = 3
+    hflip: bool | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        names = get_args(DatasetName)
+        if self.name not in names:
+            raise ValueError(f"data.name={self.name!r}; valid: {', '.join(map(repr, names))}")
+        lo, hi = IMAGE_SIZE_RANGE
+        if not (_is_int(self.image_size) and lo <= self.image_size <= hi):
+            raise ValueError(f"data.image_size={self.image_size!r}; valid: integers {lo} … {hi}")
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError(f"data.root={self.root!r}; 'imagefolder' needs the dataset directory")
+        if self.name != "imagefolder" and self.root is not None:
+            raise ValueError(
+                f"data.root={self.root!r} is only used by 'imagefolder', not {self.name!r}"
+            )
+        if not (_is_int(self.num_images) and self.num_images >= 1):
+            raise ValueError(f"data.num_images={self.num_images!r}; valid: integers ≥ 1")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise ValueError(f"data.seed={self.seed!r}; valid: integers ≥ 0")
+        if self.channels not in (1, 3) or not _is_int(self.channels):
+            raise ValueError(f"data.channels={self.channels!r}; valid: 1, 3")
+        if self.hflip not in (None, True, False):
+            raise ValueError(
+                f"data.hflip={self.hflip!r}; valid: None (dataset default), True, False"
+            )
+        if not (_is_int(self.num_workers) and self.num_workers >= 0):
+            raise ValueError(f"data.num_workers={self.num_workers!r}; valid: integers ≥ 0")
+
+    @property
+    def resolved_hflip(self) -> bool:
+        """``hflip`` with ``None`` replaced by the dataset's default."""
+        return DEFAULT_HFLIP[self.name] if self.hflip is None else self.hflip
+
+
+def build_dataset(cfg: DataConfig) -> ImageDataset:
+    """The dataset described by ``cfg`` (imagefolder raises if ``root`` is missing or empty)."""
+    common = {"image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed}
+    if cfg.name == "shapes":
+        return ShapesDataset(num_images=cfg.num_images, hflip=cfg.resolved_hflip, **common)
+    if cfg.name == "digits":
+        return DigitsDataset(hflip=cfg.resolved_hflip, **common)
+    assert cfg.root is not None  # checked in DataConfig.__post_init__
+    return ImageFolderDataset(cfg.root, hflip=cfg.resolved_hflip, **common)

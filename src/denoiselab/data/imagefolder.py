@@ -1,0 +1,132 @@
+"""``imagefolder``: a directory of class sub-folders (ImageNet layout), preprocessed as JiT does.
+
+Layout: ``root/<class_name>/**/<file>.{jpg,jpeg,png,…}``; class names sorted alphabetically
+give the label ids (as ``torchvision.datasets.ImageFolder``). For ImageNet, point ``root`` at
+its ``train/`` folder. Preprocessing follows the reference JiT training pipeline: the ADM
+centre crop (:func:`center_crop_arr`), a random horizontal flip (here decided by
+``(seed, index, epoch)``), then ``x / 255 · 2 − 1``.
+
+Unreadable or truncated files never stop an epoch: the sample is replaced by the next
+readable index (deterministically), a warning names the file, and ``skipped`` counts them
+(per process: a DataLoader worker keeps its own count).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import SupportsIndex
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from denoiselab.data.base import ImageDataset, uint8_to_model
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's centre crop (Dhariwal & Nichol 2021), as used by JiT for ImageNet.
+
+    1. Halve both sides with a BOX filter while the short side is ≥ ``2·image_size``
+       (cheap, alias-free pre-shrinking of large photos).
+    2. BICUBIC-resize so that the short side is ``image_size`` (sides rounded to nearest).
+    3. Crop the central ``image_size × image_size`` square (offsets rounded down).
+    """
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(
+        tuple(round(s * scale) for s in image.size), resample=Image.Resampling.BICUBIC
+    )
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(class_names, [(path, label), …])`` for an ImageNet-style tree; clear errors if empty."""
+    root_path = Path(root)
+    expected = "a directory with one sub-folder per class: root/<class_name>/*.jpg|png|…"
+    if not root_path.is_dir():
+        problem = "is not a directory" if root_path.exists() else "does not exist"
+        raise FileNotFoundError(f"imagefolder root {str(root)!r} {problem}; expected {expected}")
+    # Hidden folders (".ipynb_checkpoints", …) are not classes.
+    classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and e.name[0] != ".")
+    if not classes:
+        raise ValueError(
+            f"imagefolder root {str(root)!r} has no class sub-folders; expected {expected}"
+        )
+    per_class = {name: _files(root_path / name) for name in classes}
+    empty = [name for name, files in per_class.items() if not files]
+    if empty:
+        raise ValueError(
+            f"imagefolder root {str(root)!r}: class folders {empty} contain no files with "
+            f"extensions {IMAGE_EXTENSIONS}; expected {expected}"
+        )
+    samples = [(path, label) for label, name in enumerate(classes) for path in per_class[name]]
+    return classes, samples
+
+
+def _files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursive, sorted, extension matched case-insensitively)."""
+    found = []
+    for dirpath, _, names in sorted(os.walk(folder, followlinks=True)):
+        found += [
+            os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return found
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images under ``root`` centre-cropped to ``image_size``, labelled by class folder."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        image_size: int = 256,
+        channels: int = 3,
+        seed: int = 0,
+        hflip: bool = True,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels!r}; valid: 1, 3")
+        self.root = str(root)
+        self.class_names, self.samples = find_images(root)
+        self.num_classes = len(self.class_names)
+        self.image_size, self.channels, self.seed, self.hflip = image_size, channels, seed, hflip
+        self.skipped = 0  # unreadable files met so far (in this process)
+        self.bad_paths: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[Tensor, int]:
+        for offset in range(len(self.samples)):
+            j = (index + offset) % len(self.samples)
+            image = self._read(self.samples[j][0])
+            if image is not None:
+                return uint8_to_model(image), self.samples[j][1]
+        raise RuntimeError(f"no readable image under imagefolder root {self.root!r}")
+
+    def _read(self, path: str) -> np.ndarray | None:
+        """Decoded, cropped ``uint8 [H, W, C]``, or ``None`` (counted, warned) if unreadable."""
+        if path in self.bad_paths:
+            return None
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB" if self.channels == 3 else "L")
+        except Exception as err:  # any decoder error (PIL raises many types): skip, never crash
+            self.bad_paths.add(path)
+            self.skipped += 1
+            log.warning("imagefolder: skipping unreadable image %s (%s)", path, err)
+            return None
+        array = np.asarray(center_crop_arr(image, self.image_size))
+        return array if array.ndim == 3 else array[..., None]
+
+    def caption(self, index: SupportsIndex) -> str:
+        """The class folder name, underscores as spaces (e.g. ``"golden retriever"``)."""
+        return self.class_names[self.samples[self._check_index(index)][1]].replace("_", " ")

@@ -1,0 +1,161 @@
+"""``shapes``: procedurally generated coloured geometric shapes on textured backgrounds.
+
+Image ``i`` of a dataset with seed ``s`` is a pure function of ``(s, i)``: a per-index numpy
+``Generator`` draws a resolution-free :class:`ShapeSpec` (positions and sizes are fractions of
+the image side), which is then rasterised at any resolution. Hence the same ``(s, i)`` shows
+the same scene at 32 and at 256 pixels. Labels are balanced exactly: ``label = i mod 8``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import SupportsIndex
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from denoiselab.data.base import ImageDataset
+from denoiselab.data.shapes_draw import (
+    HEART_MAX_TILT,
+    LUMA,
+    PALETTE,
+    SHAPES,
+    TEXTURES,
+    contrasting_pairs,
+    second_tone,
+    shape_coverage,
+    texture_tone,
+)
+
+SHAPE_NAMES: tuple[str, ...] = tuple(SHAPES)
+RADIUS_RANGE = (0.225, 0.40)  # shape radius / image side: diameters of 45–80 % of the image
+EDGE_MARGIN = 0.02  # keep the shape this far (fraction of the side) from the image border
+COLOUR_JITTER = 0.04  # per-channel uniform jitter around the palette colour
+MIN_CONTRAST = {3: 0.5, 1: 0.25}  # RGB distance (colour) / luma difference (grey)
+_SHAPES_STREAM = 0x5BA9E5  # stream tag: keeps these draws apart from other (seed, i) users
+_PAIRS = {ch: contrasting_pairs(ch, m) for ch, m in MIN_CONTRAST.items()}  # bg -> valid fgs
+_TEXTURE_PHRASE = {
+    "plain": "plain {} background",
+    "stripes": "striped {} background",
+    "checker": "checkered {} background",
+    "dots": "dotted {} background",
+    "gradient": "{} gradient background",
+}
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Everything that defines one image, independent of resolution.
+
+    ``cx, cy, radius`` are fractions of the image side, ``angle`` is in radians,
+    ``fg_rgb, bg_rgb`` are the jittered colours in ``[0, 1]``, ``texture_params`` four
+    numbers in ``[0, 1)`` that set the texture's angle, period, phase and dot size.
+    """
+
+    label: int
+    shape: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    fg: str
+    bg: str
+    fg_rgb: tuple[float, float, float]
+    bg_rgb: tuple[float, float, float]
+    texture: str
+    texture_params: tuple[float, float, float, float]
+
+    @property
+    def size_word(self) -> str:
+        """``small`` / ``medium`` / ``large`` by thirds of the radius range."""
+        lo, hi = RADIUS_RANGE
+        third = (self.radius - lo) / (hi - lo) * 3
+        return ("small", "medium", "large")[min(int(third), 2)]
+
+    def caption(self) -> str:
+        """E.g. ``"a small red triangle on a striped blue background"``."""
+        background = _TEXTURE_PHRASE[self.texture].format(self.bg)
+        return f"a {self.size_word} {self.fg} {self.shape} on a {background}"
+
+
+def _draw_angle(rng: np.random.Generator, symmetry: int) -> float:
+    u = rng.random()
+    if symmetry == -1:
+        return (2 * u - 1) * HEART_MAX_TILT
+    return 2 * math.pi * u / symmetry if symmetry > 0 else 0.0
+
+
+def _jitter(rng: np.random.Generator, name: str) -> tuple[float, float, float]:
+    rgb = np.clip(np.array(PALETTE[name]) + rng.uniform(-1, 1, 3) * COLOUR_JITTER, 0, 1)
+    return (float(rgb[0]), float(rgb[1]), float(rgb[2]))
+
+
+def draw_spec(seed: int, index: int, channels: int = 3) -> ShapeSpec:
+    """The scene of image ``index`` for dataset ``seed`` (pure; a fixed sequence of draws)."""
+    rng = np.random.default_rng((_SHAPES_STREAM, seed, index))
+    label = index % len(SHAPE_NAMES)
+    shape = SHAPE_NAMES[label]
+    radius = float(rng.uniform(*RADIUS_RANGE))
+    lo, hi = radius + EDGE_MARGIN, 1 - radius - EDGE_MARGIN
+    cx, cy = (float(v) for v in rng.uniform(lo, hi, 2))
+    angle = _draw_angle(rng, SHAPES[shape][1])
+    pairs = _PAIRS[channels]
+    bg = list(PALETTE)[rng.integers(len(PALETTE))]
+    fg = pairs[bg][rng.integers(len(pairs[bg]))]
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    p = rng.random(4)
+    params = (float(p[0]), float(p[1]), float(p[2]), float(p[3]))
+    fg_rgb, bg_rgb = _jitter(rng, fg), _jitter(rng, bg)
+    return ShapeSpec(label, shape, cx, cy, radius, angle, fg, bg, fg_rgb, bg_rgb, texture, params)
+
+
+def render(spec: ShapeSpec, size: int, channels: int = 3) -> np.ndarray:
+    """Rasterise ``spec`` to ``float32 [channels, size, size]`` in ``[0, 1]``."""
+    bg = np.array(spec.bg_rgb, dtype=np.float32)
+    alt, fg = second_tone(bg), np.array(spec.fg_rgb, dtype=np.float32)
+    if channels == 1:
+        bg, alt, fg = (np.atleast_1d(c @ LUMA.astype(np.float32)) for c in (bg, alt, fg))
+    tone = texture_tone(spec.texture, size, spec.texture_params)
+    cover = shape_coverage(spec.shape, size, spec.cx, spec.cy, spec.radius, spec.angle)
+    image = np.empty((channels, size, size), dtype=np.float32)
+    for c in range(channels):  # per-channel scalar blends: cheaper than [H, W, C] broadcasting
+        background = bg[c] + (alt[c] - bg[c]) * tone
+        image[c] = background + (fg[c] - background) * cover
+    return image
+
+
+class ShapesDataset(ImageDataset):
+    """``num_images`` shapes images of side ``image_size``; 8 classes named in ``SHAPE_NAMES``."""
+
+    def __init__(
+        self,
+        num_images: int = 50_000,
+        image_size: int = 32,
+        seed: int = 0,
+        channels: int = 3,
+        hflip: bool = False,
+    ) -> None:
+        if channels not in MIN_CONTRAST:
+            raise ValueError(f"channels={channels!r}; valid: 1, 3")
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+        self.channels, self.hflip = channels, hflip
+        self.num_classes = len(SHAPE_NAMES)
+        self.class_names = list(SHAPE_NAMES)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def spec(self, index: SupportsIndex) -> ShapeSpec:
+        """The resolution-free description of image ``index``."""
+        return draw_spec(self.seed, self._check_index(index), self.channels)
+
+    def _load(self, index: int) -> tuple[Tensor, int]:
+        spec = draw_spec(self.seed, index, self.channels)
+        image = render(spec, self.image_size, self.channels)
+        return torch.from_numpy(image * 2 - 1), spec.label
+
+    def caption(self, index: SupportsIndex) -> str:
+        """E.g. ``"a small red triangle on a striped blue background"`` (ignores flips)."""
+        return self.spec(index).caption()

@@ -1,0 +1,291 @@
+"""Evaluation API: generate class-balanced samples, extract features, compute scoreboard metrics.
+
+``evaluate`` knows nothing of training: the model enters only as a callable
+``generate(n, labels [n], seed) -> uint8 [n, 3, H, W]``. Samples are streamed batch by
+batch through the feature extractors (50K images are never held at once); real-data
+statistics come from the content-hashed cache (:mod:`.reference`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .extractors import Extractor, load_clip, load_dinov2, load_inception, resolve_extractor_path
+from .frechet import frechet_distance, gaussian_stats
+from .images import check_uint8_images, ensure_rgb
+from .inception_score import inception_score
+from .kernels import kid, l2_normalize, mmd_rbf
+from .precision_recall import precision_recall
+from .probe import load_probe
+from .probe_train import ProbeConfig
+from .reference import ReferenceStats, reference_stats
+
+__all__ = ["METRICS", "MetricInputs", "MetricSpec", "balanced_labels", "batch_seed", "evaluate"]
+
+ExtractorKind = Literal["probe", "inception", "clip", "dinov2"]
+Generate = Callable[[int, Tensor, int], Tensor]
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """What a metric sees: generated features ``[n, D]`` (and logits ``[n, C]``), labels, reference."""
+
+    fake: Tensor
+    fake_logits: Tensor | None
+    labels: Tensor
+    reference: ReferenceStats | None
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A scoreboard metric: which extractor it reads and how its values are computed."""
+
+    extractor: ExtractorKind
+    compute: Callable[[MetricInputs], dict[str, float]]
+    description: str
+    needs_logits: bool = False
+    needs_reference: bool = True
+
+
+def _fd(key: str) -> Callable[[MetricInputs], dict[str, float]]:
+    return lambda m: {key: frechet_distance(gaussian_stats(m.fake), m.reference.stats)}
+
+
+def _mmd(key: str) -> Callable[[MetricInputs], dict[str, float]]:
+    def compute(m: MetricInputs) -> dict[str, float]:
+        result = mmd_rbf(l2_normalize(m.reference.features.double()), l2_normalize(m.fake.double()))
+        return {key: result.biased, f"{key}_unbiased": result.unbiased}
+
+    return compute
+
+
+def _pr(suffix: str) -> Callable[[MetricInputs], dict[str, float]]:
+    def compute(m: MetricInputs) -> dict[str, float]:
+        # k-NN radii depend on sample density: compare sets of equal size.
+        size = min(len(m.fake), len(m.reference.features))
+        pr = precision_recall(m.reference.features[:size], m.fake[:size], k=3)
+        return {f"precision{suffix}": pr.precision, f"recall{suffix}": pr.recall}
+
+    return compute
+
+
+def _kid(m: MetricInputs) -> dict[str, float]:
+    result = kid(m.fake, m.reference.features)  # torch-fidelity order: generated first
+    return {"kid": result.mean, "kid_std": result.std}
+
+
+def _is(m: MetricInputs) -> dict[str, float]:
+    result = inception_score(m.fake_logits)
+    return {"is": result.mean, "is_std": result.std}
+
+
+def _acc(m: MetricInputs) -> dict[str, float]:
+    return {"acc_probe": (m.fake_logits.argmax(dim=1) == m.labels).double().mean().item()}
+
+
+METRICS: dict[str, MetricSpec] = {
+    "fd_probe": MetricSpec("probe", _fd("fd_probe"), "Fréchet distance of probe features"),
+    "mmd_probe": MetricSpec(
+        "probe", _mmd("mmd_probe"), "RBF-MMD (σ=10, ×1000) of unit probe features"
+    ),
+    "acc_probe": MetricSpec("probe", _acc, "probe accuracy on the requested class", True, False),
+    "pr_probe": MetricSpec("probe", _pr("_probe"), "k-NN precision/recall (k=3) of probe features"),
+    "fid": MetricSpec("inception", _fd("fid"), "Fréchet Inception distance (TF-Inception pool3)"),
+    "cmmd": MetricSpec("clip", _mmd("cmmd"), "CMMD: RBF-MMD (σ=10, ×1000) of unit CLIP embeddings"),
+    "dino_mmd": MetricSpec("dinov2", _mmd("dino_mmd"), "RBF-MMD (σ=10, ×1000) of unit DINOv2 CLS"),
+    "kid": MetricSpec("inception", _kid, "kernel Inception distance (cubic kernel, 100 subsets)"),
+    "is": MetricSpec("inception", _is, "Inception score (10 splits)", True, False),
+    "pr": MetricSpec("inception", _pr(""), "k-NN precision/recall (k=3) of Inception pool3"),
+}
+
+
+def balanced_labels(num: int, num_classes: int) -> Tensor:
+    """``label_i = i mod num_classes``: ``num / num_classes`` per class (50 each for 50K / 1000)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return torch.arange(num) % num_classes
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Seed of generation batch ``index``: ``SeedSequence([seed, index])`` → one uint32."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def evaluate(
+    generate: Generate,
+    *,
+    metrics: Sequence[str],
+    num: int,
+    dataset_cfg: Any,
+    num_classes: int,
+    batch: int = 64,
+    seed: int = 0,
+    extractor_paths: Mapping[str, str | Path] | None = None,
+    cache_dir: str | Path | None = None,
+    num_ref: int | None = None,
+    max_ref_features: int = 10_000,
+    dataset: Any = None,
+    probe_config: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Score ``num`` class-balanced samples of ``generate`` on ``metrics`` (names in :data:`METRICS`).
+
+    Batch ``i`` is ``generate(n_i, labels_i, batch_seed(seed, i))`` with labels from
+    :func:`balanced_labels`. Reference statistics use ``num_ref`` real images (default
+    ``num``) of ``dataset`` (built from ``dataset_cfg`` when not given). Pretrained
+    extractors come from ``extractor_paths`` (keys ``inception``, ``clip``, ``dinov2``) or
+    ``<cache root>/extractors``. Returns the metric values under ``"metrics"`` plus
+    everything needed to reproduce and compare them.
+    """
+    start = time.perf_counter()
+    specs = _resolve(metrics)
+    if dataset is None:
+        from ..data import build_dataset
+
+        dataset = build_dataset(dataset_cfg)
+    kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
+    extractors = {
+        kind: _build_extractor(
+            kind, dataset_cfg, dataset, extractor_paths or {}, cache_dir, device, probe_config
+        )
+        for kind in kinds
+    }
+    needs_ref = {spec.extractor for spec in specs.values() if spec.needs_reference}
+    references = {
+        kind: reference_stats(
+            extractors[kind],
+            dataset_cfg,
+            num=num_ref or num,
+            dataset=dataset,
+            seed=seed,
+            max_features=max_ref_features,
+            cache_dir=cache_dir,
+        )
+        for kind in kinds
+        if kind in needs_ref
+    }
+    labels = balanced_labels(num, num_classes)
+    with_logits = {spec.extractor for spec in specs.values() if spec.needs_logits}
+    run = _generate_features(generate, labels, batch, seed, extractors, with_logits)
+    values: dict[str, float] = {}
+    for spec in specs.values():
+        kind = spec.extractor
+        inputs = MetricInputs(
+            run.features[kind], run.logits.get(kind), labels, references.get(kind)
+        )
+        values.update(spec.compute(inputs))
+    return {
+        "metrics": values,
+        "num": num,
+        "num_classes": num_classes,
+        "labels": "balanced: label_i = i mod num_classes",
+        "seed": seed,
+        "batch": batch,
+        "batch_seeds": run.seeds,
+        "image_shape": run.image_shape,
+        "extractors": {kind: _describe(ex) for kind, ex in extractors.items()},
+        "reference": {kind: _describe_reference(ref) for kind, ref in references.items()},
+        "generation_time_s": run.seconds,
+        "generation_images_per_s": num / run.seconds if run.seconds > 0 else float("inf"),
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
+@dataclass
+class _Run:
+    features: dict[str, Tensor]
+    logits: dict[str, Tensor]
+    seeds: list[int]
+    seconds: float
+    image_shape: list[int]
+
+
+def _generate_features(
+    generate: Generate,
+    labels: Tensor,
+    batch: int,
+    seed: int,
+    extractors: Mapping[str, Extractor],
+    with_logits: set[str],
+) -> _Run:
+    """Generate batch by batch (timed on its own) and stream each batch through every extractor."""
+    features: dict[str, list[Tensor]] = {kind: [] for kind in extractors}
+    logits: dict[str, list[Tensor]] = {kind: [] for kind in with_logits}
+    seeds, seconds, shape = [], 0.0, []
+    for index, begin in enumerate(range(0, len(labels), batch)):
+        y = labels[begin : begin + batch]
+        seeds.append(batch_seed(seed, index))
+        tic = time.perf_counter()
+        images = generate(len(y), y, seeds[-1]).cpu()  # .cpu() waits for the device
+        seconds += time.perf_counter() - tic
+        images = ensure_rgb(check_uint8_images(images))
+        if images.shape[0] != len(y):
+            raise ValueError(f"generate returned {images.shape[0]} images for {len(y)} labels")
+        shape = list(images.shape[1:])
+        for kind, extractor in extractors.items():
+            if kind in with_logits:
+                f, lg = extractor.features_and_logits(images)
+                logits[kind].append(lg)
+            else:
+                f = extractor(images)
+            features[kind].append(f)
+    return _Run(
+        features={k: torch.cat(v) for k, v in features.items()},
+        logits={k: torch.cat(v) for k, v in logits.items()},
+        seeds=seeds,
+        seconds=seconds,
+        image_shape=shape,
+    )
+
+
+def _resolve(metrics: Sequence[str]) -> dict[str, MetricSpec]:
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(
+            f"unknown metric(s) {unknown or '(none given)'}; valid names: {', '.join(METRICS)}"
+        )
+    return {name: METRICS[name] for name in dict.fromkeys(metrics)}
+
+
+def _build_extractor(
+    kind: str,
+    dataset_cfg: Any,
+    dataset: Any,
+    paths: Mapping[str, str | Path],
+    cache_dir: str | Path | None,
+    device: str | torch.device,
+    probe_config: ProbeConfig | None,
+) -> Extractor:
+    if kind == "probe":
+        return load_probe(
+            dataset_cfg, dataset=dataset, config=probe_config, cache_dir=cache_dir, device=device
+        )
+    loader = {"inception": load_inception, "clip": load_clip, "dinov2": load_dinov2}[kind]
+    return loader(resolve_extractor_path(kind, paths.get(kind), cache_dir), device)
+
+
+def _describe(extractor: Extractor) -> dict[str, Any]:
+    info = {
+        "name": extractor.name,
+        "weights_id": extractor.weights_id,
+        "preprocessing": extractor.preprocessing,
+    }
+    if hasattr(extractor, "meta"):
+        info["val_accuracy"] = extractor.meta.get("val_accuracy")
+    return info
+
+
+def _describe_reference(reference: ReferenceStats) -> dict[str, Any]:
+    return {
+        "count": reference.stats.count,
+        "raw_features": len(reference.features),
+        "path": str(reference.path),
+    }

@@ -1,0 +1,281 @@
+"""Pretrained feature extractors for the scoreboard, loaded only from local files.
+
+| kind        | network                                              | metric(s)        |
+| ----------- | ---------------------------------------------------- | ---------------- |
+| `inception` | TF-Inception v3, ``pt_inception-2015-12-05`` weights  | fid, kid, is, pr |
+| `clip`      | CLIP ViT-L/14@336 image embeddings                    | cmmd             |
+| `dinov2`    | DINOv2 ViT-L/14 with registers, CLS token             | dino_mmd         |
+
+Every extractor takes ``uint8 [B, 3, H, W]`` and returns ``float32 [B, D]`` features; its
+``name``, ``weights_id`` and ``preprocessing`` are recorded with every result and enter
+the reference-statistics cache key. Nothing is ever downloaded: torch-fidelity gets an
+explicit weights path, transformers gets ``local_files_only=True``. torch-fidelity and
+transformers are optional (the ``[eval]`` extra) and imported only here, lazily.
+
+torchvision's ``inception_v3`` is a different network (other weights, other padding and
+pooling) and gives different FIDs: it is deliberately not offered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .cache import cache_root
+from .images import check_uint8_images, resize_uint8
+
+__all__ = [
+    "EXTRACTOR_SOURCES",
+    "ClassifierExtractor",
+    "Extractor",
+    "MissingExtractorError",
+    "load_clip",
+    "load_dinov2",
+    "load_inception",
+    "resolve_extractor_path",
+]
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+EXTRACTOR_SOURCES: dict[str, str] = {
+    "inception": (
+        f"the TF-Inception weights file {INCEPTION_FILE} (= pytorch-fid's pt_inception-2015-12-05-"
+        "6726825d.pth), from https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+        f"{INCEPTION_FILE}; FID also needs `pip install torch-fidelity` (pulls torchvision)"
+    ),
+    "clip": (
+        "a local directory with openai/clip-vit-large-patch14-336 (config.json + weights), e.g. "
+        "`huggingface-cli download openai/clip-vit-large-patch14-336 --local-dir DIR`; needs "
+        "`pip install transformers`"
+    ),
+    "dinov2": (
+        "a local directory with facebook/dinov2-with-registers-large (config.json + weights), e.g. "
+        "`huggingface-cli download facebook/dinov2-with-registers-large --local-dir DIR`; needs "
+        "`pip install transformers`"
+    ),
+}
+DEFAULT_NAMES = {  # looked up under <cache root>/extractors/ when no path is given
+    "inception": INCEPTION_FILE,
+    "clip": "clip-vit-large-patch14-336",
+    "dinov2": "dinov2-with-registers-large",
+}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MissingExtractorError(FileNotFoundError):
+    """A pretrained extractor's files (or its optional package) are not available locally."""
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    """``extractor(uint8 [B, 3, H, W]) -> float32 [B, D]`` plus what identifies the features."""
+
+    name: str
+    weights_id: str
+    preprocessing: dict[str, Any]
+
+    def __call__(self, images: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ClassifierExtractor(Extractor, Protocol):
+    """An extractor that also yields class logits ``[B, C]`` from the same forward pass."""
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class InceptionExtractor:
+    """torch-fidelity's ``FeatureExtractorInceptionV3``: pool3 features ``[B, 2048]`` and logits."""
+
+    name = "inception-v3-tf-2015-12-05"
+
+    def __init__(self, net: torch.nn.Module, weights_id: str, device: torch.device) -> None:
+        self.net, self.weights_id, self.device = net, weights_id, device
+        self.preprocessing = {
+            "implementation": "torch_fidelity.FeatureExtractorInceptionV3",
+            "resize": "tf1_bilinear (TF 1.x resize_bilinear, align_corners=False), as ADM/torch-fidelity",
+            "size": 299,
+            "scale": "(u − 128) / 128",
+            "features": "pool3 (2048)",
+            "logits": "logits_unbiased (fc without bias, 1008), torch-fidelity's IS input",
+        }
+
+    @torch.inference_mode()
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        check_uint8_images(images)
+        features, logits = self.net(images.to(self.device))
+        return features.float().cpu(), logits.float().cpu()
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.features_and_logits(images)[0]
+
+
+class HFImageEmbedder:
+    """A transformers vision model behind resize → ``[0, 1]`` → mean/std normalisation.
+
+    ``output`` picks the model output: ``image_embeds`` (CLIP projection) or
+    ``pooler_output`` (DINOv2: the CLS token after the final layer norm).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        name: str,
+        weights_id: str,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        output: str,
+        device: torch.device,
+    ) -> None:
+        self.model, self.name, self.weights_id = model.eval().to(device), name, weights_id
+        self.size, self.output, self.device = size, output, device
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.preprocessing = {
+            "implementation": f"transformers.{type(model).__name__}",
+            "resize": "PIL-style bicubic (antialiased, 8-bit rounding after each pass)",
+            "size": size,
+            "scale": "u / 255",
+            "mean": list(mean),
+            "std": list(std),
+            "features": output,
+        }
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Tensor:
+        x = (resize_uint8(images, self.size) - self._mean) / self._std
+        out = self.model(pixel_values=x.to(self.device))
+        return getattr(out, self.output).float().cpu()
+
+
+def load_inception(
+    weights_path: str | Path | None, device: str | torch.device = "cpu"
+) -> InceptionExtractor:
+    """TF-Inception from a local ``weights-inception-2015-12-05-6726825d.pth``.
+
+    The file is first opened with ``torch.load(weights_only=True)``, so a file holding
+    anything but tensors is refused before torch-fidelity unpickles it.
+    """
+    path = _require_path("inception", weights_path, must_be_file=True)
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise MissingExtractorError(
+            f"FID needs torch-fidelity ({err}); {EXTRACTOR_SOURCES['inception']}"
+        ) from err
+    torch.load(path, map_location="cpu", weights_only=True)
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+    )
+    device = torch.device(device)
+    return InceptionExtractor(net.to(device), f"{path.name}:{path.stat().st_size}", device)
+
+
+def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") -> HFImageEmbedder:
+    """CLIP image embeddings (``CLIPVisionModelWithProjection.image_embeds``) from a local dir.
+
+    Input size is the checkpoint's ``image_size`` (336 for ViT-L/14@336); normalisation is
+    the checkpoint's ``preprocessor_config.json`` mean/std when present, else CLIP's.
+    """
+    path = _require_path("clip", model_dir, must_be_file=False)
+    transformers = _import_transformers("clip")
+    model = transformers.CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
+    mean, std = _normalisation(path, CLIP_MEAN, CLIP_STD)
+    return HFImageEmbedder(
+        model,
+        name=f"clip:{path.name}",
+        weights_id=_dir_id(path),
+        size=int(model.config.image_size),
+        mean=mean,
+        std=std,
+        output="image_embeds",
+        device=torch.device(device),
+    )
+
+
+def load_dinov2(
+    model_dir: str | Path | None, device: str | torch.device = "cpu", size: int = 224
+) -> HFImageEmbedder:
+    """DINOv2 CLS token (``pooler_output``) from a local dir, with or without registers.
+
+    ``Dinov2WithRegistersModel`` (facebook/dinov2-with-registers-*) or ``Dinov2Model``
+    (facebook/dinov2-*), chosen by the checkpoint's ``model_type``. Images are resized to
+    ``size`` (224, the DINOv2 evaluation crop) and normalised with ImageNet mean/std.
+    """
+    path = _require_path("dinov2", model_dir, must_be_file=False)
+    transformers = _import_transformers("dinov2")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    classes = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov2": "Dinov2Model"}
+    if model_type not in classes:
+        raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
+    model = getattr(transformers, classes[model_type]).from_pretrained(path, local_files_only=True)
+    mean, std = _normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
+    return HFImageEmbedder(
+        model,
+        name=f"dinov2:{path.name}",
+        weights_id=_dir_id(path),
+        size=size,
+        mean=mean,
+        std=std,
+        output="pooler_output",
+        device=torch.device(device),
+    )
+
+
+def resolve_extractor_path(
+    kind: str, path: str | Path | None, cache_dir: str | Path | None
+) -> Path | None:
+    """``path`` if given, else ``<cache root>/extractors/<default name>`` if it exists, else None."""
+    if path is not None:
+        return Path(path).expanduser()
+    default = cache_root(cache_dir) / "extractors" / DEFAULT_NAMES[kind]
+    return default if default.exists() else None
+
+
+def _require_path(kind: str, path: str | Path | None, must_be_file: bool) -> Path:
+    hint = (
+        f"{kind} extractor needs {EXTRACTOR_SOURCES[kind]}; pass extractor_paths={{'{kind}': PATH}} "
+        f"or place it at <cache root>/extractors/{DEFAULT_NAMES[kind]}"
+    )
+    if path is None:
+        raise MissingExtractorError(f"no path given: the {hint}")
+    path = Path(path).expanduser()
+    ok = path.is_file() if must_be_file else (path / "config.json").is_file()
+    if not ok:
+        raise MissingExtractorError(f"{path} not found or incomplete: the {hint}")
+    return path
+
+
+def _import_transformers(kind: str) -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingExtractorError(f"the {kind} extractor needs transformers: {err}") from err
+    return transformers
+
+
+def _normalisation(
+    path: Path, mean: tuple, std: tuple
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    config = path / "preprocessor_config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        mean, std = values.get("image_mean", mean), values.get("image_std", std)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _dir_id(path: Path) -> str:
+    """SHA-256 of ``config.json`` plus the names and sizes of the weight files."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]

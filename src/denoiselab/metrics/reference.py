@@ -1,0 +1,114 @@
+"""Reference (real-data) statistics, computed once and cached by content hash as ``.npz``.
+
+One file per (dataset config, extractor name + weights + preprocessing, sample count,
+seed, feature cap): the Gaussian statistics (``mean [D]``, ``cov [D, D]``, float64, over
+all ``count`` images) for Fréchet distances, plus the first ``max_features`` raw feature
+rows (float32) for MMD, KID and precision/recall. Every evaluation reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import atomic_write, cache_root, content_hash, to_jsonable
+from .extractors import Extractor
+from .frechet import GaussianStats, StreamingGaussianStats
+from .images import dataset_uint8
+
+__all__ = ["REFERENCE_CODE_VERSION", "ReferenceStats", "reference_stats"]
+
+REFERENCE_CODE_VERSION = "reference-v1"  # bump when the way statistics are computed changes
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Real-data statistics of one extractor: Gaussian stats and capped raw features ``[M, D]``."""
+
+    stats: GaussianStats
+    features: Tensor
+    meta: dict[str, Any]
+    path: Path
+
+
+def reference_stats(
+    extractor: Extractor,
+    dataset_cfg: Any,
+    *,
+    num: int,
+    dataset: Any = None,
+    batch: int = 256,
+    seed: int = 0,
+    max_features: int = 10_000,
+    cache_dir: str | Path | None = None,
+) -> ReferenceStats:
+    """Statistics of ``min(num, len(dataset))`` real images drawn by a seeded permutation.
+
+    Loaded from ``<cache root>/reference/ref-<hash>.npz`` when present, else computed
+    (``dataset`` is built from ``dataset_cfg`` with ``denoiselab.data.build_dataset`` when
+    not given) and written atomically. ``batch`` only sets the extraction batch size.
+    """
+    meta = {
+        "dataset": to_jsonable(dataset_cfg),
+        "extractor": extractor.name,
+        "weights_id": extractor.weights_id,
+        "preprocessing": to_jsonable(extractor.preprocessing),
+        "num": num,
+        "seed": seed,
+        "max_features": max_features,
+        "code": REFERENCE_CODE_VERSION,
+    }
+    path = cache_root(cache_dir) / "reference" / f"ref-{content_hash(meta)}.npz"
+    if not path.is_file():
+        if dataset is None:
+            from ..data import build_dataset
+
+            dataset = build_dataset(dataset_cfg)
+        stats, features = _compute(extractor, dataset, num, batch, seed, max_features)
+        meta["count"] = stats.count
+        atomic_write(path, lambda tmp: _save(tmp, stats, features, meta))
+    return _load(path)
+
+
+def _compute(
+    extractor: Extractor, dataset: Any, num: int, batch: int, seed: int, max_features: int
+) -> tuple[GaussianStats, Tensor]:
+    count = min(num, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    running: StreamingGaussianStats | None = None
+    kept: list[Tensor] = []
+    for start in range(0, count, batch):
+        images, _ = dataset_uint8(dataset, order[start : start + batch].tolist())
+        features = extractor(images)
+        running = running or StreamingGaussianStats(features.shape[1])
+        running.update(features)
+        kept.append(features[: max(0, max_features - start)])
+    if running is None:
+        raise ValueError("reference statistics need a non-empty dataset and num >= 2")
+    return running.finalize(), torch.cat(kept).float()
+
+
+def _save(tmp: Path, stats: GaussianStats, features: Tensor, meta: dict[str, Any]) -> None:
+    with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(
+            f,
+            mean=stats.mean,
+            cov=stats.cov,
+            count=np.int64(stats.count),
+            features=features.numpy(),
+            meta=np.array(json.dumps(meta)),
+        )
+
+
+def _load(path: Path) -> ReferenceStats:
+    with np.load(path, allow_pickle=False) as data:
+        stats = GaussianStats(data["mean"], data["cov"], int(data["count"]))
+        features = torch.from_numpy(data["features"].copy())
+        meta = json.loads(str(data["meta"]))
+    return ReferenceStats(stats=stats, features=features, meta=meta, path=path)

@@ -1,0 +1,94 @@
+"""Parameter and forward-cost accounting for JiT configs.
+
+What is counted: multiply-accumulates (MACs) of every linear layer (including the patch
+embedding, the time-embedding MLP and the adaLN projections) and of the two attention
+matmuls (``q·kᵀ`` and ``attn·v``, ``2·n²·D`` per block). Norms, activations, RoPE, softmax
+and additions are not counted. 1 MAC = 2 FLOPs.
+
+The JiT paper's "Gflops" (Table 5: JiT-B/16 at 256 → 25) are MACs in this sense, the DiT
+convention: JiT-B/16 at 256 is ≈ 25 GMACs ≈ 50 GFLOPs per image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .jit import JiT, JiTConfig
+from .layers import swiglu_hidden
+from .registry import model_config
+
+TIME_FREQ_DIM = 256  # sinusoidal features fed to the time-embedding MLP
+
+
+def _resolve(cfg: JiTConfig | str) -> JiTConfig:
+    return model_config(cfg) if isinstance(cfg, str) else cfg
+
+
+def count_params(cfg_or_model: JiTConfig | str | nn.Module) -> int:
+    """Number of parameters (fixed sin-cos position embedding excluded: it is a buffer).
+
+    A config or preset name is built on the meta device, so even JiT-G costs no memory.
+    """
+    if isinstance(cfg_or_model, nn.Module):
+        model = cfg_or_model
+    else:
+        with torch.device("meta"):
+            model = JiT(_resolve(cfg_or_model))
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_macs(cfg: JiTConfig | str) -> dict[str, float]:
+    """Analytic forward cost of one image, by part (MACs) plus ``total``, ``gmacs``, ``gflops``."""
+    cfg = _resolve(cfg)
+    d, n, k = cfg.hidden_size, cfg.num_patches, cfg.in_context_len
+    embed_width = d if cfg.bottleneck is None else cfg.bottleneck
+    patch_embed = n * cfg.patch_dim * embed_width + (
+        0 if cfg.bottleneck is None else n * embed_width * d
+    )
+    conditioning = TIME_FREQ_DIM * d + d * d + cfg.depth * d * 6 * d + d * 2 * d  # per image
+    per_token = 4 * d * d + 3 * d * swiglu_hidden(d, cfg.mlp_ratio)  # qkv+proj, SwiGLU
+    block_linear = attention = 0
+    for i in range(cfg.depth):
+        tokens = n + (k if i >= cfg.in_context_start else 0)
+        block_linear += tokens * per_token
+        attention += 2 * tokens * tokens * d
+    final = n * d * cfg.patch_dim
+    parts = dict(
+        patch_embed=patch_embed,
+        conditioning=conditioning,
+        block_linear=block_linear,
+        attention=attention,
+        final=final,
+    )
+    total = sum(parts.values())
+    out = {key: float(value) for key, value in parts.items()}
+    return {**out, "total": float(total), "gmacs": total / 1e9, "gflops": 2 * total / 1e9}
+
+
+def describe(name: str, image_size: int | None = None) -> str:
+    """Human-readable summary of a preset (for ``denoiselab info MODEL [--image-size N]``).
+
+    Changing ``image_size`` keeps the patch size and changes the sequence length.
+    """
+    cfg = model_config(name) if image_size is None else model_config(name, image_size=image_size)
+    macs = forward_macs(cfg)
+    in_ctx = (
+        f" + {cfg.in_context_len} in-context from block {cfg.in_context_start}"
+        if cfg.in_context_len
+        else ""
+    )
+    embed = f"bottleneck {cfg.bottleneck}" if cfg.bottleneck else "plain"
+    return "\n".join(
+        [
+            f"model: {name}",
+            f"input: {cfg.in_channels}×{cfg.image_size}×{cfg.image_size}, patch {cfg.patch_size} "
+            f"({cfg.patch_dim}-d, {embed} embedding)",
+            f"tokens: {cfg.num_patches}{in_ctx}",
+            f"width {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, "
+            f"dropout {cfg.dropout}, classes {cfg.num_classes}",
+            f"params: {count_params(cfg) / 1e6:.1f}M",
+            f"forward: {macs['gmacs']:.2f} GMACs / {macs['gflops']:.2f} GFLOPs per image "
+            "(linear layers + attention matmuls; 1 MAC = 2 FLOPs)",
+        ]
+    )

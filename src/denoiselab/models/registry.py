@@ -1,0 +1,108 @@
+"""Named model sizes (seeds/003 Table 9; JLT presets; tiny CPU presets).
+
+``MODEL_PRESETS`` maps a name to :class:`JiTConfig` keyword arguments. A preset is a
+baseline; ``build_model(name, **overrides)`` changes any field (e.g. ``image_size=512``
+keeps the patch size and so changes the sequence length).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .jit import JiT, JiTConfig
+
+# Table 9: depth, width, heads, bottleneck d′, dropout, in-context start block.
+_JIT_SIZES: dict[str, dict[str, Any]] = {
+    "B": dict(depth=12, hidden_size=768, num_heads=12, bottleneck=128, dropout=0.0),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck=128, dropout=0.0),
+    "H": dict(depth=32, hidden_size=1280, num_heads=16, bottleneck=256, dropout=0.2),
+    "G": dict(depth=40, hidden_size=1664, num_heads=16, bottleneck=256, dropout=0.2),
+}
+_IN_CONTEXT_START = {"B": 4, "L": 8, "H": 10, "G": 10}
+_IMAGE_SIZE_FOR_PATCH = {16: 256, 32: 512, 64: 1024}  # sequence length 16×16 (Table 5)
+
+
+def _jit_preset(size: str, patch: int) -> dict[str, Any]:
+    return dict(
+        _JIT_SIZES[size],
+        image_size=_IMAGE_SIZE_FOR_PATCH[patch],
+        patch_size=patch,
+        in_channels=3,
+        num_classes=1000,
+        in_context_len=32,
+        in_context_start=_IN_CONTEXT_START[size],
+    )
+
+
+def _jlt_preset(patch: int) -> dict[str, Any]:
+    """JLT-B on 128-channel 16×16 latents (FLUX.2-style codes): plain patch embedding."""
+    return dict(
+        image_size=16,
+        patch_size=patch,
+        in_channels=128,
+        hidden_size=768,
+        depth=12,
+        num_heads=12,
+        bottleneck=None,
+        num_classes=1000,
+        in_context_len=0,
+    )
+
+
+def _cpu_preset(**fields: Any) -> dict[str, Any]:
+    """Small pixel models for laptops and tests: 32×32, patch 4, 10 classes by default."""
+    base = dict(
+        image_size=32,
+        patch_size=4,
+        in_channels=3,
+        bottleneck=32,
+        num_classes=10,
+        in_context_len=8,
+        in_context_start=2,
+    )
+    return {**base, **fields}
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "JiT-B/16": _jit_preset("B", 16),
+    "JiT-B/32": _jit_preset("B", 32),
+    "JiT-B/64": _jit_preset("B", 64),
+    "JiT-L/16": _jit_preset("L", 16),
+    "JiT-L/32": _jit_preset("L", 32),
+    "JiT-H/16": _jit_preset("H", 16),
+    "JiT-H/32": _jit_preset("H", 32),
+    "JiT-G/16": _jit_preset("G", 16),
+    "JiT-G/32": _jit_preset("G", 32),
+    "JLT-B/1": _jlt_preset(1),
+    "JLT-B/2": _jlt_preset(2),
+    # CPU reference configuration for benchmarks (32×32 images, 64 patch tokens).
+    "JiT-T/4": _cpu_preset(hidden_size=192, depth=6, num_heads=3),
+    "JiT-S/4": _cpu_preset(hidden_size=256, depth=8, num_heads=4),
+    # Unit-test size: builds and runs in milliseconds.
+    "JiT-Micro": _cpu_preset(
+        image_size=16,
+        hidden_size=64,
+        depth=2,
+        num_heads=2,
+        bottleneck=16,
+        in_context_len=4,
+        in_context_start=1,
+    ),
+}
+
+
+def model_config(name: str, **overrides: Any) -> JiTConfig:
+    """The validated :class:`JiTConfig` of preset ``name`` with ``overrides`` applied."""
+    if name not in MODEL_PRESETS:
+        valid = ", ".join(MODEL_PRESETS)
+        raise ValueError(f"unknown model {name!r}; valid names: {valid}")
+    unknown = set(overrides) - set(JiTConfig.__dataclass_fields__)
+    if unknown:
+        valid = ", ".join(JiTConfig.__dataclass_fields__)
+        raise TypeError(f"unknown JiTConfig field(s) {sorted(unknown)}; valid fields: {valid}")
+    return JiTConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+def build_model(name: str, **overrides: Any) -> JiT:
+    """Build preset ``name`` (see ``MODEL_PRESETS``) with ``overrides`` applied."""
+    return JiT(model_config(name, **overrides))

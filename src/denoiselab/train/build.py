@@ -1,0 +1,118 @@
+"""Build the pieces of a run from a ``TrainConfig``, and rebuild them from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from denoiselab.models import JiT, JiTConfig, model_config
+from denoiselab.objectives import DenoisingObjective
+from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
+from denoiselab.train.config import TrainConfig
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML file (or nothing: the defaults) plus ``key.sub=value`` overrides."""
+    data = load_yaml(path) if path else {}
+    return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+def config_from_yaml_text(text: str) -> TrainConfig:
+    """Parse a run's ``config.yaml`` (the ``resolved_model`` section is ignored here)."""
+    data = yaml.safe_load(text) or {}
+    data.pop("resolved_model", None)
+    return from_dict(TrainConfig, data)
+
+
+def resolve_model_config(
+    cfg: TrainConfig, *, image_size: int, channels: int, num_classes: int
+) -> JiTConfig:
+    """Preset + overrides; image size, channels and classes come from the data.
+
+    An explicit model field that disagrees with the data is an error, not a silent change.
+    """
+    overrides: dict[str, Any] = {k: v for k, v in cfg.model.items() if k != "name"}
+    from_data = {"image_size": image_size, "in_channels": channels, "num_classes": num_classes}
+    for key, value in from_data.items():
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(
+                f"model.{key}={overrides[key]!r} but the data gives {key}={value!r}; "
+                f"remove model.{key} or change data"
+            )
+        overrides[key] = value
+    valid = set(JiTConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown model key(s) {unknown}; valid: name, {', '.join(sorted(valid))}"
+        )
+    try:
+        return model_config(cfg.model["name"], **overrides)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from e
+
+
+def build_objective(cfg: TrainConfig, num_classes: int) -> DenoisingObjective:
+    return DenoisingObjective(cfg.objective, num_classes)
+
+
+@dataclass
+class Restored:
+    """A trained network ready to sample: weights from the model or one EMA copy."""
+
+    cfg: TrainConfig
+    model_cfg: JiTConfig
+    net: nn.Module
+    objective: DenoisingObjective
+    checkpoint: Checkpoint
+    weights: str  # "model" or "ema:<decay>"
+
+
+def restore(
+    path: str | Path, *, ema: float | str | None = "auto", device: str | torch.device = "cpu"
+) -> Restored:
+    """Load a run folder or checkpoint for sampling/evaluation.
+
+    ``ema="auto"`` picks the EMA with the largest decay if any, ``None`` the raw weights.
+    """
+    ckpt = load_checkpoint(path, with_state=False)
+    cfg = config_from_yaml_text(ckpt.config_yaml)
+    model_cfg = _model_cfg_from_checkpoint(ckpt, cfg)
+    net = JiT(model_cfg)
+    if ema == "auto":
+        ema = max(ckpt.ema) if ckpt.ema else None
+    if ema is None:
+        net.load_state_dict(ckpt.model)
+        which = "model"
+    else:
+        decay = float(ema)
+        if decay not in ckpt.ema:
+            raise ConfigError(f"ema={decay!r} not in checkpoint; available: {sorted(ckpt.ema)}")
+        state = dict(ckpt.model)
+        state.update(ckpt.ema[decay])
+        net.load_state_dict(state)
+        which = f"ema:{decay!r}"
+    net.to(device).eval()
+    objective = build_objective(cfg, model_cfg.num_classes)
+    return Restored(cfg, model_cfg, net, objective, ckpt, which)
+
+
+def _model_cfg_from_checkpoint(ckpt: Checkpoint, cfg: TrainConfig) -> JiTConfig:
+    data = yaml.safe_load(ckpt.config_yaml)
+    resolved = data.get("resolved_model")
+    if resolved is None:
+        raise ConfigError(f"{ckpt.path}: config lacks resolved_model; not a denoiselab checkpoint")
+    return from_dict(JiTConfig, resolved)
+
+
+def config_yaml_with_model(cfg: TrainConfig, model_cfg: JiTConfig) -> str:
+    """The resolved config written to the run folder and every checkpoint."""
+    data = to_dict(cfg)
+    data["resolved_model"] = to_dict(model_cfg)
+    return yaml.safe_dump(data, sort_keys=False)

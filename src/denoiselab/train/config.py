@@ -1,0 +1,124 @@
+"""The training configuration: one frozen dataclass per concern, composed into ``TrainConfig``.
+
+Defaults are the JiT paper's Table 9 (ImageNet 256, JiT-B/16); ``configs/*.yaml`` override
+them. Durations and intervals are counted in images seen (``*_nimg``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from denoiselab.config import ConfigError
+from denoiselab.data import DataConfig
+from denoiselab.objectives import ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (Table 9: β = (0.9, 0.95), wd 0, lr 2e-4 at batch 1024, 5 warm-up epochs).
+
+    ``lr`` is absolute when set; otherwise ``lr = base_lr × global_batch / 256``
+    (the linear scaling rule; the reference code's ``blr``).
+    """
+
+    base_lr: float = 5e-5
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_epochs: float = 5.0
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr!r} must be > 0")
+        if not self.base_lr > 0:
+            raise ConfigError(f"optim.base_lr={self.base_lr!r} must be > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas!r} must lie in [0, 1)")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip!r} must be > 0 or null")
+
+    def resolved_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.base_lr * global_batch / 256
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """EMA copies of the weights in float32, one per decay (Table 9: 0.9996, 0.9998, 0.9999).
+
+    ``warmup``: use ``min(decay, (1 + n)/(10 + n))`` at update ``n`` so that short runs get a
+    useful average instead of one dominated by the random initialisation.
+    """
+
+    decays: tuple[float, ...] = (0.9996, 0.9998, 0.9999)
+    warmup: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.decays if not 0 <= d < 1]
+        if bad:
+            raise ConfigError(f"ema.decays has {bad!r}; each decay must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling (Table 9: Heun, 50 steps, linear grid, CFG interval [0.1, 1])."""
+
+    steps: int = 50
+    solver: Literal["heun", "euler"] = "heun"
+    cfg: float = 1.0
+    interval: tuple[float, float] = (0.1, 1.0)
+    ema: float | None = None
+    num_grid: int = 64
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps={self.steps!r} must be >= 1")
+        lo, hi = self.interval
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"sample.interval={self.interval!r} must satisfy 0 <= lo <= hi <= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
+    image size, channels and class count default to the dataset's."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "JiT-B/16"})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = 0
+    global_batch: int = 1024
+    grad_accum: int = 1
+    duration_nimg: int = 200 * 1_281_167
+    log_every_nimg: int = 100_000
+    sample_every_nimg: int = 5_000_000
+    ckpt_every_nimg: int = 5_000_000
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if "name" not in self.model:
+            raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info`)")
+        for key in ("global_batch", "grad_accum", "duration_nimg", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+
+    def steps(self) -> int:
+        """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
+        return -(-self.duration_nimg // self.global_batch)
+
+    def every(self, nimg: int) -> int:
+        """An interval in images, as a whole number of steps (at least 1)."""
+        return max(1, round(nimg / self.global_batch))

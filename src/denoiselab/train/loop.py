@@ -1,0 +1,339 @@
+"""The training loop: one readable function, progress counted in images seen.
+
+Every random draw of step ``s`` comes from ``(seed, s, shard)`` (``shard = rank·accum + micro``)
+and the batch of step ``s`` is a pure function of ``(seed, s)``: resuming at any checkpoint
+reproduces the uninterrupted run bit for bit, and ``W`` DDP ranks equal one process with
+``grad_accum = W``. Techniques add loss terms to the objective or register callbacks; they do
+not edit this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from denoiselab.config import ConfigError
+from denoiselab.data import build_dataset
+from denoiselab.data.loader import StepLoader
+from denoiselab.images import save_grid
+from denoiselab.models import JiT
+from denoiselab.sampling.generate import balanced_labels, generate, noise_for
+from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train.build import build_objective, config_yaml_with_model, resolve_model_config
+from denoiselab.train.config import TrainConfig
+from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
+from denoiselab.train.ema import EMA
+from denoiselab.train.run import RunFolder, plot_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the first such step."""
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 steps), so nearby tuples decorrelate."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class TrainState:
+    """What callbacks see after each optimizer step (tensors stay on device)."""
+
+    step: int
+    nimg: int
+    terms: dict[str, Tensor]
+    model: nn.Module
+    run: RunFolder
+
+
+Callback = Callable[[TrainState], None]
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _lr_at(step: int, base: float, warmup_steps: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9)."""
+    return base if warmup_steps <= 0 else base * min(1.0, (step + 1) / warmup_steps)
+
+
+class Trainer:
+    """Holds the state of one run; :meth:`run` is the loop."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        resume: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        quiet: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.quiet = quiet
+        self.dist, self.device = init_distributed(cfg.device)
+        shards = self.dist.world_size * cfg.grad_accum
+        if cfg.global_batch % shards:
+            raise ConfigError(
+                f"global_batch={cfg.global_batch} must be divisible by world_size × grad_accum "
+                f"= {self.dist.world_size} × {cfg.grad_accum}"
+            )
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.dataset = build_dataset(cfg.data)
+        self.model_cfg = resolve_model_config(
+            cfg,
+            image_size=self.dataset.image_size,
+            channels=self.dataset.channels,
+            num_classes=self.dataset.num_classes,
+        )
+        torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
+        self.model = JiT(self.model_cfg).to(self.device)
+        self.objective = build_objective(cfg, self.model_cfg.num_classes).to(self.device)
+        self.lr = cfg.optim.resolved_lr(cfg.global_batch)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+        )
+        self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
+        self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
+        self.start_step = 0
+        if resume is not None:
+            self._restore(resume)
+        self.run_dir = RunFolder(out_dir, self.dist.is_main)
+        self.run_dir.write_text("config.yaml", self.config_yaml)
+        self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
+        self.run_dir.truncate_metrics(self.start_step)
+        self.net: nn.Module = self.model
+        if cfg.compile:
+            self.net = torch.compile(self.model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.net, device_ids=ids)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _restore(self, path: str | Path) -> None:
+        ck = ckpt_io.load_checkpoint(path)
+        self.model.load_state_dict(ck.model)
+        self.optimizer.load_state_dict(ck.optimizer)
+        for decay in self.cfg.ema.decays:
+            if decay not in ck.ema:
+                raise ckpt_io.CheckpointError(
+                    f"{ck.path}: no EMA with decay {decay} (has {sorted(ck.ema)})"
+                )
+            self.ema.load(decay, ck.ema[decay])
+        self.start_step = ck.step
+        self.log(f"resumed from {ck.path} at step {ck.step}")
+
+    def save(self, step: int) -> None:
+        if self.dist.is_main:
+            ckpt_io.save_checkpoint(
+                self.run_dir.checkpoints,
+                step,
+                config_yaml=self.config_yaml,
+                model=ckpt_io.state_dict_cpu(self.model),
+                ema={d: self.ema.state(d) for d in self.ema.decays},
+                optimizer=self.optimizer.state_dict(),
+                loop_state={"step": step, "nimg": step * self.cfg.global_batch},
+                keep=self.cfg.keep_checkpoints,
+            )
+        barrier(self.dist)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, step: int, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Forward/backward over ``grad_accum`` micro-batches, then one AdamW step.
+
+        Returns the detached per-term means (on device; no host synchronisation).
+        """
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(step, self.lr, self.warmup_steps)
+        micro = images.shape[0] // cfg.grad_accum
+        totals: dict[str, Tensor] = {}
+        for k in range(cfg.grad_accum):
+            shard = self.dist.rank * cfg.grad_accum + k
+            seed = mix_seed(cfg.seed, step, shard)
+            torch.manual_seed(mix_seed(seed, 1))  # dropout and any other global draws
+            gen = torch.Generator(self.device).manual_seed(seed)
+            x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
+            y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
+            last = k == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                with _autocast(self.device, cfg.precision):
+                    terms = self.objective(self.net, x, y, gen)
+                means = {name: t.mean() for name, t in terms.items()}
+                loss = sum(means.values()) / cfg.grad_accum
+                loss.backward()
+            for name, m in means.items():
+                totals[name] = totals.get(name, 0) + m.detach() / cfg.grad_accum
+        if cfg.optim.grad_clip is not None:
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), cfg.optim.grad_clip
+            ).detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, step)
+        return totals
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        total = cfg.steps()
+        self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
+        log_every, sample_every, ckpt_every = (
+            cfg.every(cfg.log_every_nimg),
+            cfg.every(cfg.sample_every_nimg),
+            cfg.every(cfg.ckpt_every_nimg),
+        )
+        loader = StepLoader(
+            self.dataset,
+            seed=cfg.seed,
+            global_batch=cfg.global_batch,
+            shard_index=self.dist.rank,
+            num_shards=self.dist.world_size,
+            start_step=self.start_step,
+            num_workers=cfg.data.num_workers,
+        )
+        self.model.train()
+        sums: dict[str, Tensor] = {}
+        count = 0
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        t_last, step_last = time.perf_counter(), self.start_step
+        t_start = t_last
+        for step, images, labels in loader:
+            if step >= total:
+                break
+            terms = self.train_step(step, images, labels)
+            finite = torch.isfinite(sum(terms.values()))
+            first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0) + v
+            count += 1
+            done = step + 1
+            state = TrainState(done, done * cfg.global_batch, terms, self.model, self.run_dir)
+            for callback in self.callbacks:
+                callback(state)
+            is_last = done == total
+            if done % log_every == 0 or is_last:
+                self._check_finite(first_bad)
+                now = time.perf_counter()
+                rate = (done - step_last) * cfg.global_batch / max(now - t_last, 1e-9)
+                self._log_row(done, sums, count, rate, (total - done) * cfg.global_batch / rate)
+                sums, count, t_last, step_last = {}, 0, now, done
+            if done % sample_every == 0 or is_last:
+                self.sample_grid(done)
+            if done % ckpt_every == 0 or is_last:
+                self._check_finite(first_bad)
+                self.save(done)
+                if self.dist.is_main:
+                    plot_loss(self.run_dir.metrics_path, self.run_dir.root / "loss.png")
+        self.log(
+            f"done: {total} steps in {time.perf_counter() - t_start:.1f}s → {self.run_dir.root}"
+        )
+        return self.run_dir.root
+
+    def _check_finite(self, first_bad: Tensor) -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite at step {bad} (after {bad * self.cfg.global_batch} images); "
+                f"stopped; the last good checkpoint in {self.run_dir.checkpoints} is kept. "
+                "Try a lower learning rate or optim.grad_clip."
+            )
+
+    def _log_row(
+        self, step: int, sums: dict[str, Tensor], count: int, rate: float, eta: float
+    ) -> None:
+        means = {k: all_reduce_mean(v / count, self.dist).item() for k, v in sums.items()}
+        loss = sum(v for k, v in means.items() if k != "grad_norm")
+        row: dict[str, Any] = {
+            "step": step,
+            "nimg": step * self.cfg.global_batch,
+            "kimg": step * self.cfg.global_batch / 1000,
+            "loss": loss,
+            **{f"loss/{k}" if k != "grad_norm" else k: v for k, v in means.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": rate,
+        }
+        self.run_dir.log(row)
+        total = self.cfg.steps()
+        self.log(
+            f"step {step}/{total} | kimg {row['kimg']:.1f} | loss {loss:.4f} | "
+            f"{rate:.1f} img/s | ETA {_fmt_time(eta)}"
+        )
+
+    @torch.no_grad()
+    def sample_grid(self, step: int) -> None:
+        """Samples from fixed noise and labels with an EMA copy, saved as ``samples/*.png``."""
+        if not self.dist.is_main:
+            return
+        cfg = self.cfg.sample
+        decay = cfg.ema if cfg.ema is not None else min(self.ema.decays, default=None)
+        net = JiT(self.model_cfg).to(self.device).eval()
+        net.load_state_dict(self.model.state_dict())
+        if decay is not None:
+            self.ema.copy_to(net, decay)
+        mc = self.model_cfg
+        n = cfg.num_grid
+        labels = balanced_labels(n, mc.num_classes).to(self.device)
+        shape = (mc.in_channels, mc.image_size, mc.image_size)
+        noise = noise_for(self.cfg.seed + 1, n, shape, self.cfg.objective.noise_scale, self.device)
+        with _autocast(self.device, self.cfg.precision):
+            images = generate(
+                net,
+                self.objective.velocity,
+                labels,
+                noise,
+                null_class=mc.num_classes,
+                steps=cfg.steps,
+                solver=cfg.solver,
+                cfg_scale=cfg.cfg,
+                interval=cfg.interval,
+            )
+        nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
+        save_grid(images.float(), self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main and not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    quiet: bool = False,
+) -> Path:
+    """Train ``cfg`` into run folder ``out_dir`` (resuming from ``resume`` if given)."""
+    return Trainer(cfg, out_dir, resume=resume, callbacks=callbacks, quiet=quiet).run()
