@@ -61,6 +61,9 @@ def _sample(args: argparse.Namespace) -> int:
     if args.no_ema:
         ema = None
     r = restore(args.run, ema=ema, device=device)
+    from denoiselab.latents import decoder_for
+
+    decode = decoder_for(r.cfg.data, device)
     mc = r.model_cfg
     if args.class_id is not None and not 0 <= args.class_id < mc.num_classes:
         raise SystemExit(
@@ -88,6 +91,7 @@ def _sample(args: argparse.Namespace) -> int:
             cfg_scale=args.cfg,
             interval=tuple(args.cfg_interval),
         )
+        x = decode(x)
         save_images(x, out, start=start)
         images.append(x.cpu())
     grid = torch.cat(images)[:256]

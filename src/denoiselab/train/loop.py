@@ -26,6 +26,7 @@ from denoiselab.config import ConfigError
 from denoiselab.data import build_dataset
 from denoiselab.data.loader import StepLoader
 from denoiselab.images import save_grid
+from denoiselab.latents import decoder_for
 from denoiselab.models import JiT
 from denoiselab.sampling.generate import balanced_labels, generate, noise_for
 from denoiselab.train import checkpoint as ckpt_io
@@ -117,6 +118,8 @@ class Trainer:
         )
         self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
         self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
+        # latents → pixels for sample grids (identity for pixel data)
+        self.decode = decoder_for(cfg.data, self.device)
         self.start_step = 0
         if resume is not None:
             self._restore(resume)
@@ -311,8 +314,9 @@ class Trainer:
                 cfg_scale=cfg.cfg,
                 interval=cfg.interval,
             )
+        images = self.decode(images.float())
         nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
-        save_grid(images.float(), self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)
+        save_grid(images, self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)
 
     def log(self, message: str) -> None:
         if self.dist.is_main and not self.quiet:
