@@ -124,6 +124,12 @@ def _analyze(argv: list[str]) -> int:
     return analyze_main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from denoiselab.evaluation import eval_main
+
+    return eval_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="denoiselab",
@@ -172,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"toy": _toy, "analyze": _analyze}
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
+    "toy": _toy,
+    "analyze": _analyze,
+    "eval": _eval,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

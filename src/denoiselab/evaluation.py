@@ -1,0 +1,191 @@
+"""``denoiselab eval``: score a trained run with the metrics package, JiT protocol included.
+
+The JiT protocol (App. A): choose the CFG scale ω and the EMA decay on a small sample count
+(8K in the paper), then evaluate the full count (50K) with the best pair. Here
+``--sweep-cfg LO:HI:STEP --sweep-num M`` does the first part, over every EMA decay of the
+checkpoint unless ``--ema`` fixes one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from denoiselab.latents import decoder_for
+from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
+from denoiselab.sampling.generate import generate, noise_for
+from denoiselab.train.build import Restored, restore
+
+# Metrics where larger is better; all others (distances) are minimised.
+_HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
+
+
+def make_generator(
+    r: Restored,
+    *,
+    cfg_scale: float,
+    steps: int,
+    solver: str,
+    interval: tuple[float, float],
+    device: str | torch.device,
+) -> Callable[[int, Tensor, int], Tensor]:
+    """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`."""
+    mc = r.model_cfg
+    shape = (mc.in_channels, mc.image_size, mc.image_size)
+    decode = decoder_for(r.cfg.data, device)
+
+    def gen(n: int, labels: Tensor, seed: int) -> Tensor:
+        noise = noise_for(seed, n, shape, r.cfg.objective.noise_scale, device)
+        x = generate(
+            r.net,
+            r.objective.velocity,
+            labels.to(device),
+            noise,
+            null_class=mc.num_classes,
+            steps=steps,
+            solver=solver,
+            cfg_scale=cfg_scale,
+            interval=interval,
+        )
+        return to_uint8(decode(x.float()).cpu())
+
+    return gen
+
+
+def parse_range(text: str) -> list[float]:
+    """``"1.0:4.0:0.5"`` → ``[1.0, 1.5, …, 4.0]`` (inclusive)."""
+    try:
+        lo, hi, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--sweep-cfg {text!r} must look like LO:HI:STEP, e.g. 1:4:0.5") from None
+    if step <= 0 or hi < lo:
+        raise ValueError(f"--sweep-cfg {text!r}: need STEP > 0 and HI >= LO")
+    n = math.floor((hi - lo) / step + 1e-9)
+    return [round(lo + i * step, 10) for i in range(n + 1)]
+
+
+def primary_key(result: dict[str, Any], metric: str) -> tuple[str, float]:
+    """The value used to pick the best setting, signed so that smaller is better."""
+    values = result["metrics"]
+    key = (
+        metric
+        if metric in values
+        else next(k for k in values if k.startswith(metric.split("_")[0]))
+    )
+    sign = -1.0 if any(key.startswith(p) for p in _HIGHER_IS_BETTER) else 1.0
+    return key, sign * values[key]
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    paths = {
+        k: v
+        for k, v in (("inception", args.inception), ("clip", args.clip), ("dinov2", args.dinov2))
+        if v
+    }
+    probe_cfg = ProbeConfig(steps=args.probe_steps) if args.probe_steps else None
+    base = restore(args.run, ema=None, device=device)
+    decays = [args.ema] if args.ema is not None else sorted(base.checkpoint.ema) or [None]
+
+    def score(ema: float | None, scale: float, num: int, seed: int) -> dict[str, Any]:
+        r = restore(args.run, ema=ema, device=device) if ema is not None else base
+        gen = make_generator(
+            r,
+            cfg_scale=scale,
+            steps=args.steps,
+            solver=args.solver,
+            interval=tuple(args.cfg_interval),
+            device=device,
+        )
+        out = evaluate(
+            gen,
+            metrics=metrics,
+            num=num,
+            dataset_cfg=r.cfg.data,
+            num_classes=r.model_cfg.num_classes,
+            batch=args.batch,
+            seed=seed,
+            extractor_paths=paths,
+            cache_dir=args.cache_dir,
+            device=device,
+            probe_config=probe_cfg,
+        )
+        return {**out, "ema": ema, "cfg": scale}
+
+    sweep: list[dict[str, Any]] = []
+    ema, scale = (args.ema if args.ema is not None else max(decays, key=lambda d: d or 0)), args.cfg
+    if args.sweep_cfg:
+        for d in decays:
+            for s in parse_range(args.sweep_cfg):
+                res = score(d, s, args.sweep_num, args.seed + 1)  # other noise than the final run
+                sweep.append({"ema": d, "cfg": s, "metrics": res["metrics"]})
+                print(f"sweep ema={d} cfg={s}: {res['metrics']}", file=sys.stderr)
+        best = min(sweep, key=lambda r: primary_key(r, metrics[0])[1])
+        ema, scale = best["ema"], best["cfg"]
+    final = score(ema, scale, args.num, args.seed)
+    final.update(
+        run=str(Path(args.run).resolve()),
+        step=base.checkpoint.step,
+        solver=args.solver,
+        sampling_steps=args.steps,
+        cfg_interval=list(args.cfg_interval),
+        sweep=sweep,
+        selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
+    )
+    return final
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument(
+        "--metrics",
+        default="fd_probe,mmd_probe,acc_probe,pr_probe",
+        help=f"comma-separated; valid: {', '.join(METRICS)}",
+    )
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    p.add_argument("--ema", type=float, help="EMA decay (default: searched, or the largest)")
+    p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
+    p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--cache-dir", help="probe/reference cache (default ~/.cache/denoiselab)")
+    p.add_argument("--inception", help="pt_inception-2015-12-05 weights file (for fid/kid/is/pr)")
+    p.add_argument("--clip", help="local CLIP ViT-L/14@336 directory (for cmmd)")
+    p.add_argument("--dinov2", help="local DINOv2 ViT-L/14-reg directory (for dino_mmd)")
+    p.add_argument(
+        "--probe-steps", type=int, help="training steps of the offline probe (default 1000)"
+    )
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        result = run_eval(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"denoiselab eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".eval.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out / "eval.json")
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    print(f"eval ({result['num']} samples, ema={result['ema']}, cfg={result['cfg']}): {summary}")
+    return 0

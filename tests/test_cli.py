@@ -1,0 +1,42 @@
+"""The `denoiselab` command: info for every preset, errors that name the bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from denoiselab.cli import main
+from denoiselab.models.registry import MODEL_PRESETS
+
+
+def test_info_every_preset(capsys):
+    assert main(["info", "all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("params: ") == len(MODEL_PRESETS)
+    assert "== JiT-G/16" in out and "params: 2007.1M" in out
+
+
+def test_info_b16_matches_paper(capsys):
+    assert main(["info", "JiT-B/16"]) == 0
+    out = capsys.readouterr().out
+    assert "params: 131.1M" in out and "25.2" in out
+
+
+def test_info_unknown_model_lists_valid():
+    with pytest.raises(ValueError, match="JiT-B/16"):
+        main(["info", "JiT-Q/3"])
+
+
+def test_unknown_override_syntax_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "configs/quickstart.yaml", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "denoiselab", "info", "JiT-T/4"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "params: 4.2M" in proc.stdout, proc.stderr
