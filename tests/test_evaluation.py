@@ -1,0 +1,67 @@
+"""`denoiselab eval` through the real path: a tiny run, the probe metrics, the CFG/EMA sweep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from denoiselab.cli import main
+from denoiselab.evaluation import parse_range, primary_key
+from denoiselab.train.loop import train
+
+from .test_train import tiny
+
+
+def test_parse_range_inclusive_and_errors():
+    assert parse_range("1:4:0.5") == [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    assert parse_range("1.0:4.0:0.1")[-1] == 4.0 and len(parse_range("1.0:4.0:0.1")) == 31
+    with pytest.raises(ValueError, match="LO:HI:STEP"):
+        parse_range("1-4")
+
+
+def test_primary_key_direction():
+    assert primary_key({"metrics": {"fd_probe": 3.0}}, "fd_probe") == ("fd_probe", 3.0)
+    assert primary_key({"metrics": {"acc_probe": 0.9}}, "acc_probe") == ("acc_probe", -0.9)
+
+
+@pytest.mark.integration
+def test_eval_sweep_then_final(tmp_path, capsys):
+    torch.set_num_threads(1)
+    run = train(replace(tiny(), duration_nimg=16), tmp_path / "run", quiet=True)
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        str(run),
+        "--metrics",
+        "fd_probe,acc_probe",
+        "--num",
+        "16",
+        "--steps",
+        "2",
+        "--sweep-cfg",
+        "1:2:1",
+        "--sweep-num",
+        "8",
+        "--probe-steps",
+        "20",
+        "--batch",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num"] == 16 and result["step"] == 2
+    assert len(result["sweep"]) == 2 * 2  # two EMA decays × two CFG scales
+    best = min(result["sweep"], key=lambda r: r["metrics"]["fd_probe"])
+    assert (result["ema"], result["cfg"]) == (best["ema"], best["cfg"])
+    assert set(result["metrics"]) >= {"fd_probe", "acc_probe"}
+    assert 0.0 <= result["metrics"]["acc_probe"] <= 1.0
+    assert "generation_images_per_s" in result
+    assert main(["eval", str(run), "--metrics", "fid_typo", "--out", str(out)]) == 2
+    assert "unknown metric(s) ['fid_typo']" in capsys.readouterr().err
