@@ -112,22 +112,39 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy(argv: list[str]) -> int:
-    from denoiselab.analysis.toy import toy_main
+def _passthrough(module: str, func: str) -> Callable[[list[str]], int]:
+    """A subcommand that owns its argparse (imported only when used)."""
 
-    return toy_main(argv)
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(argv)
+
+    return run
 
 
-def _analyze(argv: list[str]) -> int:
-    from denoiselab.analysis.gaussian import analyze_main
-
-    return analyze_main(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from denoiselab.evaluation import eval_main
-
-    return eval_main(argv)
+# name → (module, function, help). Each takes its own `-h`.
+PASSTHROUGH_SPECS = {
+    "eval": ("denoiselab.evaluation", "eval_main", "score a run: probe metrics, FID, CMMD, …"),
+    "ablate": (
+        "denoiselab.ablate.cli",
+        "ablate_main",
+        "run an ablation suite, write the scoreboard",
+    ),
+    "report": ("denoiselab.ablate.cli", "report_main", "rebuild an ablation report from results"),
+    "bench": (
+        "denoiselab.bench.cli",
+        "bench_main",
+        "measure throughput and model FLOP utilisation",
+    ),
+    "toy": ("denoiselab.analysis.cli", "toy_main", "JiT Fig. 2 toy experiment"),
+    "analyze": ("denoiselab.analysis.cli", "analyze_main", "JLT local Gaussian analysis"),
+    "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
+    "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
+}
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
+    name: _passthrough(module, func) for name, (module, func, _) in PASSTHROUGH_SPECS.items()
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,22 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image-size", type=int)
     i.set_defaults(func=_info)
 
-    sub.add_parser(
-        "toy", help="JiT Fig. 2 toy experiment (see `denoiselab toy -h`)", add_help=False
-    )
-    sub.add_parser(
-        "analyze",
-        help="JLT local Gaussian analysis (`denoiselab analyze gaussian -h`)",
-        add_help=False,
-    )
+    for name, (_, _, help_text) in PASSTHROUGH_SPECS.items():
+        sub.add_parser(name, help=f"{help_text} (`denoiselab {name} -h`)", add_help=False)
     return p
-
-
-PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
-    "toy": _toy,
-    "analyze": _analyze,
-    "eval": _eval,
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
