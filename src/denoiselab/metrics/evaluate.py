@@ -96,13 +96,21 @@ METRICS: dict[str, MetricSpec] = {
     "mmd_probe": MetricSpec(
         "probe", _mmd("mmd_probe"), "RBF-MMD (σ=10, ×1000) of unit probe features"
     ),
-    "acc_probe": MetricSpec("probe", _acc, "probe accuracy on the requested class", True, False),
+    "acc_probe": MetricSpec(
+        "probe",
+        _acc,
+        "probe accuracy on the requested class",
+        needs_logits=True,
+        needs_reference=False,
+    ),
     "pr_probe": MetricSpec("probe", _pr("_probe"), "k-NN precision/recall (k=3) of probe features"),
     "fid": MetricSpec("inception", _fd("fid"), "Fréchet Inception distance (TF-Inception pool3)"),
     "cmmd": MetricSpec("clip", _mmd("cmmd"), "CMMD: RBF-MMD (σ=10, ×1000) of unit CLIP embeddings"),
     "dino_mmd": MetricSpec("dinov2", _mmd("dino_mmd"), "RBF-MMD (σ=10, ×1000) of unit DINOv2 CLS"),
     "kid": MetricSpec("inception", _kid, "kernel Inception distance (cubic kernel, 100 subsets)"),
-    "is": MetricSpec("inception", _is, "Inception score (10 splits)", True, False),
+    "is": MetricSpec(
+        "inception", _is, "Inception score (10 splits)", needs_logits=True, needs_reference=False
+    ),
     "pr": MetricSpec("inception", _pr(""), "k-NN precision/recall (k=3) of Inception pool3"),
 }
 
@@ -140,7 +148,8 @@ def evaluate(
 
     Batch ``i`` is ``generate(n_i, labels_i, batch_seed(seed, i))`` with labels from
     :func:`balanced_labels`. Reference statistics use ``num_ref`` real images (default
-    ``num``) of ``dataset`` (built from ``dataset_cfg`` when not given). Pretrained
+    ``num``) of ``dataset`` (built from ``dataset_cfg`` when not given), drawn with a fixed
+    seed so that every evaluation of a dataset shares them. Pretrained
     extractors come from ``extractor_paths`` (keys ``inception``, ``clip``, ``dinov2``) or
     ``<cache root>/extractors``. Returns the metric values under ``"metrics"`` plus
     everything needed to reproduce and compare them.
@@ -165,13 +174,17 @@ def evaluate(
             dataset_cfg,
             num=num_ref or num,
             dataset=dataset,
-            seed=seed,
             max_features=max_ref_features,
             cache_dir=cache_dir,
         )
         for kind in kinds
         if kind in needs_ref
     }
+    if "acc_probe" in specs and extractors["probe"].num_classes != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but the dataset (and its probe) has "
+            f"{extractors['probe'].num_classes} classes: acc_probe needs the same classes"
+        )
     labels = balanced_labels(num, num_classes)
     with_logits = {spec.extractor for spec in specs.values() if spec.needs_logits}
     run = _generate_features(generate, labels, batch, seed, extractors, with_logits)
@@ -194,7 +207,7 @@ def evaluate(
         "extractors": {kind: _describe(ex) for kind, ex in extractors.items()},
         "reference": {kind: _describe_reference(ref) for kind, ref in references.items()},
         "generation_time_s": run.seconds,
-        "generation_images_per_s": num / run.seconds if run.seconds > 0 else float("inf"),
+        "generation_images_per_s": num / run.seconds if run.seconds > 0 else None,
         "wall_time_s": time.perf_counter() - start,
     }
 

@@ -138,8 +138,8 @@ class HFImageEmbedder:
     ) -> None:
         self.model, self.name, self.weights_id = model.eval().to(device), name, weights_id
         self.size, self.output, self.device = size, output, device
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.preprocessing = {
             "implementation": f"transformers.{type(model).__name__}",
             "resize": "PIL-style bicubic (antialiased, 8-bit rounding after each pass)",
@@ -152,8 +152,8 @@ class HFImageEmbedder:
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
-        x = (resize_uint8(images, self.size) - self._mean) / self._std
-        out = self.model(pixel_values=x.to(self.device))
+        x = (resize_uint8(images.to(self.device), self.size) - self._mean) / self._std
+        out = self.model(pixel_values=x)
         return getattr(out, self.output).float().cpu()
 
 
@@ -188,7 +188,9 @@ def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") 
     """
     path = _require_path("clip", model_dir, must_be_file=False)
     transformers = _import_transformers("clip")
-    model = transformers.CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
+    model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32
+    )
     mean, std = _normalisation(path, CLIP_MEAN, CLIP_STD)
     return HFImageEmbedder(
         model,
@@ -217,7 +219,9 @@ def load_dinov2(
     classes = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov2": "Dinov2Model"}
     if model_type not in classes:
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
-    model = getattr(transformers, classes[model_type]).from_pretrained(path, local_files_only=True)
+    model = getattr(transformers, classes[model_type]).from_pretrained(
+        path, local_files_only=True, dtype=torch.float32
+    )
     mean, std = _normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
     return HFImageEmbedder(
         model,

@@ -101,7 +101,7 @@ def resize_uint8(images: Tensor, size: int) -> Tensor:
     """
     check_uint8_images(images)
     x = images.to(torch.float32)
-    height, width = x.shape[-2:]
+    height = x.shape[-2]
     for target in ((height, size), (size, size)):
         if tuple(x.shape[-2:]) != target:
             x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)

@@ -48,7 +48,9 @@ def inception_score(
     scores = []
     for i in range(splits):
         part = log_p[i * n // splits : (i + 1) * n // splits]
-        log_marginal = part.exp().mean(dim=0).log()
-        kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
+        p = part.exp()
+        log_marginal = p.mean(dim=0).log()
+        # Terms with p = 0 are 0 (p log p → 0); written out they would be 0·(−∞ + ∞) = NaN.
+        kl = torch.where(p > 0, p * (part - log_marginal), 0.0).sum(dim=1).mean()
         scores.append(kl.exp().item())
     return InceptionScore(float(np.mean(scores)), float(np.std(scores)), splits)

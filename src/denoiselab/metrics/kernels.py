@@ -86,7 +86,7 @@ def l2_normalize(features: Tensor) -> Tensor:
 
 
 def mmd2(
-    x: Tensor | np.ndarray, y: Tensor | np.ndarray, kernel: Kernel, chunk: int = 4096
+    x: Tensor | np.ndarray, y: Tensor | np.ndarray, kernel: Kernel, chunk: int = 2048
 ) -> MMDResult:
     """Biased and unbiased MMD² of ``x [n, D]`` and ``y [m, D]`` under ``kernel`` (float64)."""
     x = as_float64_rows(x)
@@ -110,7 +110,7 @@ def mmd_rbf(
     y: Tensor | np.ndarray,
     sigma: float = CMMD_SIGMA,
     scale: float = CMMD_SCALE,
-    chunk: int = 4096,
+    chunk: int = 2048,
 ) -> MMDResult:
     """CMMD's distance: ``scale · MMD²`` under the Gaussian kernel of bandwidth ``sigma``.
 

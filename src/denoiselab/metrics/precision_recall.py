@@ -35,7 +35,7 @@ class PrecisionRecall:
 
 
 def precision_recall(
-    real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3, chunk: int = 4096
+    real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3, chunk: int = 2048
 ) -> PrecisionRecall:
     """Precision and recall of generated features ``fake [m, D]`` against ``real [n, D]``."""
     real = as_float64_rows(real)
@@ -47,7 +47,7 @@ def precision_recall(
     return PrecisionRecall(precision=precision, recall=recall, k=k)
 
 
-def knn_radii_sq(features: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
+def knn_radii_sq(features: Tensor, k: int = 3, chunk: int = 2048) -> Tensor:
     """Squared distance of each row of ``features [N, D]`` to its k-th nearest other row ``[N]``.
 
     The point itself is the nearest (distance 0), so this is the (k+1)-th smallest distance

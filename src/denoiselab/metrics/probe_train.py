@@ -20,15 +20,23 @@ from torch import Tensor, nn
 
 from .images import dataset_uint8, from_uint8
 
-__all__ = ["ProbeConfig", "ProbeNet", "augment", "materialize", "train_probe"]
+__all__ = [
+    "ProbeConfig",
+    "ProbeNet",
+    "accuracy",
+    "augment",
+    "gaussian_blur",
+    "materialize",
+    "train_probe",
+]
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """Architecture and training recipe of the probe; every field enters the cache key."""
 
-    width: int = 24  # channels of the first stage; stages double it at each downsampling
-    steps: int = 500
+    width: int = 16  # channels of the first stage; stages double it at each downsampling
+    steps: int = 1000
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -76,7 +84,11 @@ class ProbeNet(nn.Module):
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
+    return [
+        nn.Conv2d(c_in, c_out, 3, stride, 1),
+        nn.GroupNorm(math.gcd(8, c_out), c_out),
+        nn.SiLU(),
+    ]
 
 
 def materialize(dataset: Any, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
