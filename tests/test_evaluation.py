@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from denoiselab.cli import main
 from denoiselab.evaluation import parse_range, primary_key
@@ -29,7 +28,6 @@ def test_primary_key_direction():
 
 @pytest.mark.integration
 def test_eval_sweep_then_final(tmp_path, capsys):
-    torch.set_num_threads(1)
     run = train(replace(tiny(), duration_nimg=16), tmp_path / "run", quiet=True)
     out = tmp_path / "eval"
     args = [

@@ -26,16 +26,6 @@ DATA = DataConfig(name="shapes", image_size=32, seed=0)
 SMALL = ProbeConfig(width=8, steps=150, batch=32, num_train=1024, num_val=256)  # seconds on CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and a busy shared CPU makes spinning
-    OpenMP threads many times slower; the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset():
     return build_dataset(DATA)

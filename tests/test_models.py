@@ -33,15 +33,6 @@ PARAM_TARGETS_M = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(cfg: JiTConfig, batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)

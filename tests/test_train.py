@@ -39,13 +39,6 @@ def tiny(**overrides) -> TrainConfig:
     return from_dict(TrainConfig, apply_overrides(TINY, [f"{k}={v}" for k, v in overrides.items()]))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     ck = ckpt_io.load_checkpoint(run)

@@ -53,7 +53,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from denoiselab.images import save_grid, save_images
-    from denoiselab.sampling.generate import balanced_labels, generate, noise_for
+    from denoiselab.sampling.generate import balanced_labels
     from denoiselab.train.build import restore
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,41 +61,31 @@ def _sample(args: argparse.Namespace) -> int:
     if args.no_ema:
         ema = None
     r = restore(args.run, ema=ema, device=device)
-    from denoiselab.latents import decoder_for
-
-    decode = decoder_for(r.cfg.data, device)
-    mc = r.model_cfg
-    if args.class_id is not None and not 0 <= args.class_id < mc.num_classes:
+    num_classes = r.model_cfg.num_classes
+    if args.class_id is not None and not 0 <= args.class_id < num_classes:
         raise SystemExit(
             f"denoiselab sample: --class {args.class_id} is out of range; "
-            f"valid: 0 … {mc.num_classes - 1}"
+            f"valid: 0 … {num_classes - 1}"
         )
     out = Path(args.out)
-    shape = (mc.in_channels, mc.image_size, mc.image_size)
     images = []
     for start in range(0, args.num, args.batch):
         n = min(args.batch, args.num - start)
         if args.class_id is not None:
             labels = torch.full((n,), args.class_id, dtype=torch.long)
         else:
-            labels = balanced_labels(n, mc.num_classes, offset=start)
-        noise = noise_for(args.seed + start, n, shape, r.cfg.objective.noise_scale, device)
-        x = generate(
-            r.net,
-            r.objective.velocity,
-            labels.to(device),
-            noise,
-            null_class=mc.num_classes,
+            labels = balanced_labels(n, num_classes, offset=start)
+        x = r.sample(
+            labels,
+            args.seed + start,
             steps=args.steps,
             solver=args.solver,
             cfg_scale=args.cfg,
             interval=tuple(args.cfg_interval),
         )
-        x = decode(x)
         save_images(x, out, start=start)
         images.append(x.cpu())
-    grid = torch.cat(images)[:256]
-    save_grid(grid, out / "grid.png")
+    save_grid(torch.cat(images)[:256], out / "grid.png")
     print(f"{args.num} samples ({r.weights}, step {r.checkpoint.step}) → {out}")
     return 0
 

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from denoiselab.latents import decoder_for
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
-from denoiselab.sampling.generate import generate, noise_for
 from denoiselab.train.build import Restored, restore
 
 # Metrics where larger is better; all others (distances) are minimised.
@@ -30,33 +28,15 @@ _HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
 
 
 def make_generator(
-    r: Restored,
-    *,
-    cfg_scale: float,
-    steps: int,
-    solver: str,
-    interval: tuple[float, float],
-    device: str | torch.device,
+    r: Restored, *, cfg_scale: float, steps: int, solver: str, interval: tuple[float, float]
 ) -> Callable[[int, Tensor, int], Tensor]:
     """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`."""
-    mc = r.model_cfg
-    shape = (mc.in_channels, mc.image_size, mc.image_size)
-    decode = decoder_for(r.cfg.data, device)
 
     def gen(n: int, labels: Tensor, seed: int) -> Tensor:
-        noise = noise_for(seed, n, shape, r.cfg.objective.noise_scale, device)
-        x = generate(
-            r.net,
-            r.objective.velocity,
-            labels.to(device),
-            noise,
-            null_class=mc.num_classes,
-            steps=steps,
-            solver=solver,
-            cfg_scale=cfg_scale,
-            interval=interval,
+        x = r.sample(
+            labels[:n], seed, steps=steps, solver=solver, cfg_scale=cfg_scale, interval=interval
         )
-        return to_uint8(decode(x.float()).cpu())
+        return to_uint8(x.cpu())
 
     return gen
 
@@ -108,7 +88,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             steps=args.steps,
             solver=args.solver,
             interval=tuple(args.cfg_interval),
-            device=device,
         )
         out = evaluate(
             gen,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.models import JiT, JiTConfig, model_config
@@ -72,6 +73,43 @@ class Restored:
     objective: DenoisingObjective
     checkpoint: Checkpoint
     weights: str  # "model" or "ema:<decay>"
+    device: torch.device | str = "cpu"
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        seed: int,
+        *,
+        steps: int = 50,
+        solver: str = "heun",
+        cfg_scale: float = 1.0,
+        interval: tuple[float, float] = (0.1, 1.0),
+    ) -> Tensor:
+        """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (pixels, also for latent runs)
+        for ``labels [n]``; the initial noise is a function of ``seed`` alone."""
+        from denoiselab.latents import decoder_for
+        from denoiselab.sampling.generate import generate, noise_for
+
+        mc = self.model_cfg
+        shape = (mc.in_channels, mc.image_size, mc.image_size)
+        noise = noise_for(seed, len(labels), shape, self.cfg.objective.noise_scale, self.device)
+        x = generate(
+            self.net,
+            self.objective.velocity,
+            labels.to(self.device),
+            noise,
+            null_class=mc.num_classes,
+            steps=steps,
+            solver=solver,
+            cfg_scale=cfg_scale,
+            interval=interval,
+        )
+        if self._decode is None:
+            self._decode = decoder_for(self.cfg.data, self.device)
+        return self._decode(x.float())
+
+    _decode: Callable[[Tensor], Tensor] | None = None
 
 
 def restore(
@@ -100,7 +138,7 @@ def restore(
         which = f"ema:{decay!r}"
     net.to(device).eval()
     objective = build_objective(cfg, model_cfg.num_classes)
-    return Restored(cfg, model_cfg, net, objective, ckpt, which)
+    return Restored(cfg, model_cfg, net, objective, ckpt, which, device)
 
 
 def _model_cfg_from_checkpoint(ckpt: Checkpoint, cfg: TrainConfig) -> JiTConfig:
