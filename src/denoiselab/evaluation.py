@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
 
@@ -93,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             gen,
             metrics=metrics,
             num=num,
-            dataset_cfg=r.cfg.data,
+            dataset_cfg=pixel_data_config(r.cfg.data),  # latent runs are scored in pixels
             num_classes=r.model_cfg.num_classes,
             batch=args.batch,
             seed=seed,

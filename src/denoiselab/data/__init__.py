@@ -6,6 +6,8 @@ Every dataset is map-style: ``ds[i] -> (image float32 [C, H, W] in [-1, 1], labe
 - ``shapes`` (default): procedural coloured shapes, 8 classes, any resolution, pure in (seed, i).
 - ``digits``: scikit-learn's 1797 handwritten 8×8 digits, resized.
 - ``imagefolder``: ``root/<class>/*.jpg`` with JiT's ADM centre crop and random flips.
+- ``latents``: a latent cache written by ``denoiselab cache-latents`` (raw latents, normalised
+  at load time; flips use the cached encodings of mirrored images).
 
 ``StepLoader`` yields the batch of step ``s`` as a pure function of ``(seed, s)``, sharded
 over ``rank · grad_accum + micro_step``, so resuming and re-sharding are exact.
@@ -15,6 +17,7 @@ from denoiselab.data.base import ImageDataset, flip_decision
 from denoiselab.data.config import DataConfig, DatasetName, build_dataset
 from denoiselab.data.digits import DigitsDataset
 from denoiselab.data.imagefolder import ImageFolderDataset, center_crop_arr
+from denoiselab.data.latents import LatentDataset
 from denoiselab.data.loader import (
     StepBatchSampler,
     StepLoader,
@@ -31,6 +34,7 @@ __all__ = [
     "DigitsDataset",
     "ImageDataset",
     "ImageFolderDataset",
+    "LatentDataset",
     "ShapeSpec",
     "ShapesDataset",
     "StepBatchSampler",

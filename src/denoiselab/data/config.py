@@ -8,12 +8,16 @@ from typing import Literal, get_args
 from denoiselab.data.base import ImageDataset
 from denoiselab.data.digits import DigitsDataset
 from denoiselab.data.imagefolder import ImageFolderDataset
+from denoiselab.data.latents import LatentDataset
 from denoiselab.data.shapes import ShapesDataset
 
-DatasetName = Literal["shapes", "digits", "imagefolder"]
+DatasetName = Literal["shapes", "digits", "imagefolder", "latents"]
+LatentNormName = Literal["autoencoder", "dataset", "none"]
+NEEDS_ROOT = ("imagefolder", "latents")
 IMAGE_SIZE_RANGE = (8, 1024)
 # hflip=None picks the dataset's default: on for photos (as JiT on ImageNet), off for the
 # built-ins (mirrored digits are not digits; shapes are already drawn at random angles).
+# ``latents``: None = as the source dataset of the cache (recorded in its manifest).
 DEFAULT_HFLIP = {"shapes": False, "digits": False, "imagefolder": True}
 
 
@@ -27,14 +31,22 @@ class DataConfig:
 
     Attributes:
         name: ``"shapes"`` (procedural, the default), ``"digits"`` (sklearn 8×8 digits) or
-            ``"imagefolder"`` (``root/<class>/*.jpg`` photos, JiT preprocessing).
-        image_size: side of the square images in pixels.
-        root: the class-folder tree; required by ``imagefolder`` only.
+            ``"imagefolder"`` (``root/<class>/*.jpg`` photos, JiT preprocessing) or
+            ``"latents"`` (a cache written by ``denoiselab cache-latents``; the model then
+            sees latents: the dataset reports the latent channels and side).
+        image_size: side of the square images in pixels (``latents``: of the encoded images,
+            checked against the cache).
+        root: the class-folder tree (``imagefolder``) or the latent cache (``latents``).
         num_images: length of ``shapes`` (defines the epoch); ignored by the others.
         seed: dataset seed: shapes content and flip decisions (not the batch order).
-        channels: 3 (RGB) or 1 (grey).
-        hflip: random horizontal flips; ``None`` = dataset default (``DEFAULT_HFLIP``).
+        channels: 3 (RGB) or 1 (grey) (``latents``: of the encoded images, checked).
+        hflip: random horizontal flips; ``None`` = dataset default (``DEFAULT_HFLIP``;
+            ``latents``: the cache's source default, using the cached flipped encodings).
         num_workers: DataLoader worker processes (0 = load in the training process).
+        latent_norm: ``latents`` only: ``"autoencoder"`` (its own scaling/shift or BatchNorm
+            statistics), ``"dataset"`` (per-channel statistics of the cache) or ``"none"``.
+        autoencoder: ``latents`` only: where the autoencoder recorded in the cache lives now,
+            for decoding (default: the path recorded at caching; its fingerprint must match).
     """
 
     name: DatasetName = "shapes"
@@ -45,6 +57,8 @@ class DataConfig:
     channels: int = 3
     hflip: bool | None = None
     num_workers: int = 0
+    latent_norm: LatentNormName = "autoencoder"
+    autoencoder: str | None = None
 
     def __post_init__(self) -> None:
         names = get_args(DatasetName)
@@ -53,12 +67,15 @@ class DataConfig:
         lo, hi = IMAGE_SIZE_RANGE
         if not (_is_int(self.image_size) and lo <= self.image_size <= hi):
             raise ValueError(f"data.image_size={self.image_size!r}; valid: integers {lo} … {hi}")
-        if self.name == "imagefolder" and not self.root:
-            raise ValueError(f"data.root={self.root!r}; 'imagefolder' needs the dataset directory")
-        if self.name != "imagefolder" and self.root is not None:
+        if self.name in NEEDS_ROOT and not self.root:
+            what = "dataset" if self.name == "imagefolder" else "latent cache"
+            raise ValueError(f"data.root={self.root!r}; {self.name!r} needs the {what} directory")
+        if self.name not in NEEDS_ROOT and self.root is not None:
             raise ValueError(
-                f"data.root={self.root!r} is only used by 'imagefolder', not {self.name!r}"
+                f"data.root={self.root!r} is only used by 'imagefolder' and 'latents', "
+                f"not {self.name!r}"
             )
+        self._check_latent_fields()
         if not (_is_int(self.num_images) and self.num_images >= 1):
             raise ValueError(f"data.num_images={self.num_images!r}; valid: integers ≥ 1")
         if not (_is_int(self.seed) and self.seed >= 0):
@@ -72,10 +89,21 @@ class DataConfig:
         if not (_is_int(self.num_workers) and self.num_workers >= 0):
             raise ValueError(f"data.num_workers={self.num_workers!r}; valid: integers ≥ 0")
 
+    def _check_latent_fields(self) -> None:
+        norms = get_args(LatentNormName)
+        if self.latent_norm not in norms:
+            raise ValueError(f"data.latent_norm={self.latent_norm!r}; valid: {norms}")
+        if self.name != "latents" and (self.latent_norm != "autoencoder" or self.autoencoder):
+            raise ValueError(
+                f"data.latent_norm={self.latent_norm!r}, data.autoencoder={self.autoencoder!r} "
+                f"are only used by 'latents', not {self.name!r}"
+            )
+
     @property
     def resolved_hflip(self) -> bool:
-        """``hflip`` with ``None`` replaced by the dataset's default."""
-        return DEFAULT_HFLIP[self.name] if self.hflip is None else self.hflip
+        """``hflip`` with ``None`` replaced by the dataset's default (``latents``: the
+        dataset resolves ``None`` from its cache; this property then says ``False``)."""
+        return DEFAULT_HFLIP.get(self.name, False) if self.hflip is None else self.hflip
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
@@ -86,4 +114,6 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     if cfg.name == "digits":
         return DigitsDataset(hflip=cfg.resolved_hflip, **common)
     assert cfg.root is not None  # checked in DataConfig.__post_init__
+    if cfg.name == "latents":
+        return LatentDataset(cfg.root, hflip=cfg.hflip, latent_norm=cfg.latent_norm, **common)
     return ImageFolderDataset(cfg.root, hflip=cfg.resolved_hflip, **common)
