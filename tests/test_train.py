@@ -39,7 +39,6 @@ def tiny(**overrides) -> TrainConfig:
     return from_dict(TrainConfig, apply_overrides(TINY, [f"{k}={v}" for k, v in overrides.items()]))
 
 
-
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     ck = ckpt_io.load_checkpoint(run)
     out = {f"model.{k}": v for k, v in ck.model.items()}
@@ -205,3 +204,13 @@ def test_restore_picks_weights(tmp_path):
     assert torch.equal(r.net.state_dict()[name], ck.ema[0.99][name])
     with pytest.raises(ConfigError, match=r"ema=0.5 not in checkpoint; available: \[0.9, 0.99\]"):
         restore(run, ema=0.5)
+
+
+def test_override_values_parse_like_yaml_and_exponents_are_numbers():
+    from denoiselab.config import parse_override
+
+    assert parse_override("optim.lr=3e-3") == (["optim", "lr"], 0.003)
+    assert parse_override("ema.decays=[0.9, 0.99]") == (["ema", "decays"], [0.9, 0.99])
+    assert parse_override("data.name=digits") == (["data", "name"], "digits")
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
+        parse_override("optim.lr")

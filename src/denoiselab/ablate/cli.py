@@ -1,0 +1,135 @@
+"""Command lines ``denoiselab ablate SUITE …`` and ``denoiselab report DIR``.
+
+``ablate_main`` and ``report_main`` take the arguments after the subcommand and return an
+exit status: 0 success, 1 a variant failed, 2 a bad suite, option or folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from denoiselab.ablate.files import LockedError
+from denoiselab.config import ConfigError
+
+if TYPE_CHECKING:
+    from denoiselab.ablate.suite import Suite
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ablate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="denoiselab ablate",
+        description="Run an ablation suite (a baseline and its variants), then write the "
+        "scoreboard and report. Finished variants are skipped; interrupted ones resume.",
+    )
+    p.add_argument("suite", nargs="?", help="suite YAML file or built-in name (see --list)")
+    p.add_argument("--out", help="suite folder (default runs/ablate/<suite>[-quick])")
+    p.add_argument("--quick", action="store_true", help="shrink every variant to smoke size")
+    p.add_argument(
+        "--devices",
+        default="auto",
+        help="comma-separated devices: one runs the variants in turn in this process; several "
+        "(cuda:0,cuda:1 or cpu,cpu) run one worker subprocess per device (default auto: "
+        "cuda if available, else cpu)",
+    )
+    p.add_argument("--only", help="comma-separated variant names to run (default all)")
+    p.add_argument("--base", help="replace the suite's base config (e.g. a GPU-size config)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every variant (train keys or eval.*); repeatable",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--verbose", action="store_true", help="print the training log lines")
+    p.add_argument("--no-report", action="store_true", help="skip scoreboard and report")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved suite and exit")
+    p.add_argument("--list", action="store_true", help="list the built-in suites and exit")
+    return p
+
+
+def ablate_main(argv: Sequence[str] | None = None) -> int:
+    """``denoiselab ablate``: see :func:`ablate_parser`."""
+    from denoiselab.ablate.suite import builtin_suites, dump_suite, load_suite
+
+    args = ablate_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.list:
+        for name in builtin_suites():
+            print(f"{name:20s} {_summary(name)}")
+        return 0
+    if not args.suite:
+        ablate_parser().error(
+            "give a SUITE (a YAML file or one of: " + ", ".join(builtin_suites()) + ")"
+        )
+    if args.threads is not None and args.threads < 1:
+        ablate_parser().error(f"--threads {args.threads}: must be >= 1")
+    try:
+        suite = load_suite(args.suite, quick=args.quick, base=args.base, sets=args.sets)
+        if args.dry_run:
+            print(dump_suite(suite), end="")
+            return 0
+        return _run(suite, args)
+    except (ConfigError, LockedError, FileNotFoundError) as e:
+        print(f"denoiselab ablate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _summary(name: str) -> str:
+    """The first sentence of a built-in suite's description."""
+    from denoiselab.ablate.suite import suite_path
+    from denoiselab.config import load_yaml
+
+    text = str(load_yaml(suite_path(name)).get("description") or "")
+    return re.split(r"\.\s+(?=[A-Z])", text)[0].strip()
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> int:
+    from denoiselab.ablate.report import build_report
+    from denoiselab.ablate.runner import parse_devices, run_suite
+
+    devices = parse_devices(args.devices)
+    default = Path("runs") / "ablate" / (suite.name + ("-quick" if suite.quick else ""))
+    out = Path(args.out) if args.out else default
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    status = run_suite(
+        suite, out, devices=devices, only=only, verbose=args.verbose, threads=args.threads, log=_log
+    )
+    failed = {n: s for n, s in status.items() if s != "done"}
+    if not args.no_report:
+        report = build_report(out, suite)
+        print((out / "scoreboard.md").read_text(encoding="utf-8"))
+        print(f"report: {report}")
+    for name, s in failed.items():
+        _log(f"{name}: {s}")
+    return 1 if failed else 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``denoiselab report DIR``: rebuild scoreboard and report.html from a suite folder."""
+    from denoiselab.ablate.report import build_report
+
+    p = argparse.ArgumentParser(
+        prog="denoiselab report",
+        description="Rebuild the scoreboard (CSV, JSON, Markdown) and the self-contained "
+        "report.html of a suite folder written by `denoiselab ablate`.",
+    )
+    p.add_argument("dir", help="suite folder (holds suite.json and variants/)")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        report = build_report(Path(args.dir))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"denoiselab report: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.dir) / "scoreboard.md").read_text(encoding="utf-8"))
+    print(f"report: {report}")
+    return 0
