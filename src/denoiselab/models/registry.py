@@ -78,6 +78,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # CPU reference configuration for benchmarks (32×32 images, 64 patch tokens).
     "JiT-T/4": _cpu_preset(hidden_size=192, depth=6, num_heads=3),
     "JiT-S/4": _cpu_preset(hidden_size=256, depth=8, num_heads=4),
+    # The quickstart model: large patches as in JiT (8·8·3 = 192-d tokens, 16 of them),
+    # x-prediction's regime, and 4× fewer tokens than /4 — what a laptop trains in minutes.
+    "JiT-S/8": _cpu_preset(
+        patch_size=8,
+        hidden_size=256,
+        depth=6,
+        num_heads=4,
+        bottleneck=64,
+        in_context_len=4,
+        in_context_start=2,
+    ),
     # Unit-test size: builds and runs in milliseconds.
     "JiT-Micro": _cpu_preset(
         image_size=16,
