@@ -20,8 +20,16 @@ from denoiselab.objectives import (
     shift_time,
 )
 
-torch.set_default_dtype(torch.float64)
 T_EPS = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These are maths checks: run them in float64 (restored afterwards for other modules)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _batch(b=64, d=12, seed=0, t_lo=T_EPS, t_hi=1 - T_EPS):
