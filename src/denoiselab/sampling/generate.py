@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from denoiselab.sampling.guidance import ClassifierFreeGuidance, ToVelocity
 from denoiselab.sampling.solvers import sample
@@ -30,6 +30,13 @@ def generate(
     """
     fn = ClassifierFreeGuidance(net, to_velocity, labels, null_class, cfg_scale, interval)
     return sample(fn, noise, steps, solver)
+
+
+def compile_for_sampling(net: nn.Module) -> Callable[..., Tensor]:
+    """``torch.compile`` of ``net`` for sampling, with static shapes: the conditional batch
+    ``[B]`` (outside the CFG interval) and the batched CFG pass ``[2B]`` each get their own
+    graph instead of one slower dynamic-shape graph."""
+    return torch.compile(net, dynamic=False)
 
 
 def noise_for(

@@ -71,6 +71,13 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _has_fused_adamw(device: torch.device) -> bool:
+    """Fused AdamW (one kernel per tensor instead of ~10 ops) exists on CUDA and, since
+    torch 2.4, on CPU; there it makes the optimizer step of JiT-T/4 ~30× faster."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
+
+
 def _lr_at(step: int, base: float, warmup_steps: float) -> float:
     """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9)."""
     return base if warmup_steps <= 0 else base * min(1.0, (step + 1) / warmup_steps)
@@ -111,10 +118,15 @@ class Trainer:
         self.model = JiT(self.model_cfg).to(self.device)
         self.objective = build_objective(cfg, self.model_cfg.num_classes).to(self.device)
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
+        self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+            params,
+            lr=self.lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+            fused=_has_fused_adamw(self.device),
         )
         self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
         self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
@@ -203,7 +215,6 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         total = cfg.steps()
-        self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
         log_every, sample_every, ckpt_every = (
             cfg.every(cfg.log_every_nimg),
             cfg.every(cfg.sample_every_nimg),

@@ -1,0 +1,238 @@
+"""Speed work, checked for correctness: every fast path equals the reference path (fp32,
+eager) within its dtype's tolerance; the CFG interval skips the expected evaluations;
+``denoiselab bench`` runs end to end. No assertion here is about time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from denoiselab.bench import bench_main, matmul_ceiling
+from denoiselab.bench.workloads import SampleWorkload, bench_train_config
+from denoiselab.models import AxialRoPE, apply_rope, axial_rope_angles, build_model
+from denoiselab.models.layers import gated_residual, modulate
+from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
+from denoiselab.sampling.generate import compile_for_sampling, generate, noise_for
+from denoiselab.train.loop import Trainer
+
+BETA1 = 0.9  # Trainer's AdamW β₁ (Table 9): after one step exp_avg = (1 − β₁)·grad
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, std: float = 0.05) -> nn.Module:
+    """Leave the zero init (adaLN-Zero) so that every weight gets a gradient."""
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# --------------------------------------------------------------------------- layer fast paths
+
+
+def test_fast_rope_equals_the_pairwise_rotation() -> None:
+    rope = AxialRoPE(head_dim=16, grid=4, num_prefix=3)
+    idx = torch.arange(16)
+    angles = torch.cat([torch.zeros(3, 8), axial_rope_angles(idx // 4, idx % 4, 16)])
+    x = torch.randn(2, 3, 19, 16)
+    torch.testing.assert_close(rope(x), apply_rope(x, angles.cos(), angles.sin()))
+    xb = x.bfloat16()
+    ref = apply_rope(xb, angles.cos(), angles.sin())
+    torch.testing.assert_close(rope(xb), ref, rtol=1e-2, atol=2e-2)
+
+
+def test_fused_adaln_ops_equal_their_formulas() -> None:
+    x, u = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    shift, scale, gate = torch.randn(3, 2, 8).unbind(0)
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(gated_residual(x, gate, u), x + gate[:, None] * u)
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def _trainer(tmp_path: Path, dtype: str, compile_: bool = False) -> Trainer:
+    cfg = bench_train_config("JiT-Micro", None, 8, dtype, compile_, "cpu")
+    trainer = Trainer(cfg, tmp_path / f"{dtype}-{compile_}", quiet=True)
+    _randomize(trainer.model)
+    return trainer
+
+
+def _one_step(trainer: Trainer) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Loss, gradients (read back from AdamW's first moment) and weights after one step."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    labels = torch.randint(0, 10, (8,), generator=g)
+    loss = trainer.train_step(0, images, labels)["denoise"]
+    params = list(trainer.model.parameters())
+    grads = [trainer.optimizer.state[p]["exp_avg"] / (1 - BETA1) for p in params]
+    return loss, grads, [p.detach().clone() for p in params]
+
+
+def _assert_step_close(fast: Trainer, ref: Trainer, loss_tol: float, grad_tol: float) -> None:
+    loss_f, grads_f, _ = _one_step(fast)
+    loss_r, grads_r, _ = _one_step(ref)
+    assert abs(loss_f.item() - loss_r.item()) <= loss_tol * loss_r.item()
+    assert all(g.abs().sum() > 0 for g in grads_r)  # every weight takes part
+    assert (
+        _rel(torch.cat([g.flatten() for g in grads_f]), torch.cat([g.flatten() for g in grads_r]))
+        < grad_tol
+    )
+
+
+def test_bf16_training_step_matches_fp32_reference(tmp_path: Path) -> None:
+    _assert_step_close(_trainer(tmp_path, "bf16"), _trainer(tmp_path, "fp32"), 5e-3, 2e-2)
+
+
+def test_training_step_reference_is_deterministic(tmp_path: Path) -> None:
+    """The comparison above can only pass for the right reason: equal seeds give equal steps,
+    and a different step (another noise draw) is far outside the tolerance."""
+    a, b = _trainer(tmp_path / "a", "fp32"), _trainer(tmp_path / "b", "fp32")
+    loss_a, grads_a, weights_a = _one_step(a)
+    loss_b, grads_b, weights_b = _one_step(b)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(x, y) for x, y in zip(grads_a + weights_a, grads_b + weights_b))
+    images, labels = torch.rand(8, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (8,))
+    other = b.train_step(5, images, labels)["denoise"]
+    assert abs(other.item() - loss_a.item()) > 5e-3 * loss_a.item()
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    _assert_step_close(_trainer(tmp_path, "fp32", True), _trainer(tmp_path, "fp32"), 1e-5, 1e-4)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _sampler_setup() -> tuple[nn.Module, DenoisingObjective, Tensor, Tensor]:
+    net = _randomize(build_model("JiT-Micro")).eval()
+    objective = DenoisingObjective(ObjectiveConfig(), num_classes=10)
+    labels = torch.tensor([0, 3, 7, 9])
+    return net, objective, labels, noise_for(0, 4, (3, 16, 16), 1.0, "cpu")
+
+
+def _generate(net, objective, labels, noise, interval=(0.1, 1.0)) -> Tensor:
+    return generate(net, objective.velocity, labels, noise, null_class=10, steps=50,
+                    cfg_scale=2.0, interval=interval)  # fmt: skip
+
+
+def test_bf16_sampling_run_matches_fp32_reference() -> None:
+    net, objective, labels, noise = _sampler_setup()
+    ref = _generate(net, objective, labels, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _generate(net, objective, labels, noise)
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    assert _rel(fast, ref) < 1.5e-2  # measured 5e-3 on AVX2 (bf16 emulated)
+    other = _generate(net, objective, labels.roll(1), noise)  # what a real error looks like
+    assert _rel(other, ref) > 3e-2
+
+
+def test_bench_sampling_workload_is_generate() -> None:
+    net, objective, labels, noise = _sampler_setup()
+    work = SampleWorkload(net, objective, labels, noise, 50, 2.0, (0.1, 1.0), bf16=False)
+    assert torch.equal(work(), _generate(net, objective, labels, noise))
+    assert work.images_evaluated == 4 * (99 + 88)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_run_matches_eager() -> None:
+    torch._dynamo.reset()
+    net, objective, labels, noise = _sampler_setup()
+    ref = _generate(net, objective, labels, noise)
+    fast = _generate(compile_for_sampling(net), objective, labels, noise)
+    assert _rel(fast, ref) < 1e-4
+
+
+def test_cfg_interval_skips_the_unconditional_pass_outside_it() -> None:
+    """Heun-50 evaluates at t = i/50 (i = 0…49) and t = j/50 (j = 1…49): 99 calls. Inside
+    (0.1, 1) — i, j = 6…49, 44 + 44 times — the call carries the conditional and the
+    unconditional batch together; at t ≤ 0.1 (11 calls) only the conditional batch."""
+    net, objective, labels, noise = _sampler_setup()
+    calls: list[Tensor] = []
+    net.register_forward_pre_hook(lambda _m, args: calls.append(args[2].clone()))
+    _generate(net, objective, labels, noise, interval=(0.1, 1.0))
+    skipped = [y for y in calls if len(y) == 4]
+    both = [y for y in calls if len(y) == 8]
+    assert len(calls) == 99 and len(skipped) == 11 and len(both) == 88
+    assert all((y != 10).all() for y in skipped)  # no unconditional rows outside
+    assert all(torch.equal(y[:4], labels) and (y[4:] == 10).all() for y in both)
+    calls.clear()
+    _generate(net, objective, labels, noise, interval=(0.0, 1.0))  # guidance at every t < 1
+    rows_everywhere = sum(len(y) for y in calls)
+    assert rows_everywhere - 4 * (99 + 88) == 11 * 4
+
+
+# --------------------------------------------------------------------------- bench command
+
+
+def test_matmul_ceiling_respects_its_size_cap() -> None:
+    out = matmul_ceiling(torch.device("cpu"), torch.float32, max_size=256, min_seconds=1e-3)
+    assert out["size"] == 256 and out["gflops_per_s"] == max(out["gflops_per_s_by_layout"].values()) > 0
+
+
+def test_bench_all_writes_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--model", "JiT-Micro", "--batch", "4", "--dtype", "fp32", "--what", "all",
+            "--threads", "1", "--warmup", "1", "--repeats", "2", "--sample-steps", "3",
+            "--sample-repeats", "1", "--matmul-max-size", "256", "--out", str(tmp_path)]  # fmt: skip
+    assert bench_main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result) == {"config", "machine", "model", "ceiling", "train", "sample", "summary"}
+    for key in ("date", "torch", "torch_threads", "cpu", "load_average", "load_average_end"):
+        assert key in result["machine"], key
+    assert {"model", "logical_cpus", "isa_flags"} <= set(result["machine"]["cpu"])
+    assert (
+        result["model"]["train_gflops_per_image"] == 3 * result["model"]["forward_gflops_per_image"]
+    )
+    train, sample = result["train"], result["sample"]
+    for key in ("images_per_s", "tokens_per_s", "mfu", "peak_memory_mib"):
+        assert train[key] > 0 and sample.get(key, 1) > 0, key
+    assert len(train["steps_s"]) == 2 and len(sample["runs_s"]) == 1
+    # Heun-3 evaluates at t = 0 (outside the interval: 1 pass) and 1/3, 1/3, 2/3, 2/3 (2 passes)
+    assert sample["nfe"] == 5 and sample["network_evals_per_image"] == 9
+    assert capsys.readouterr().out.strip().splitlines()[-1] == result["summary"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "JiT-Q/4"], "unknown model 'JiT-Q/4'"),
+        (["--cfg-scale", "1"], "cfg_scale=1.0 disables guidance"),
+        (["--model", "JLT-B/2"], "bench runs pixel models"),
+    ],
+)
+def test_bench_rejects_bad_arguments(argv, message, tmp_path, capsys) -> None:
+    assert bench_main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_never_synchronises_with_the_host(tmp_path: Path) -> None:
+    cfg = bench_train_config("JiT-Micro", None, 8, "bf16", False, "cuda")
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    images, labels = torch.rand(8, 3, 16, 16, device="cuda"), torch.zeros(8, dtype=torch.long)
+    trainer.train_step(0, images, labels)  # first step: lazy initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(1, images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
