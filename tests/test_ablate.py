@@ -64,14 +64,6 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so the runner does not catch it."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """One probe/reference cache for the module (the probe trains once)."""

@@ -46,14 +46,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPES16 = DataConfig(name="shapes", image_size=16, num_images=24, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_ae_dir(tmp_path_factory) -> Path:
     """A random (untrained) tiny autoencoder, 16×16×3 ↔ 4×4×4, with non-trivial statistics."""

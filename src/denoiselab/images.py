@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from denoiselab.io import atomic_write
 from denoiselab.metrics.images import to_uint8
 
 
@@ -32,11 +32,7 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarr
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Write an ``uint8 [H, W, 3]`` array atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:

@@ -13,7 +13,6 @@ architecture, per-channel latent statistics, training summary), each written ato
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from denoiselab.io import atomic_write
 
 TINY_FORMAT = "denoiselab-tiny-ae"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -117,7 +118,7 @@ def save_tiny_ae(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic(out / WEIGHTS, lambda p: save_file(state, p))
+    atomic_write(out / WEIGHTS, lambda p: save_file(state, p))
     config = {
         "format": TINY_FORMAT,
         "version": 1,
@@ -126,7 +127,7 @@ def save_tiny_ae(
         "latent_std": [float(v) for v in latent_std.flatten()],
         "info": info,
     }
-    _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -142,14 +143,3 @@ def load_tiny_ae(directory: str | Path) -> tuple[TinyAE, dict[str, Any]]:
     net = TinyAE(TinyAEConfig(**arch))
     net.load_state_dict(load_file(d / WEIGHTS))
     return net.eval(), config
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,10 +14,10 @@ import enum
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from denoiselab.io import atomic_write
 
 __all__ = ["atomic_write", "cache_root", "content_hash", "to_jsonable"]
 
@@ -57,24 +57,3 @@ def content_hash(payload: Any, length: int = 16) -> str:
     """First ``length`` hex digits of SHA-256 over the canonical (sorted-key) JSON of ``payload``."""
     text = json.dumps(to_jsonable(payload), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    Readers never see a half-written file, and concurrent writers of the same content
-    simply replace each other.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from others
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from denoiselab.io import atomic_write_text
+
 
 def git_revision(cwd: Path | None = None) -> str:
     """``<sha>[-dirty]`` of the source tree, or ``"unknown"`` outside a git checkout."""
@@ -83,10 +85,7 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         if not self.is_main:
             return
-        path = self.root / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(self.root / name, text)
 
     def write_meta(self, extra: dict[str, Any] | None = None) -> None:
         self.write_text("meta.json", json.dumps({**environment(), **(extra or {})}, indent=2))
