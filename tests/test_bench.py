@@ -185,7 +185,10 @@ def test_cfg_interval_skips_the_unconditional_pass_outside_it() -> None:
 
 def test_matmul_ceiling_respects_its_size_cap() -> None:
     out = matmul_ceiling(torch.device("cpu"), torch.float32, max_size=256, min_seconds=1e-3)
-    assert out["size"] == 256 and out["gflops_per_s"] == max(out["gflops_per_s_by_layout"].values()) > 0
+    assert (
+        out["size"] == 256
+        and out["gflops_per_s"] == max(out["gflops_per_s_by_layout"].values()) > 0
+    )
 
 
 def test_bench_all_writes_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
