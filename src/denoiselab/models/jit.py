@@ -21,7 +21,6 @@ from .layers import (
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
-    gated_residual,
     modulate,
     sincos_pos_embed_2d,
 )
@@ -137,8 +136,9 @@ class JiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, rope: AxialRoPE | None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
-        x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
-        return gated_residual(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
 
 
 class FinalLayer(nn.Module):
