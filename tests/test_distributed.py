@@ -22,6 +22,7 @@ from .test_train import TINY
 def test_two_ddp_ranks_match_one_process_with_grad_accum(tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg = dict(TINY, duration_nimg=32, ckpt_every_nimg=32, sample={"steps": 2, "num_grid": 2})
+    cfg["device"] = "cpu"  # gloo on CPU, also where a GPU is present
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [

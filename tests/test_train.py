@@ -214,3 +214,11 @@ def test_override_values_parse_like_yaml_and_exponents_are_numbers():
     assert parse_override("data.name=digits") == (["data", "name"], "digits")
     with pytest.raises(ConfigError, match=r"key\.sub=value"):
         parse_override("optim.lr")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_device_without_cuda_is_named():
+    from denoiselab.train.distributed import init_distributed
+
+    with pytest.raises(ConfigError, match="device='cuda' but CUDA is not available"):
+        init_distributed("cuda")

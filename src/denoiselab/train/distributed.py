@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from denoiselab.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,6 +35,14 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        if dev.index is None and local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible: start at most that many processes per node (torchrun "
+                "--nproc_per_node), or train on device=cpu"
+            )
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

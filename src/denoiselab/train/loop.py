@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ class Trainer:
                 f"= {self.dist.world_size} × {cfg.grad_accum}"
             )
         if cfg.deterministic:
+            if self.device.type == "cuda":  # cuBLAS is only deterministic with a fixed workspace
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.dataset = build_dataset(cfg.data)
         self.model_cfg = resolve_model_config(
