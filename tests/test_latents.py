@@ -281,15 +281,17 @@ def test_diffusers_vaes_load_encode_decode_and_normalise(tmp_path):
 # -- configs ---------------------------------------------------------------------------------------
 
 
-def test_jlt_twins_differ_only_in_the_prediction_target():
-    x = to_dict(load_train_config(CONFIGS / "jlt_b1_imagenet256.yaml"))
-    v = to_dict(load_train_config(CONFIGS / "jlt_b1_imagenet256_vpred.yaml"))
+@pytest.mark.parametrize("patch,tokens", [(1, 256), (2, 64)])
+def test_jlt_twins_differ_only_in_the_prediction_target(patch, tokens):
+    x = to_dict(load_train_config(CONFIGS / f"jlt_b{patch}_imagenet256.yaml"))
+    v = to_dict(load_train_config(CONFIGS / f"jlt_b{patch}_imagenet256_vpred.yaml"))
     assert (x["objective"]["prediction"], v["objective"]["prediction"]) == ("x", "v")
     v["objective"]["prediction"] = "x"
     assert x == v
-    cfg = load_train_config(CONFIGS / "jlt_b1_imagenet256.yaml")
+    cfg = load_train_config(CONFIGS / f"jlt_b{patch}_imagenet256.yaml")
     model = resolve_model_config(cfg, image_size=16, channels=128, num_classes=1000)
-    assert 125e6 < count_params(model) < 135e6
+    assert model.patch_size == patch and model.grid_size**2 == tokens
+    assert 125e6 < count_params(model) < 135e6  # ≈130M (JLT-B)
     with pytest.raises(
         ConfigError, match=r"model\.in_channels=128 but the data gives in_channels=32"
     ):

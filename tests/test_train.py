@@ -222,3 +222,68 @@ def test_cuda_device_without_cuda_is_named():
 
     with pytest.raises(ConfigError, match="device='cuda' but CUDA is not available"):
         init_distributed("cuda")
+
+
+def test_periodic_eval_logs_probe_metrics_that_match_an_independent_evaluation(tmp_path):
+    """``eval.every_nimg`` scores the EMA during training; the logged values equal a separate
+    ``metrics.evaluate`` of the restored checkpoint, and evaluating leaves training untouched."""
+    from denoiselab.metrics import evaluate, to_uint8
+    from denoiselab.metrics.probe_train import ProbeConfig
+    from denoiselab.train.run import read_metrics
+
+    probe = {"steps": 5, "num_train": 64, "num_val": 16, "batch": 16}
+    ev = {"every_nimg": 32, "metrics": ["fd_probe", "acc_probe"], "num": 16, "batch": 8,
+          "steps": 2, "cache_dir": str(tmp_path / "cache"), "probe": probe}  # fmt: skip
+    cfg = from_dict(TrainConfig, {**TINY, "eval": ev})
+    run = train(cfg, tmp_path / "with_eval", quiet=True)
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "eval/fd_probe" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert all(0 <= r["eval/acc_probe"] <= 1 and r["eval/fd_probe"] > 0 for r in rows)
+
+    r = restore(run, ema=0.9)  # "auto" = the smallest decay of TINY's [0.9, 0.99]
+    gen = lambda n, labels, seed: to_uint8(  # noqa: E731
+        r.sample(labels, seed, steps=2, cfg_scale=1.5, interval=cfg.sample.interval)
+    )
+    ref = evaluate(gen, metrics=["fd_probe", "acc_probe"], num=16, dataset_cfg=cfg.data,
+                   num_classes=8, batch=8, seed=0, cache_dir=tmp_path / "cache",
+                   probe_config=from_dict(ProbeConfig, probe))["metrics"]  # fmt: skip
+    assert rows[-1]["eval/fd_probe"] == pytest.approx(ref["fd_probe"], rel=1e-5)
+    assert rows[-1]["eval/acc_probe"] == ref["acc_probe"]
+
+    plain = train(tiny(), tmp_path / "plain", quiet=True)
+    a, b = _weights(run), _weights(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"eval\.metrics has \['fid2'\]; valid: fd_probe"):
+        from_dict(TrainConfig, {"eval": {"metrics": ["fid2"]}})
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' in eval\.probe"):
+        from_dict(TrainConfig, {"eval": {"probe": {"stepz": 3}}})
+
+
+def test_progress_bar_draws_in_place_on_a_terminal_only():
+    import io
+
+    from denoiselab.train.progress import ProgressBar
+
+    clock = iter([0.0, 1.0, 1.1, 2.0, 4.0]).__next__
+    out = io.StringIO()
+    bar = ProgressBar(total=4, start=0, images_per_step=32, stream=out, enabled=True, clock=clock)
+    calls = []
+    loss = lambda: calls.append(1) or 0.25  # noqa: E731
+    bar.update(1, loss)  # t = 1 s: 32 img/s, 3 steps (96 images) left -> 3 s
+    bar.update(2, loss)  # t = 1.1 s: within min_interval, not drawn (and no loss read)
+    assert len(calls) == 1
+    first = out.getvalue()
+    assert (
+        first.startswith("\r[") and "25% step 1/4 | loss 0.2500 | 32.0 img/s | ETA 0m03s" in first
+    )
+    bar.clear()
+    assert out.getvalue().endswith("\r") and bar.width == 0
+    bar.update(3, loss)  # t = 2 s
+    bar.update(4, loss)  # the last step is always drawn
+    assert "100% step 4/4" in out.getvalue() and len(calls) == 3
+    silent = io.StringIO()  # not a terminal: nothing drawn, loss never read
+    ProgressBar(4, 0, 32, silent).update(4, loss)
+    assert silent.getvalue() == "" and len(calls) == 3

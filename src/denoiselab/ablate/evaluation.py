@@ -24,7 +24,7 @@ from denoiselab.ablate.suite import OPTIONAL_METRICS, PROBE_METRICS, EvalSpec
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.extractors import resolve_extractor_path
 from denoiselab.metrics.images import to_uint8
-from denoiselab.models import JiT, JiTConfig
+from denoiselab.models import JiTConfig
 from denoiselab.sampling.generate import balanced_labels, generate, noise_for
 from denoiselab.train.config import TrainConfig
 
@@ -157,11 +157,8 @@ class PeriodicEval:
         if state.step % self.every and state.step != self.total:
             return
         tr, tic = self.trainer, time.perf_counter()
-        net = JiT(tr.model_cfg).to(tr.device).eval()
-        net.load_state_dict(state.model.state_dict())
         decay = ema_decay(self.spec, tr.ema.decays)
-        if decay is not None:
-            tr.ema.copy_to(net, decay)
+        net = tr.ema_network("none" if decay is None else decay)
         scorer = Scorer(net, tr.objective.velocity, tr.model_cfg, tr.cfg, tr.decode, tr.device)
         result = scorer.score(
             self.spec,

@@ -82,6 +82,55 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation during training, logged to ``metrics.jsonl`` as ``eval/<metric>``.
+
+    ``every_nimg``: every this many images and at the end of the run (0: off). The default
+    metrics are the offline probe's (``denoiselab.metrics``; no download): the probe trains
+    once per dataset, then it and the reference statistics come from the cache
+    (``cache_dir``, default ``~/.cache/denoiselab``). Samples: ``num`` class-balanced images
+    from fixed seeds (the same at every evaluation, so the curve moves with training alone),
+    with ``steps`` sampling steps and guidance ``cfg`` (``None``: ``sample.steps`` /
+    ``sample.cfg``), from the EMA ``ema`` (``"auto"``: the smallest decay — the one a short
+    run has warmed up most — a decay, or ``"none"`` for the raw weights). ``probe``
+    overrides fields of the probe's recipe (``denoiselab.metrics.ProbeConfig``).
+    """
+
+    every_nimg: int = 0
+    metrics: tuple[str, ...] = ("fd_probe", "acc_probe")
+    num: int = 256
+    batch: int = 64
+    steps: int | None = None
+    cfg: float | None = None
+    ema: Literal["auto", "none"] | float = "auto"
+    seed: int = 0
+    cache_dir: str | None = None
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from denoiselab.metrics import METRICS
+
+        self.probe_config()  # names a bad probe field now, not at the first evaluation
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ConfigError(f"eval.metrics has {unknown!r}; valid: {', '.join(METRICS)}")
+        if self.every_nimg < 0:
+            raise ConfigError(f"eval.every_nimg={self.every_nimg!r} must be >= 0 (0: off)")
+        if self.num < 2 or self.batch < 1:
+            raise ConfigError(f"eval.num={self.num!r} must be >= 2, eval.batch >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"eval.steps={self.steps!r} must be >= 1 or null")
+
+    def probe_config(self) -> Any:
+        """The probe network's recipe (``ProbeConfig``) with ``probe`` overrides."""
+        from denoiselab.config import from_dict
+        from denoiselab.metrics.probe_train import ProbeConfig
+
+        return from_dict(ProbeConfig, self.probe, "eval.probe")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
     image size, channels and class count default to the dataset's."""
@@ -92,6 +141,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     global_batch: int = 1024
     grad_accum: int = 1

@@ -10,7 +10,7 @@ not edit this loop.
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import sys
 import time
@@ -35,6 +35,7 @@ from denoiselab.train.build import build_objective, config_yaml_with_model, reso
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
 from denoiselab.train.ema import EMA
+from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 
 
@@ -136,6 +137,7 @@ class Trainer:
         # latents → pixels for sample grids (identity for pixel data)
         self.decode = decoder_for(cfg.data, self.device)
         self.start_step = 0
+        self.progress: ProgressBar | None = None
         if resume is not None:
             self._restore(resume)
         self.run_dir = RunFolder(out_dir, self.dist.is_main)
@@ -223,6 +225,7 @@ class Trainer:
             cfg.every(cfg.sample_every_nimg),
             cfg.every(cfg.ckpt_every_nimg),
         )
+        eval_every = cfg.every(cfg.eval.every_nimg) if cfg.eval.every_nimg else 0
         loader = StepLoader(
             self.dataset,
             seed=cfg.seed,
@@ -238,6 +241,8 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t_last, step_last = time.perf_counter(), self.start_step
         t_start = t_last
+        if self.dist.is_main and not self.quiet:
+            self.progress = ProgressBar(total, self.start_step, cfg.global_batch, sys.stderr)
         for step, images, labels in loader:
             if step >= total:
                 break
@@ -252,6 +257,8 @@ class Trainer:
             for callback in self.callbacks:
                 callback(state)
             is_last = done == total
+            if self.progress is not None:
+                self.progress.update(done, functools.partial(_running_loss, sums, count))
             if done % log_every == 0 or is_last:
                 self._check_finite(first_bad)
                 now = time.perf_counter()
@@ -260,6 +267,8 @@ class Trainer:
                 sums, count, t_last, step_last = {}, 0, now, done
             if done % sample_every == 0 or is_last:
                 self.sample_grid(done)
+            if eval_every and (done % eval_every == 0 or is_last):
+                self.evaluate(done)
             if done % ckpt_every == 0 or is_last:
                 self._check_finite(first_bad)
                 self.save(done)
@@ -297,8 +306,48 @@ class Trainer:
         total = self.cfg.steps()
         self.log(
             f"step {step}/{total} | kimg {row['kimg']:.1f} | loss {loss:.4f} | "
-            f"{rate:.1f} img/s | ETA {_fmt_time(eta)}"
+            f"{rate:.1f} img/s | ETA {format_duration(eta)}"
         )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision (bf16 autocast on CUDA under ``precision: auto``)."""
+        return _autocast(self.device, self.cfg.precision)
+
+    def ema_network(self, ema: float | str) -> nn.Module:
+        """A fresh eval-mode network holding EMA weights: ``ema`` a trained decay, ``"auto"``
+        (the smallest decay, the one a short run has warmed up most; the raw weights if no
+        EMA is kept) or ``"none"`` (the raw weights)."""
+        net = JiT(self.model_cfg).to(self.device).eval()
+        net.load_state_dict(self.model.state_dict())
+        if ema == "none" or not self.ema.decays:
+            return net
+        decay = min(self.ema.decays) if ema == "auto" else float(ema)
+        if decay not in self.ema.decays:
+            raise ConfigError(f"EMA decay {ema!r} is not kept; kept: {list(self.ema.decays)}")
+        self.ema.copy_to(net, decay)
+        return net
+
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        """The periodic evaluation (``cfg.eval``) of the weights at ``step``, logged to
+        ``metrics.jsonl`` as ``eval/<metric>``; rank 0 evaluates while the others wait."""
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return None
+        from denoiselab.train.periodic import evaluate_network
+
+        tic = time.perf_counter()
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
+            values = evaluate_network(self, self.ema_network(self.cfg.eval.ema))
+        row = {"step": step, "nimg": step * self.cfg.global_batch}
+        row["kimg"] = row["nimg"] / 1000
+        row.update({f"eval/{k}": v for k, v in values.items()})
+        row["eval_seconds"] = time.perf_counter() - tic
+        self.run_dir.log(row)
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+        self.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
+        barrier(self.dist)
+        return values
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> None:
@@ -306,11 +355,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         cfg = self.cfg.sample
-        decay = cfg.ema if cfg.ema is not None else min(self.ema.decays, default=None)
-        net = JiT(self.model_cfg).to(self.device).eval()
-        net.load_state_dict(self.model.state_dict())
-        if decay is not None:
-            self.ema.copy_to(net, decay)
+        net = self.ema_network(cfg.ema if cfg.ema is not None else "auto")
         mc = self.model_cfg
         n = cfg.num_grid
         labels = balanced_labels(n, mc.num_classes).to(self.device)
@@ -334,15 +379,14 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.dist.is_main and not self.quiet:
+            if self.progress is not None:
+                self.progress.clear()
             print(message, file=sys.stderr, flush=True)
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+def _running_loss(sums: dict[str, Tensor], count: int) -> float:
+    """Mean loss (all terms, not the gradient norm) since the last log line, this rank."""
+    return sum(v for k, v in sums.items() if k != "grad_norm").item() / max(count, 1)
 
 
 def train(
