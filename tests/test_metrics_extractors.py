@@ -243,3 +243,36 @@ def test_fid_kid_is_pr_match_torch_fidelity(inception_weights):
     assert 0 < ours["precision"] < 1 or 0 < ours["recall"] < 1  # not a degenerate comparison
     for key, value in ours.items():
         assert value == pytest.approx(ref[key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.parametrize("side", [32, 512])  # up- and downsampling to 299
+def test_inception_antialias_resize_matches_pil_and_tf1_passes_through(side):
+    """What the TF-Inception network receives under each resize option (no weights needed):
+    ``antialias`` = PIL's antialiased bilinear (an independent implementation) within one
+    grey level; ``tf1_bilinear`` = the images untouched (torch-fidelity's network resizes)."""
+    from PIL import Image
+
+    from denoiselab.metrics.extractors import InceptionExtractor
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(len(x), 2048), torch.zeros(len(x), 1008)
+
+    images = _images(2, side)
+    for resize in ("antialias", "tf1_bilinear"):
+        InceptionExtractor(Recorder(), "w", torch.device("cpu"), resize)(images)
+    fed_aa, fed_tf1 = seen
+    assert torch.equal(fed_tf1, images)
+    assert fed_aa.dtype == torch.uint8 and fed_aa.shape == (2, 3, 299, 299)
+    for i in range(2):
+        pil = Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((299, 299), Image.BILINEAR)
+        ref = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).int()
+        assert (fed_aa[i].int() - ref).abs().max() <= 1
+    a = InceptionExtractor(Recorder(), "w", torch.device("cpu"), "antialias").preprocessing
+    b = InceptionExtractor(Recorder(), "w", torch.device("cpu")).preprocessing
+    assert a["resize"].startswith("antialias") and b["resize"].startswith("tf1_bilinear")
+    with pytest.raises(ValueError, match="inception resize 'bicubic'; valid: tf1_bilinear"):
+        InceptionExtractor(Recorder(), "w", torch.device("cpu"), "bicubic")

@@ -102,6 +102,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             cache_dir=args.cache_dir,
             device=device,
             probe_config=probe_cfg,
+            inception_resize=args.fid_resize,
         )
         return {**out, "ema": ema, "cfg": scale}
 
@@ -149,6 +150,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.add_argument("--cache-dir", help="probe/reference cache (default ~/.cache/denoiselab)")
     p.add_argument("--inception", help="pt_inception-2015-12-05 weights file (for fid/kid/is/pr)")
+    p.add_argument(
+        "--fid-resize",
+        choices=["tf1_bilinear", "antialias"],
+        default="tf1_bilinear",
+        help="TF-Inception input resize: tf1_bilinear (ADM/torch-fidelity, the papers' FIDs) "
+        "or antialias (torchmetrics >= 1.8); recorded in eval.json",
+    )
     p.add_argument("--clip", help="local CLIP ViT-L/14@336 directory (for cmmd)")
     p.add_argument("--dinov2", help="local DINOv2 ViT-L/14-reg directory (for dino_mmd)")
     p.add_argument(

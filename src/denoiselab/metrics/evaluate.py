@@ -142,6 +142,7 @@ def evaluate(
     max_ref_features: int = 10_000,
     dataset: Any = None,
     probe_config: ProbeConfig | None = None,
+    inception_resize: str = "tf1_bilinear",
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Score ``num`` class-balanced samples of ``generate`` on ``metrics`` (names in :data:`METRICS`).
@@ -151,7 +152,8 @@ def evaluate(
     ``num``) of ``dataset`` (built from ``dataset_cfg`` when not given), drawn with a fixed
     seed so that every evaluation of a dataset shares them. Pretrained
     extractors come from ``extractor_paths`` (keys ``inception``, ``clip``, ``dinov2``) or
-    ``<cache root>/extractors``. Returns the metric values under ``"metrics"`` plus
+    ``<cache root>/extractors``; ``inception_resize`` picks the TF-Inception input resize
+    (``"tf1_bilinear"``, ADM/torch-fidelity, or ``"antialias"``, torchmetrics). Returns the metric values under ``"metrics"`` plus
     everything needed to reproduce and compare them.
     """
     start = time.perf_counter()
@@ -163,7 +165,14 @@ def evaluate(
     kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
     extractors = {
         kind: _build_extractor(
-            kind, dataset_cfg, dataset, extractor_paths or {}, cache_dir, device, probe_config
+            kind,
+            dataset_cfg,
+            dataset,
+            extractor_paths or {},
+            cache_dir,
+            device,
+            probe_config,
+            inception_resize,
         )
         for kind in kinds
     }
@@ -276,11 +285,15 @@ def _build_extractor(
     cache_dir: str | Path | None,
     device: str | torch.device,
     probe_config: ProbeConfig | None,
+    inception_resize: str = "tf1_bilinear",
 ) -> Extractor:
     if kind == "probe":
         return load_probe(
             dataset_cfg, dataset=dataset, config=probe_config, cache_dir=cache_dir, device=device
         )
+    if kind == "inception":
+        path = resolve_extractor_path(kind, paths.get(kind), cache_dir)
+        return load_inception(path, device, resize=inception_resize)
     loader = {"inception": load_inception, "clip": load_clip, "dinov2": load_dinov2}[kind]
     return loader(resolve_extractor_path(kind, paths.get(kind), cache_dir), device)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import cache_root
@@ -91,16 +92,53 @@ class ClassifierExtractor(Extractor, Protocol):
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
+INCEPTION_RESIZE = {
+    "tf1_bilinear": "tf1_bilinear (TF 1.x resize_bilinear, align_corners=False), as ADM/torch-fidelity",
+    "antialias": (
+        "antialias (torch bilinear, antialias=True, align_corners=False, as torchmetrics >= 1.8 "
+        "FID's default), rounded to uint8 before the network, whose TF1 resize is then the "
+        "identity: within 0.5 grey levels of torchmetrics' float input"
+    ),
+}
+
+
+def resize_for_inception(images: Tensor, resize: str) -> Tensor:
+    """``uint8 [B, 3, H, W]`` -> what the TF-Inception network receives under ``resize``:
+    unchanged for ``tf1_bilinear`` (the network resizes), else ``uint8 [B, 3, 299, 299]``."""
+    if resize not in INCEPTION_RESIZE:
+        raise ValueError(f"inception resize {resize!r}; valid: {', '.join(INCEPTION_RESIZE)}")
+    check_uint8_images(images)
+    if resize == "tf1_bilinear" or tuple(images.shape[-2:]) == (299, 299):
+        return images
+    x = F.interpolate(
+        images.float(), size=(299, 299), mode="bilinear", antialias=True, align_corners=False
+    )
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
 class InceptionExtractor:
-    """torch-fidelity's ``FeatureExtractorInceptionV3``: pool3 features ``[B, 2048]`` and logits."""
+    """torch-fidelity's ``FeatureExtractorInceptionV3``: pool3 features ``[B, 2048]`` and logits.
+
+    ``resize`` (:data:`INCEPTION_RESIZE`): how images reach 299×299 — the TF1 bilinear resize
+    of ADM, torch-fidelity and the JiT paper's numbers (default), or the antialiased resize of
+    torchmetrics' FID. The two give different FIDs on small images; the choice is recorded.
+    """
 
     name = "inception-v3-tf-2015-12-05"
 
-    def __init__(self, net: torch.nn.Module, weights_id: str, device: torch.device) -> None:
-        self.net, self.weights_id, self.device = net, weights_id, device
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        weights_id: str,
+        device: torch.device,
+        resize: str = "tf1_bilinear",
+    ) -> None:
+        if resize not in INCEPTION_RESIZE:
+            raise ValueError(f"inception resize {resize!r}; valid: {', '.join(INCEPTION_RESIZE)}")
+        self.net, self.weights_id, self.device, self.resize = net, weights_id, device, resize
         self.preprocessing = {
             "implementation": "torch_fidelity.FeatureExtractorInceptionV3",
-            "resize": "tf1_bilinear (TF 1.x resize_bilinear, align_corners=False), as ADM/torch-fidelity",
+            "resize": INCEPTION_RESIZE[resize],
             "size": 299,
             "scale": "(u − 128) / 128",
             "features": "pool3 (2048)",
@@ -109,8 +147,8 @@ class InceptionExtractor:
 
     @torch.inference_mode()
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        check_uint8_images(images)
-        features, logits = self.net(images.to(self.device))
+        images = resize_for_inception(images.to(self.device), self.resize)
+        features, logits = self.net(images)
         return features.float().cpu(), logits.float().cpu()
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -158,9 +196,12 @@ class HFImageEmbedder:
 
 
 def load_inception(
-    weights_path: str | Path | None, device: str | torch.device = "cpu"
+    weights_path: str | Path | None,
+    device: str | torch.device = "cpu",
+    resize: str = "tf1_bilinear",
 ) -> InceptionExtractor:
-    """TF-Inception from a local ``weights-inception-2015-12-05-6726825d.pth``.
+    """TF-Inception from a local ``weights-inception-2015-12-05-6726825d.pth``, with the
+    ``resize`` of :data:`INCEPTION_RESIZE`.
 
     The file is first opened with ``torch.load(weights_only=True)``, so a file holding
     anything but tensors is refused before torch-fidelity unpickles it.
@@ -177,7 +218,8 @@ def load_inception(
         "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
     )
     device = torch.device(device)
-    return InceptionExtractor(net.to(device), f"{path.name}:{path.stat().st_size}", device)
+    weights_id = f"{path.name}:{path.stat().st_size}"
+    return InceptionExtractor(net.to(device), weights_id, device, resize)
 
 
 def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") -> HFImageEmbedder:
