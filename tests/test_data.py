@@ -327,3 +327,26 @@ def test_step_loader_workers_match_in_process() -> None:
     )
     for (s1, x1, y1), (s2, x2, y2) in zip(ref, with_workers, strict=True):
         assert s1 == s2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_shapes_texture_subset_changes_only_the_backgrounds():
+    from dataclasses import replace as dc_replace
+
+    from denoiselab.data import DataConfig, build_dataset
+
+    full = build_dataset(DataConfig(name="shapes", num_images=200, image_size=16))
+    plain = build_dataset(
+        DataConfig(name="shapes", num_images=200, image_size=16, textures=("plain",))
+    )
+    two = build_dataset(
+        DataConfig(name="shapes", num_images=200, image_size=16, textures=("plain", "dots"))
+    )
+    for i in range(200):
+        a, b, c = full.spec(i), plain.spec(i), two.spec(i)
+        assert b.texture == "plain" and c.texture in ("plain", "dots")
+        assert dc_replace(b, texture=a.texture) == a  # every other draw is the same
+        assert dc_replace(c, texture=a.texture) == a
+    assert {two.spec(i).texture for i in range(200)} == {"plain", "dots"}
+    assert full.spec(3).texture in ("plain", "stripes", "checker", "dots", "gradient")
+    with pytest.raises(ValueError, match=r"shapes textures \['wood'\]; valid: plain, stripes"):
+        build_dataset(DataConfig(name="shapes", textures=("wood",)))

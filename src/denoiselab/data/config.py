@@ -45,6 +45,9 @@ class DataConfig:
         num_workers: DataLoader worker processes (0 = load in the training process).
         latent_norm: ``latents`` only: ``"autoencoder"`` (its own scaling/shift or BatchNorm
             statistics), ``"dataset"`` (per-channel statistics of the cache) or ``"none"``.
+        textures: ``shapes`` only: the background textures drawn (default all of
+            ``plain, stripes, checker, dots, gradient``); a subset makes an easier data set
+            with the same shapes, colours and labels.
         autoencoder: ``latents`` only: where the autoencoder recorded in the cache lives now,
             for decoding (default: the path recorded at caching; its fingerprint must match).
     """
@@ -59,6 +62,7 @@ class DataConfig:
     num_workers: int = 0
     latent_norm: LatentNormName = "autoencoder"
     autoencoder: str | None = None
+    textures: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         names = get_args(DatasetName)
@@ -110,7 +114,9 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     """The dataset described by ``cfg`` (imagefolder raises if ``root`` is missing or empty)."""
     common = {"image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed}
     if cfg.name == "shapes":
-        return ShapesDataset(num_images=cfg.num_images, hflip=cfg.resolved_hflip, **common)
+        return ShapesDataset(
+            num_images=cfg.num_images, hflip=cfg.resolved_hflip, textures=cfg.textures, **common
+        )
     if cfg.name == "digits":
         return DigitsDataset(hflip=cfg.resolved_hflip, **common)
     assert cfg.root is not None  # checked in DataConfig.__post_init__

@@ -35,6 +35,7 @@ EDGE_MARGIN = 0.02  # keep the shape this far (fraction of the side) from the im
 COLOUR_JITTER = 0.04  # per-channel uniform jitter around the palette colour
 MIN_CONTRAST = {3: 0.5, 1: 0.25}  # RGB distance (colour) / luma difference (grey)
 _SHAPES_STREAM = 0x5BA9E5  # stream tag: keeps these draws apart from other (seed, i) users
+_TEXTURE_SUBSET_STREAM = 0x7E7  # the background draw when ``textures`` is a subset
 _PAIRS = {ch: contrasting_pairs(ch, m) for ch, m in MIN_CONTRAST.items()}  # bg -> valid fgs
 _TEXTURE_PHRASE = {
     "plain": "plain {} background",
@@ -92,8 +93,13 @@ def _jitter(rng: np.random.Generator, name: str) -> tuple[float, float, float]:
     return (float(rgb[0]), float(rgb[1]), float(rgb[2]))
 
 
-def draw_spec(seed: int, index: int, channels: int = 3) -> ShapeSpec:
-    """The scene of image ``index`` for dataset ``seed`` (pure; a fixed sequence of draws)."""
+def draw_spec(
+    seed: int, index: int, channels: int = 3, textures: tuple[str, ...] = TEXTURES
+) -> ShapeSpec:
+    """The scene of image ``index`` for dataset ``seed`` (pure; a fixed sequence of draws).
+
+    ``textures``: the backgrounds to draw from. A subset changes only the background of each
+    image: every other draw (class, shape geometry, colours) stays the same."""
     rng = np.random.default_rng((_SHAPES_STREAM, seed, index))
     label = index % len(SHAPE_NAMES)
     shape = SHAPE_NAMES[label]
@@ -105,6 +111,9 @@ def draw_spec(seed: int, index: int, channels: int = 3) -> ShapeSpec:
     bg = list(PALETTE)[rng.integers(len(PALETTE))]
     fg = pairs[bg][rng.integers(len(pairs[bg]))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
+    if textures != TEXTURES:  # a side stream: the main sequence of draws stays as it is
+        side = np.random.default_rng((_SHAPES_STREAM, seed, index, _TEXTURE_SUBSET_STREAM))
+        texture = textures[side.integers(len(textures))]
     p = rng.random(4)
     params = (float(p[0]), float(p[1]), float(p[2]), float(p[3]))
     fg_rgb, bg_rgb = _jitter(rng, fg), _jitter(rng, bg)
@@ -136,9 +145,14 @@ class ShapesDataset(ImageDataset):
         seed: int = 0,
         channels: int = 3,
         hflip: bool = False,
+        textures: tuple[str, ...] | None = None,
     ) -> None:
         if channels not in MIN_CONTRAST:
             raise ValueError(f"channels={channels!r}; valid: 1, 3")
+        self.textures = tuple(textures) if textures else TEXTURES
+        bad = [t for t in self.textures if t not in TEXTURES]
+        if bad:
+            raise ValueError(f"shapes textures {bad!r}; valid: {', '.join(TEXTURES)}")
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         self.channels, self.hflip = channels, hflip
         self.num_classes = len(SHAPE_NAMES)
@@ -149,10 +163,10 @@ class ShapesDataset(ImageDataset):
 
     def spec(self, index: SupportsIndex) -> ShapeSpec:
         """The resolution-free description of image ``index``."""
-        return draw_spec(self.seed, self._check_index(index), self.channels)
+        return draw_spec(self.seed, self._check_index(index), self.channels, self.textures)
 
     def _load(self, index: int) -> tuple[Tensor, int]:
-        spec = draw_spec(self.seed, index, self.channels)
+        spec = draw_spec(self.seed, index, self.channels, self.textures)
         image = render(spec, self.image_size, self.channels)
         return torch.from_numpy(image * 2 - 1), spec.label
 
