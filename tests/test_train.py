@@ -260,6 +260,10 @@ def test_eval_config_errors_name_the_key():
         from_dict(TrainConfig, {"eval": {"metrics": ["fid2"]}})
     with pytest.raises(ConfigError, match=r"unknown key 'stepz' in eval\.probe"):
         from_dict(TrainConfig, {"eval": {"probe": {"stepz": 3}}})
+    with pytest.raises(ConfigError, match=r"eval\.ema=0\.5 is not a kept EMA decay; ema\.decays"):
+        from_dict(TrainConfig, {"eval": {"ema": 0.5}})
+    with pytest.raises(ConfigError, match=r"sample\.ema=0\.9 is not a kept EMA decay"):
+        from_dict(TrainConfig, {"sample": {"ema": 0.9}, "ema": {"decays": [0.99]}})
 
 
 def test_progress_bar_draws_in_place_on_a_terminal_only():

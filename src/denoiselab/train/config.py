@@ -164,6 +164,12 @@ class TrainConfig:
         for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        for key, decay in (("sample.ema", self.sample.ema), ("eval.ema", self.eval.ema)):
+            if decay not in (None, "auto", "none") and decay not in self.ema.decays:
+                raise ConfigError(
+                    f"{key}={decay!r} is not a kept EMA decay; ema.decays = "
+                    f"{list(self.ema.decays)} (or 'auto', 'none')"
+                )
 
     def steps(self) -> int:
         """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
