@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from denoiselab.latents import pixel_data_config
@@ -67,7 +66,13 @@ def primary_key(result: dict[str, Any], metric: str) -> tuple[str, float]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The evaluation ``eval_main`` describes. Under ``torchrun`` every rank generates a share
+    of the batches (``metrics.evaluate``) and every rank returns the same result."""
+    from denoiselab.train.distributed import init_distributed
+
+    info, dev = init_distributed(args.device or "auto")
+    device = str(dev)
+    main_rank = info.is_main
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -113,7 +118,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             for s in parse_range(args.sweep_cfg):
                 res = score(d, s, args.sweep_num, args.seed + 1)  # other noise than the final run
                 sweep.append({"ema": d, "cfg": s, "metrics": res["metrics"]})
-                print(f"sweep ema={d} cfg={s}: {res['metrics']}", file=sys.stderr)
+                if main_rank:
+                    print(f"sweep ema={d} cfg={s}: {res['metrics']}", file=sys.stderr)
         best = min(sweep, key=lambda r: primary_key(r, metrics[0])[1])
         ema, scale = best["ema"], best["cfg"]
     final = score(ema, scale, args.num, args.seed)
@@ -125,6 +131,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         cfg_interval=list(args.cfg_interval),
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
+        rank=info.rank,
     )
     return final
 
@@ -137,7 +144,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         default="fd_probe,mmd_probe,acc_probe,pr_probe",
         help=f"comma-separated; valid: {', '.join(METRICS)}",
     )
-    p.add_argument("--num", type=int, default=1000)
+    p.add_argument(
+        "--num",
+        "--num-samples",
+        dest="num",
+        type=int,
+        default=1000,
+        help="samples to score; under torchrun spell it --num-samples (torchrun reads --num "
+        "as an abbreviation of its own --numa-binding)",
+    )
     p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
     p.add_argument("--ema", type=float, help="EMA decay (default: searched, or the largest)")
@@ -169,6 +184,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"denoiselab eval: error: {e}", file=sys.stderr)
         return 2
+    if result.get("rank", 0) != 0:
+        return 0  # rank 0 writes eval.json
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".eval.json.tmp{os.getpid()}"

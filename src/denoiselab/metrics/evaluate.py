@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .extractors import Extractor, load_clip, load_dinov2, load_inception, resolve_extractor_path
@@ -158,10 +159,13 @@ def evaluate(
     """
     start = time.perf_counter()
     specs = _resolve(metrics)
+    rank, world = _rank_world()
     if dataset is None:
         from ..data import build_dataset
 
         dataset = build_dataset(dataset_cfg)
+    if rank > 0:
+        dist.barrier()  # rank 0 trains the probe / computes the references into the cache first
     kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
     extractors = {
         kind: _build_extractor(
@@ -189,6 +193,8 @@ def evaluate(
         for kind in kinds
         if kind in needs_ref
     }
+    if rank == 0 and world > 1:
+        dist.barrier()
     if "acc_probe" in specs and extractors["probe"].num_classes != num_classes:
         raise ValueError(
             f"num_classes={num_classes} but the dataset (and its probe) has "
@@ -196,7 +202,7 @@ def evaluate(
         )
     labels = balanced_labels(num, num_classes)
     with_logits = {spec.extractor for spec in specs.values() if spec.needs_logits}
-    run = _generate_features(generate, labels, batch, seed, extractors, with_logits)
+    run = _generate_features(generate, labels, batch, seed, extractors, with_logits, rank, world)
     values: dict[str, float] = {}
     for spec in specs.values():
         kind = spec.extractor
@@ -211,6 +217,7 @@ def evaluate(
         "labels": "balanced: label_i = i mod num_classes",
         "seed": seed,
         "batch": batch,
+        "world_size": world,
         "batch_seeds": run.seeds,
         "image_shape": run.image_shape,
         "extractors": {kind: _describe(ex) for kind, ex in extractors.items()},
@@ -230,6 +237,13 @@ class _Run:
     image_shape: list[int]
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of an initialised process group (else 0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _generate_features(
     generate: Generate,
     labels: Tensor,
@@ -237,31 +251,45 @@ def _generate_features(
     seed: int,
     extractors: Mapping[str, Extractor],
     with_logits: set[str],
+    rank: int = 0,
+    world: int = 1,
 ) -> _Run:
-    """Generate batch by batch (timed on its own) and stream each batch through every extractor."""
-    features: dict[str, list[Tensor]] = {kind: [] for kind in extractors}
-    logits: dict[str, list[Tensor]] = {kind: [] for kind in with_logits}
-    seeds, seconds, shape = [], 0.0, []
-    for index, begin in enumerate(range(0, len(labels), batch)):
-        y = labels[begin : begin + batch]
-        seeds.append(batch_seed(seed, index))
+    """Generate batch by batch (timed on its own) and stream each batch through every extractor.
+
+    Under a process group, rank ``r`` takes the batches ``i ≡ r (mod world)``; batch ``i``
+    always has the labels and noise seed it has in one process, so the gathered features —
+    and the metrics — do not depend on the number of ranks. Generation time is the slowest
+    rank's."""
+    starts = list(range(0, len(labels), batch))
+    seeds = [batch_seed(seed, index) for index in range(len(starts))]
+    local: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
+    seconds, shape = 0.0, []
+    for index in range(rank, len(starts), world):
+        y = labels[starts[index] : starts[index] + batch]
         tic = time.perf_counter()
-        images = generate(len(y), y, seeds[-1]).cpu()  # .cpu() waits for the device
+        images = generate(len(y), y, seeds[index]).cpu()  # .cpu() waits for the device
         seconds += time.perf_counter() - tic
         images = ensure_rgb(check_uint8_images(images))
         if images.shape[0] != len(y):
             raise ValueError(f"generate returned {images.shape[0]} images for {len(y)} labels")
         shape = list(images.shape[1:])
+        feats, logs = {}, {}
         for kind, extractor in extractors.items():
             if kind in with_logits:
-                f, lg = extractor.features_and_logits(images)
-                logits[kind].append(lg)
+                feats[kind], logs[kind] = extractor.features_and_logits(images)
             else:
-                f = extractor(images)
-            features[kind].append(f)
+                feats[kind] = extractor(images)
+        local[index] = (feats, logs)
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (local, seconds, shape))
+        local = {i: item for part, _, _ in parts for i, item in part.items()}
+        seconds = max(part[1] for part in parts)
+        shape = next(part[2] for part in parts if part[2])
+    order = sorted(local)
     return _Run(
-        features={k: torch.cat(v) for k, v in features.items()},
-        logits={k: torch.cat(v) for k, v in logits.items()},
+        features={k: torch.cat([local[i][0][k] for i in order]) for k in extractors},
+        logits={k: torch.cat([local[i][1][k] for i in order]) for k in with_logits},
         seeds=seeds,
         seconds=seconds,
         image_shape=shape,

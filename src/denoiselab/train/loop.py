@@ -327,12 +327,10 @@ class Trainer:
         self.ema.copy_to(net, decay)
         return net
 
-    def evaluate(self, step: int) -> dict[str, float] | None:
+    def evaluate(self, step: int) -> dict[str, float]:
         """The periodic evaluation (``cfg.eval``) of the weights at ``step``, logged to
-        ``metrics.jsonl`` as ``eval/<metric>``; rank 0 evaluates while the others wait."""
-        if not self.dist.is_main:
-            barrier(self.dist)
-            return None
+        ``metrics.jsonl`` as ``eval/<metric>``. Under DDP every rank generates a share of the
+        samples (``metrics.evaluate`` shards the batches) and all get the same values."""
         from denoiselab.train.periodic import evaluate_network
 
         tic = time.perf_counter()
@@ -343,10 +341,9 @@ class Trainer:
         row["kimg"] = row["nimg"] / 1000
         row.update({f"eval/{k}": v for k, v in values.items()})
         row["eval_seconds"] = time.perf_counter() - tic
-        self.run_dir.log(row)
+        self.run_dir.log(row)  # rank 0 only
         shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
         self.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
-        barrier(self.dist)
         return values
 
     @torch.no_grad()
