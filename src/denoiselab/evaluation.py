@@ -184,7 +184,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"denoiselab eval: error: {e}", file=sys.stderr)
         return 2
-    if result.get("rank", 0) != 0:
+    if result.pop("rank") != 0:
         return 0  # rank 0 writes eval.json
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -154,8 +154,10 @@ def evaluate(
     seed so that every evaluation of a dataset shares them. Pretrained
     extractors come from ``extractor_paths`` (keys ``inception``, ``clip``, ``dinov2``) or
     ``<cache root>/extractors``; ``inception_resize`` picks the TF-Inception input resize
-    (``"tf1_bilinear"``, ADM/torch-fidelity, or ``"antialias"``, torchmetrics). Returns the metric values under ``"metrics"`` plus
-    everything needed to reproduce and compare them.
+    (``"tf1_bilinear"``, ADM/torch-fidelity, or ``"antialias"``, torchmetrics). Under an
+    initialised process group each rank generates a share of the batches (same result as one
+    process). Returns the metric values under ``"metrics"`` plus everything needed to
+    reproduce and compare them.
     """
     start = time.perf_counter()
     specs = _resolve(metrics)
@@ -319,11 +321,10 @@ def _build_extractor(
         return load_probe(
             dataset_cfg, dataset=dataset, config=probe_config, cache_dir=cache_dir, device=device
         )
+    path = resolve_extractor_path(kind, paths.get(kind), cache_dir)
     if kind == "inception":
-        path = resolve_extractor_path(kind, paths.get(kind), cache_dir)
         return load_inception(path, device, resize=inception_resize)
-    loader = {"inception": load_inception, "clip": load_clip, "dinov2": load_dinov2}[kind]
-    return loader(resolve_extractor_path(kind, paths.get(kind), cache_dir), device)
+    return {"clip": load_clip, "dinov2": load_dinov2}[kind](path, device)
 
 
 def _describe(extractor: Extractor) -> dict[str, Any]:

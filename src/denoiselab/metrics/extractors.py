@@ -102,11 +102,15 @@ INCEPTION_RESIZE = {
 }
 
 
+def _check_inception_resize(resize: str) -> None:
+    if resize not in INCEPTION_RESIZE:
+        raise ValueError(f"inception resize {resize!r}; valid: {', '.join(INCEPTION_RESIZE)}")
+
+
 def resize_for_inception(images: Tensor, resize: str) -> Tensor:
     """``uint8 [B, 3, H, W]`` -> what the TF-Inception network receives under ``resize``:
     unchanged for ``tf1_bilinear`` (the network resizes), else ``uint8 [B, 3, 299, 299]``."""
-    if resize not in INCEPTION_RESIZE:
-        raise ValueError(f"inception resize {resize!r}; valid: {', '.join(INCEPTION_RESIZE)}")
+    _check_inception_resize(resize)
     check_uint8_images(images)
     if resize == "tf1_bilinear" or tuple(images.shape[-2:]) == (299, 299):
         return images
@@ -133,8 +137,7 @@ class InceptionExtractor:
         device: torch.device,
         resize: str = "tf1_bilinear",
     ) -> None:
-        if resize not in INCEPTION_RESIZE:
-            raise ValueError(f"inception resize {resize!r}; valid: {', '.join(INCEPTION_RESIZE)}")
+        _check_inception_resize(resize)
         self.net, self.weights_id, self.device, self.resize = net, weights_id, device, resize
         self.preprocessing = {
             "implementation": "torch_fidelity.FeatureExtractorInceptionV3",

@@ -292,7 +292,7 @@ class Trainer:
         self, step: int, sums: dict[str, Tensor], count: int, rate: float, eta: float
     ) -> None:
         means = {k: all_reduce_mean(v / count, self.dist).item() for k, v in sums.items()}
-        loss = sum(v for k, v in means.items() if k != "grad_norm")
+        loss = _loss_total(means)
         row: dict[str, Any] = {
             "step": step,
             "nimg": step * self.cfg.global_batch,
@@ -381,9 +381,14 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
 
+def _loss_total(terms: dict[str, Any]) -> Any:
+    """The loss: the sum of the loss terms (the gradient norm is logged beside them)."""
+    return sum(v for k, v in terms.items() if k != "grad_norm")
+
+
 def _running_loss(sums: dict[str, Tensor], count: int) -> float:
-    """Mean loss (all terms, not the gradient norm) since the last log line, this rank."""
-    return sum(v for k, v in sums.items() if k != "grad_norm").item() / max(count, 1)
+    """Mean loss since the last log line, this rank."""
+    return float(_loss_total(sums)) / max(count, 1)
 
 
 def train(
