@@ -350,3 +350,23 @@ def test_shapes_texture_subset_changes_only_the_backgrounds():
     assert full.spec(3).texture in ("plain", "stripes", "checker", "dots", "gradient")
     with pytest.raises(ValueError, match=r"shapes textures \['wood'\]; valid: plain, stripes"):
         build_dataset(DataConfig(name="shapes", textures=("wood",)))
+
+
+def test_in_memory_cache_renders_each_sample_once_and_changes_nothing(monkeypatch):
+    plain = build_dataset(DataConfig(name="shapes", image_size=16, num_images=6, hflip=True))
+    cached = build_dataset(
+        DataConfig(name="shapes", image_size=16, num_images=6, hflip=True, cache=True)
+    )
+    assert cached.cache and not plain.cache
+    calls: list[int] = []
+    render = cached._load
+    monkeypatch.setattr(cached, "_load", lambda i: calls.append(i) or render(i))
+    for epoch in range(3):  # flips differ per epoch and are applied after the cache
+        for i in range(6):
+            a, b = plain.get_item(i, epoch), cached.get_item(i, epoch)
+            assert a[1] == b[1] and torch.equal(a[0], b[0])
+    assert sorted(calls) == list(range(6))
+    with pytest.raises(ValueError, match=r"data\.cache=1"):
+        DataConfig(cache=1)
+    with pytest.raises(ValueError, match="'latents' already reads"):
+        DataConfig(name="latents", root="somewhere", cache=True)

@@ -199,6 +199,38 @@ def test_extra_terms_get_hidden_states_and_are_per_sample():
     assert terms["denoise"].shape == (6,) and torch.all(terms["probe"] == 3.0)
 
 
+@pytest.mark.parametrize("loss", ["v", "x", "eps"])
+def test_contrastive_flow_matching_pushes_away_from_the_next_samples_target(loss):
+    # ΔFM (seeds/002): ‖p̂ − p‖² − λ‖p̂ − p̃‖², p̃ the target of another sample; for x-pred
+    # with v-loss p = x − ε (linear path), written out here from x, ε, t alone.
+    lam = 0.3
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 3, 2, 2, generator=g)
+
+    def net(z, t, y):  # any fixed function of the inputs will do
+        return torch.tanh(z * w.mean() + t.view(-1, 1, 1, 1)) + 0.1 * y.view(-1, 1, 1, 1)
+
+    cfg = ObjectiveConfig(loss_space=loss, contrastive=lam, label_drop=0.0)
+    obj = DenoisingObjective(cfg, 10)
+    x = torch.randn(4, 3, 2, 2, generator=g)
+    eps = torch.randn(4, 3, 2, 2, generator=g)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    y = torch.tensor([0, 1, 2, 3])
+    terms = obj.terms(net, x, y, t, eps)
+    assert set(terms) == {"denoise", "contrastive"}
+
+    tb = t.view(-1, 1, 1, 1)
+    z = tb * x + (1 - tb) * eps
+    x_hat = net(z, t, y)
+    own = {"x": x, "eps": eps, "v": x - eps}[loss]
+    hat = {"x": x_hat, "eps": (z - tb * x_hat) / (1 - tb), "v": (x_hat - z) / (1 - tb)}[loss]
+    other = own.roll(1, dims=0)  # sample i is pushed away from sample i − 1's target
+    per = lambda d: d.pow(2).flatten(1).mean(1)  # noqa: E731
+    torch.testing.assert_close(terms["denoise"], per(hat - own))
+    torch.testing.assert_close(terms["contrastive"], -lam * per(hat - other))
+    assert not torch.equal(other, own)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -207,6 +239,7 @@ def test_extra_terms_get_hidden_states_and_are_per_sample():
         ({"t_eps": 0.0}, "t_eps=0.0"),
         ({"preconditioner": "karras"}, "preconditioner='karras'"),
         ({"noise_scale": math.nan}, "noise_scale=nan"),
+        ({"contrastive": 1.0}, r"contrastive=1.0 must lie in \[0, 1\)"),
     ],
 )
 def test_bad_config_names_value(kw, match):

@@ -77,6 +77,18 @@ def test_training_reduces_the_loss(tmp_path):
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
 
 
+def test_learning_rate_schedule_warm_up_stable_cool_down(tmp_path):
+    # 8 steps: warm-up over 0.25 epochs = 2 steps, cool-down over the last half = 4 steps.
+    cfg = tiny(**{"optim.cooldown": 0.5, "optim.lr": 1e-3})
+    train(cfg, tmp_path / "run", quiet=True)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    logged = {r["step"]: r["lr"] for r in rows}  # row "step" = steps done; lr of the last one
+    expected = {1: 0.5e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 1e-3, 6: 0.75e-3, 7: 0.5e-3, 8: 0.25e-3}
+    assert logged == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"optim.cooldown=1.5 must lie in \[0, 1\]"):
+        tiny(**{"optim.cooldown": 1.5})
+
+
 def test_grad_accum_equals_larger_micro_batches(tmp_path):
     """accum=2 × 4 images computes the same update as accum=1 × 8 only up to noise draws;
     but accum=2 on one rank must equal itself re-run (determinism of the shard seeds)."""

@@ -41,6 +41,9 @@ class ImageDataset(Dataset):
         class_names: ``class_names[label]`` is a readable name.
         seed: seeds everything that is random about a sample (content, flips).
         hflip: mirror each sample with probability 1/2, decided by ``(seed, index, epoch)``.
+        cache: keep each loaded (un-flipped) sample in memory after its first load, so
+            later epochs skip decoding or rendering; costs ``4·C·H·W`` bytes per sample
+            (in each loader worker process).
     """
 
     num_classes: int
@@ -49,6 +52,7 @@ class ImageDataset(Dataset):
     class_names: list[str]
     seed: int = 0
     hflip: bool = False
+    cache: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -60,7 +64,13 @@ class ImageDataset(Dataset):
     def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Tensor, int]:
         """Sample ``index`` as seen in ``epoch``: ``(image [C, H, W] in [-1, 1], label)``."""
         i = self._check_index(index)
-        image, label = self._load(i)
+        if self.cache:
+            store = self.__dict__.setdefault("_cached", {})
+            if i not in store:
+                store[i] = self._load(i)
+            image, label = store[i]
+        else:
+            image, label = self._load(i)
         if self.hflip and flip_decision(self.seed, i, epoch):
             image = image.flip(-1)
         return image, label

@@ -43,6 +43,8 @@ class DataConfig:
         hflip: random horizontal flips; ``None`` = dataset default (``DEFAULT_HFLIP``;
             ``latents``: the cache's source default, using the cached flipped encodings).
         num_workers: DataLoader worker processes (0 = load in the training process).
+        cache: keep every loaded sample in memory (float32, ``4·C·H·W`` bytes each, per
+            worker) so that later epochs skip decoding/rendering; for small data sets.
         latent_norm: ``latents`` only: ``"autoencoder"`` (its own scaling/shift or BatchNorm
             statistics), ``"dataset"`` (per-channel statistics of the cache) or ``"none"``.
         textures: ``shapes`` only: the background textures drawn (default all of
@@ -60,6 +62,7 @@ class DataConfig:
     channels: int = 3
     hflip: bool | None = None
     num_workers: int = 0
+    cache: bool = False
     latent_norm: LatentNormName = "autoencoder"
     autoencoder: str | None = None
     textures: tuple[str, ...] | None = None
@@ -92,6 +95,13 @@ class DataConfig:
             )
         if not (_is_int(self.num_workers) and self.num_workers >= 0):
             raise ValueError(f"data.num_workers={self.num_workers!r}; valid: integers ≥ 0")
+        if not isinstance(self.cache, bool):
+            raise ValueError(f"data.cache={self.cache!r}; valid: true, false")
+        if self.cache and self.name == "latents":
+            raise ValueError(
+                "data.cache=True is for decoded/rendered images; 'latents' already reads "
+                "a memory-mapped cache"
+            )
 
     def _check_latent_fields(self) -> None:
         norms = get_args(LatentNormName)
@@ -112,6 +122,12 @@ class DataConfig:
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
     """The dataset described by ``cfg`` (imagefolder raises if ``root`` is missing or empty)."""
+    dataset = _build_dataset(cfg)
+    dataset.cache = cfg.cache
+    return dataset
+
+
+def _build_dataset(cfg: DataConfig) -> ImageDataset:
     common = {"image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed}
     if cfg.name == "shapes":
         return ShapesDataset(

@@ -45,6 +45,8 @@ class ObjectiveConfig:
     ``noise_scale`` is ``s`` in ``ε ~ N(0, s²I)``; the paper uses ``1.0 × image_size/256``.
     ``t_eps`` clamps ``1 − t`` (and ``t`` for ε-prediction) wherever it divides.
     ``label_drop`` replaces the class by the null class with this probability (for CFG).
+    ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
+    seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
     """
 
     prediction: str = "x"
@@ -57,6 +59,7 @@ class ObjectiveConfig:
     weighting: Weighting = "none"
     min_snr_gamma: float = 5.0
     label_drop: float = 0.1
+    contrastive: float = 0.0
 
     def __post_init__(self) -> None:
         pred = parse_space(self.prediction, Prediction)
@@ -78,6 +81,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.noise_scale={self.noise_scale!r} must be > 0")
         if not 0 <= self.label_drop < 1:
             raise ValueError(f"objective.label_drop={self.label_drop!r} must lie in [0, 1)")
+        if not 0 <= self.contrastive < 1:
+            raise ValueError(f"objective.contrastive={self.contrastive!r} must lie in [0, 1)")
 
     @property
     def pred(self) -> Prediction:
@@ -120,6 +125,26 @@ class LossTerm:
         raise NotImplementedError
 
 
+class ContrastiveFlowMatching(LossTerm):
+    """ΔFM's push-away term: ``−λ·mean‖p̂ − p̃‖²`` per sample, where ``p̂`` is the prediction
+    in the loss space and ``p̃`` the target of another sample of the batch (the next one,
+    cyclically: the batch is already in random order). With the v-loss, ``p̃ = x̃ − ε̃`` is
+    the other sample's transport direction (seeds/002, Stoica et al. 2025); the total loss
+    ``‖p̂ − p‖² − λ‖p̂ − p̃‖²`` stays bounded below for λ < 1.
+    """
+
+    name = "contrastive"
+
+    def __init__(self, weight: float, space: LossSpace) -> None:
+        self.weight, self.space = weight, space
+
+    def __call__(self, ctx: StepContext) -> Tensor:
+        negative = ctx.target.get(self.space).roll(1, dims=0)
+        diff = ctx.pred.get(self.space) - negative
+        diff = diff.to(torch.promote_types(diff.dtype, torch.float32))
+        return -self.weight * diff.pow(2).flatten(1).mean(1)
+
+
 Net = Callable[..., Tensor]
 
 
@@ -137,6 +162,8 @@ class DenoisingObjective(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.extra_terms = list(extra_terms or [])
+        if cfg.contrastive > 0:
+            self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss))
         for i, term in enumerate(self.extra_terms):
             if isinstance(term, nn.Module):
                 self.add_module(f"term{i}_{term.name}", term)

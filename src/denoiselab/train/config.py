@@ -19,7 +19,9 @@ class OptimConfig:
     """AdamW (Table 9: β = (0.9, 0.95), wd 0, lr 2e-4 at batch 1024, 5 warm-up epochs).
 
     ``lr`` is absolute when set; otherwise ``lr = base_lr × global_batch / 256``
-    (the linear scaling rule; the reference code's ``blr``).
+    (the linear scaling rule; the reference code's ``blr``). ``cooldown``: the fraction of
+    the run, at its end, over which the rate falls linearly to zero ("warm-up, stable,
+    decay"); 0 keeps it constant to the end, as the paper does.
     """
 
     base_lr: float = 5e-5
@@ -28,8 +30,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 5.0
     grad_clip: float | None = None
+    cooldown: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.cooldown <= 1:
+            raise ConfigError(f"optim.cooldown={self.cooldown!r} must lie in [0, 1]")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr!r} must be > 0")
         if not self.base_lr > 0:

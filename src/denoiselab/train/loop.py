@@ -80,9 +80,13 @@ def _has_fused_adamw(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
-def _lr_at(step: int, base: float, warmup_steps: float) -> float:
-    """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9)."""
-    return base if warmup_steps <= 0 else base * min(1.0, (step + 1) / warmup_steps)
+def _lr_at(step: int, base: float, warmup_steps: float, total: int, cooldown_steps: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9); with
+    ``cooldown_steps`` > 0, a linear fall to 0 over the last ``cooldown_steps`` of ``total``."""
+    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if cooldown_steps > 0:
+        factor = min(factor, max(0.0, (total - step) / cooldown_steps))
+    return base * factor
 
 
 class Trainer:
@@ -123,6 +127,8 @@ class Trainer:
         self.objective = build_objective(cfg, self.model_cfg.num_classes).to(self.device)
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
+        self.total_steps = cfg.steps()
+        self.cooldown_steps = cfg.optim.cooldown * self.total_steps
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -187,7 +193,9 @@ class Trainer:
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = _lr_at(step, self.lr, self.warmup_steps)
+            group["lr"] = _lr_at(
+                step, self.lr, self.warmup_steps, self.total_steps, self.cooldown_steps
+            )
         micro = images.shape[0] // cfg.grad_accum
         totals: dict[str, Tensor] = {}
         for k in range(cfg.grad_accum):
