@@ -227,7 +227,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg = self.cfg
-        total = cfg.steps()
+        total = self.total_steps
         log_every, sample_every, ckpt_every = (
             cfg.every(cfg.log_every_nimg),
             cfg.every(cfg.sample_every_nimg),
