@@ -125,6 +125,12 @@ class LossTerm:
         raise NotImplementedError
 
 
+def mean_square(diff: Tensor) -> Tensor:
+    """Per-sample mean of ``diff²`` ``[B, ...] -> [B]``, in at least float32 (bf16 → fp32 loss)."""
+    diff = diff.to(torch.promote_types(diff.dtype, torch.float32))
+    return diff.pow(2).flatten(1).mean(1)
+
+
 class ContrastiveFlowMatching(LossTerm):
     """ΔFM's push-away term: ``−λ·mean‖p̂ − p̃‖²`` per sample, where ``p̂`` is the prediction
     in the loss space and ``p̃`` the target of another sample of the batch (the next one,
@@ -140,9 +146,7 @@ class ContrastiveFlowMatching(LossTerm):
 
     def __call__(self, ctx: StepContext) -> Tensor:
         negative = ctx.target.get(self.space).roll(1, dims=0)
-        diff = ctx.pred.get(self.space) - negative
-        diff = diff.to(torch.promote_types(diff.dtype, torch.float32))
-        return -self.weight * diff.pow(2).flatten(1).mean(1)
+        return -self.weight * mean_square(ctx.pred.get(self.space) - negative)
 
 
 Net = Callable[..., Tensor]
@@ -219,8 +223,7 @@ class DenoisingObjective(nn.Module):
         truth = {Prediction.X: x, Prediction.EPS: eps, Prediction.V: x - eps}[self.cfg.pred]
         target = convert(truth, self.cfg.pred, z_t, t, self.cfg.t_eps)
         diff = pred.get(self.cfg.loss) - target.get(self.cfg.loss)
-        diff = diff.to(torch.promote_types(diff.dtype, torch.float32))  # bf16 → fp32 loss
-        out = {"denoise": diff.pow(2).flatten(1).mean(1) * self.weight(t)}
+        out = {"denoise": mean_square(diff) * self.weight(t)}
         if self.extra_terms:
             ctx = StepContext(x, y, t, eps, z_t, net_out, pred, target, hidden)
             for term in self.extra_terms:

@@ -208,7 +208,7 @@ class Trainer:
             last = k == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
             with sync:
-                with _autocast(self.device, cfg.precision):
+                with self.autocast():
                     terms = self.objective(self.net, x, y, gen)
                 means = {name: t.mean() for name, t in terms.items()}
                 loss = sum(means.values()) / cfg.grad_accum
@@ -311,9 +311,8 @@ class Trainer:
             "img_per_s": rate,
         }
         self.run_dir.log(row)
-        total = self.cfg.steps()
         self.log(
-            f"step {step}/{total} | kimg {row['kimg']:.1f} | loss {loss:.4f} | "
+            f"step {step}/{self.total_steps} | kimg {row['kimg']:.1f} | loss {loss:.4f} | "
             f"{rate:.1f} img/s | ETA {format_duration(eta)}"
         )
 
@@ -366,7 +365,7 @@ class Trainer:
         labels = balanced_labels(n, mc.num_classes).to(self.device)
         shape = (mc.in_channels, mc.image_size, mc.image_size)
         noise = noise_for(self.cfg.seed + 1, n, shape, self.cfg.objective.noise_scale, self.device)
-        with _autocast(self.device, self.cfg.precision):
+        with self.autocast():
             images = generate(
                 net,
                 self.objective.velocity,
