@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,13 +210,53 @@ def test_sample_class_out_of_range(tmp_path, capsys):
 
 def test_restore_picks_weights(tmp_path):
     run = train(replace(tiny(), duration_nimg=16), tmp_path / "r", quiet=True)
-    r = restore(run, ema="auto")
-    assert r.weights == "ema:0.99"
+    r = restore(run, ema="auto")  # 2 steps: no horizon fits, so the fastest average
+    assert r.weights == "ema:0.9"
+    r = restore(run, ema=0.99)
     ck = ckpt_io.load_checkpoint(run)
     name = next(iter(ck.ema[0.99]))
     assert torch.equal(r.net.state_dict()[name], ck.ema[0.99][name])
     with pytest.raises(ConfigError, match=r"ema=0.5 not in checkpoint; available: \[0.9, 0.99\]"):
         restore(run, ema=0.5)
+
+
+def test_auto_ema_is_the_slowest_average_that_fits_a_tenth_of_the_run():
+    from denoiselab.train.ema import auto_decay
+
+    jit = (0.9996, 0.9998, 0.9999)  # horizons 2500, 5000, 10000 steps
+    assert auto_decay(jit, 3_000_000) == 0.9999
+    assert auto_decay(jit, 60_000) == 0.9998
+    assert auto_decay(jit, 25_000) == 0.9996
+    assert auto_decay(jit, 1_000) == 0.9996  # nothing fits: the fastest
+    assert auto_decay((0.999, 0.995), 5_400) == 0.995  # the quickstart (order-free)
+    assert auto_decay((0.999, 0.995), 10_000) == 0.999
+    with pytest.raises(ValueError, match="no EMA decays"):
+        auto_decay((), 10)
+
+
+def test_training_grid_equals_denoiselab_sample_of_the_same_checkpoint(tmp_path):
+    """The run's sample grid and ``restore(...).sample`` (``denoiselab sample``) draw the same
+    images from the same weights, seed and settings: one sampler, one ``auto`` EMA rule."""
+    from PIL import Image
+
+    from denoiselab.images import save_grid
+    from denoiselab.sampling.generate import balanced_labels
+
+    cfg = tiny(sample_every_nimg=64)
+    run = train(cfg, tmp_path / "r", quiet=True)
+    (grid,) = sorted((run / "samples").glob("step_*.png"))
+    r = restore(run)  # "auto", as the grid
+    s = cfg.sample
+    x = r.sample(balanced_labels(s.num_grid, 8), cfg.seed + 1, steps=s.steps, solver=s.solver,
+                 cfg_scale=s.cfg, interval=s.interval)  # fmt: skip
+    save_grid(x, tmp_path / "again.png", None)
+    a = torch.from_numpy(np.asarray(Image.open(grid)).copy())
+    b = torch.from_numpy(np.asarray(Image.open(tmp_path / "again.png")).copy())
+    assert a.shape == b.shape and a.float().std() > 0
+    assert torch.equal(a, b)
+    other = restore(run, ema=None).sample(balanced_labels(s.num_grid, 8), cfg.seed + 1,
+                                          steps=s.steps, cfg_scale=s.cfg)  # fmt: skip
+    assert not torch.allclose(other, x)  # the comparison can tell weights apart
 
 
 def test_override_values_parse_like_yaml_and_exponents_are_numbers():

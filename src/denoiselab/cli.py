@@ -160,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", choices=["heun", "euler"], default="heun")
     s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
-    s.add_argument("--ema", type=float, help="EMA decay to use (default: the largest)")
+    s.add_argument(
+        "--ema",
+        type=float,
+        help="EMA decay to use (default: the slowest whose horizon 1/(1-d) fits a tenth of "
+        "the run, else the fastest)",
+    )
     s.add_argument("--no-ema", action="store_true", help="use the raw weights")
     s.add_argument("--class", dest="class_id", type=int, help="only this class")
     s.add_argument("--seed", type=int, default=0)

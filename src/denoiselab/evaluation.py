@@ -22,6 +22,7 @@ from torch import Tensor
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
+from denoiselab.train.ema import auto_decay
 
 # Metrics where larger is better; all others (distances) are minimised.
 _HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
@@ -112,7 +113,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         return {**out, "ema": ema, "cfg": scale}
 
     sweep: list[dict[str, Any]] = []
-    ema, scale = (args.ema if args.ema is not None else max(decays, key=lambda d: d or 0)), args.cfg
+    ckpt = base.checkpoint
+    auto = auto_decay(tuple(ckpt.ema), ckpt.step) if ckpt.ema else None
+    ema, scale = (args.ema if args.ema is not None else auto), args.cfg
     if args.sweep_cfg:
         for d in decays:
             for s in parse_range(args.sweep_cfg):
@@ -155,7 +158,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
-    p.add_argument("--ema", type=float, help="EMA decay (default: searched, or the largest)")
+    p.add_argument(
+        "--ema",
+        type=float,
+        help="EMA decay (default: searched, or 'auto', see train.ema.auto_decay)",
+    )
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
     p.add_argument("--steps", type=int, default=50)

@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from denoiselab.ablate.files import append_jsonl, rewrite_jsonl
 from denoiselab.ablate.suite import OPTIONAL_METRICS, PROBE_METRICS, EvalSpec
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.extractors import resolve_extractor_path
 from denoiselab.metrics.images import to_uint8
-from denoiselab.models import JiTConfig
-from denoiselab.sampling.generate import balanced_labels, generate, noise_for
+from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
+from denoiselab.train.ema import auto_decay
 
 GRID_SEED_TAG = 0x6A1D  # the grid noise seed is eval.seed + this: apart from eval batches
 _NEEDS_PACKAGE = {"inception": "torch_fidelity", "clip": "transformers", "dinov2": "transformers"}
@@ -34,41 +34,29 @@ _NEEDS_PACKAGE = {"inception": "torch_fidelity", "clip": "transformers", "dinov2
 
 @dataclass
 class Scorer:
-    """A network ready to sample: ``net(z_t, t, y)``, the objective's velocity, the decoder."""
+    """A network ready to sample (:class:`Sampler`) and the run config whose ``sample``
+    section fills the settings an :class:`EvalSpec` leaves open."""
 
-    net: nn.Module
-    velocity: Callable[[Tensor, Tensor, Tensor], Tensor]
-    model_cfg: JiTConfig
+    sampler: Sampler
     cfg: TrainConfig
-    decode: Callable[[Tensor], Tensor]
-    device: torch.device
 
-    def sample(self, labels: Tensor, noise: Tensor, spec: EvalSpec, steps: int | None) -> Tensor:
-        """``[-1, 1]`` pixel samples ``[B, C, H, W]`` for ``labels`` from ``noise``."""
+    def sample(self, labels: Tensor, seed: int, spec: EvalSpec, steps: int | None) -> Tensor:
+        """``[-1, 1]`` pixel samples ``[B, C, H, W]`` for ``labels`` from the noise of ``seed``."""
         s = self.cfg.sample
-        x = generate(
-            self.net,
-            self.velocity,
-            labels.to(self.device),
-            noise,
-            null_class=self.model_cfg.num_classes,
+        return self.sampler(
+            labels,
+            seed,
             steps=steps or spec.steps or s.steps,
             solver=spec.solver or s.solver,
             cfg_scale=s.cfg if spec.cfg is None else spec.cfg,
             interval=spec.interval or s.interval,
         )
-        return self.decode(x.float()).float()
-
-    def noise(self, seed: int, n: int) -> Tensor:
-        mc = self.model_cfg
-        shape = (mc.in_channels, mc.image_size, mc.image_size)
-        return noise_for(seed, n, shape, self.cfg.objective.noise_scale, self.device)
 
     def generator(self, spec: EvalSpec, steps: int | None) -> Callable[[int, Tensor, int], Tensor]:
         """``generate(n, labels, seed) -> uint8 [n, C, H, W]`` as ``metrics.evaluate`` wants."""
 
         def gen(n: int, labels: Tensor, seed: int) -> Tensor:
-            return to_uint8(self.sample(labels, self.noise(seed, n), spec, steps).cpu())
+            return to_uint8(self.sample(labels[:n], seed, spec, steps).cpu())
 
         return gen
 
@@ -81,21 +69,21 @@ class Scorer:
             metrics=metrics,
             num=num,
             dataset_cfg=eval_data_config(self.cfg, spec),
-            num_classes=self.model_cfg.num_classes,
+            num_classes=self.sampler.null_class,
             batch=spec.batch,
             seed=spec.seed,
             extractor_paths=spec.extractor_paths,
             cache_dir=spec.cache_dir,
             num_ref=spec.num_ref or spec.num,
             probe_config=spec.probe_config(),
-            device=self.device,
+            device=self.sampler.device,
         )
 
     @torch.no_grad()
     def grid(self, spec: EvalSpec) -> Tensor:
         """``grid_num`` samples from the suite's fixed noise and balanced labels (CPU)."""
-        labels = balanced_labels(spec.grid_num, self.model_cfg.num_classes)
-        return self.sample(labels, self.noise(spec.seed + GRID_SEED_TAG, spec.grid_num), spec, None)
+        labels = balanced_labels(spec.grid_num, self.sampler.null_class)
+        return self.sample(labels, spec.seed + GRID_SEED_TAG, spec, None)
 
 
 def eval_data_config(cfg: TrainConfig, spec: EvalSpec) -> Any:
@@ -124,12 +112,12 @@ def final_metrics(spec: EvalSpec) -> list[str]:
     return found
 
 
-def ema_decay(spec: EvalSpec, decays: tuple[float, ...]) -> float | None:
-    """The EMA decay the spec asks for (``None``: raw weights)."""
+def ema_decay(spec: EvalSpec, decays: tuple[float, ...], step: int) -> float | None:
+    """The EMA decay the spec asks for after ``step`` steps (``None``: raw weights)."""
     if spec.ema == "none" or not decays:
         return None
     if spec.ema == "auto":
-        return max(decays)
+        return auto_decay(decays, step)
     if spec.ema not in decays:
         raise ValueError(f"eval.ema={spec.ema!r} is not a trained decay; available: {decays}")
     return float(spec.ema)
@@ -157,9 +145,9 @@ class PeriodicEval:
         if state.step % self.every and state.step != self.total:
             return
         tr, tic = self.trainer, time.perf_counter()
-        decay = ema_decay(self.spec, tr.ema.decays)
-        net = tr.ema_network("none" if decay is None else decay)
-        scorer = Scorer(net, tr.objective.velocity, tr.model_cfg, tr.cfg, tr.decode, tr.device)
+        decay = ema_decay(self.spec, tr.ema.decays, state.step)
+        net = tr.ema_network("none" if decay is None else decay, state.step)
+        scorer = Scorer(tr.sampler(net), tr.cfg)
         result = scorer.score(
             self.spec,
             self.spec.periodic_metrics,

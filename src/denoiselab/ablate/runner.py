@@ -150,17 +150,14 @@ def _train(
 
 def _finish(suite: Suite, name: str, vdir: Path, device: str, log: Log) -> dict[str, Any]:
     """Final evaluation of the last checkpoint on ``device``, sample grid, then ``done.json``."""
-    from denoiselab.latents import decoder_for
     from denoiselab.models import count_params
     from denoiselab.train.build import restore
 
     dev = torch.device(_auto_device() if device == "auto" else device)
     ck = ckpt_io.load_checkpoint(vdir, with_state=False)
-    decay = ema_decay(suite.eval, tuple(ck.ema))
+    decay = ema_decay(suite.eval, tuple(ck.ema), ck.step)
     r = restore(vdir, ema=decay, device=dev)
-    scorer = Scorer(
-        r.net, r.objective.velocity, r.model_cfg, r.cfg, decoder_for(r.cfg.data, dev), dev
-    )
+    scorer = Scorer(r.sampler, r.cfg)
     metrics = final_metrics(suite.eval)
     log(f"{name}: scoring {suite.eval.num} samples on {', '.join(metrics)}")
     result = scorer.score(suite.eval, metrics, suite.eval.num)

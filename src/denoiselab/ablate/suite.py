@@ -58,7 +58,8 @@ class EvalSpec:
     num / num_ref / batch / seed: final-evaluation samples, real reference images (default
         ``num``), generation batch and seed (``metrics.evaluate``).
     steps / solver / cfg / interval: sampling; ``None`` takes the variant's ``sample.*``.
-    ema: ``"auto"`` (largest decay), a decay, or ``"none"`` (raw weights).
+    ema: ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`), a decay, or ``"none"``
+        (raw weights).
     every_nimg: periodic probe evaluation during training every this many images (0: off),
         on ``periodic_num`` samples with ``periodic_metrics`` and ``periodic_steps``.
     image_size: score at this resolution (default: the data's): the probe and the real

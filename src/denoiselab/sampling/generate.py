@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,63 @@ def generate(
     """
     fn = ClassifierFreeGuidance(net, to_velocity, labels, null_class, cfg_scale, interval)
     return sample(fn, noise, steps, solver)
+
+
+@dataclass
+class Sampler:
+    """A network ready to draw images: seeded noise → :func:`generate` → decoded pixels.
+
+    The one place where a seed becomes images, shared by ``denoiselab sample``/``eval``, the
+    training run's sample grids and periodic evaluation, and the ablation scorer, so that the
+    same weights, seed and settings give the same images in all of them.
+
+    Args:
+        net: ``net(z_t, t, y) -> raw output``; ``velocity`` turns it into a velocity.
+        shape: ``(C, H, W)`` of the network's input (latent cells for latent runs).
+        null_class: the unconditional label (``num_classes``).
+        noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
+        decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
+        autocast: context for the network calls (e.g. the run's bf16 autocast).
+    """
+
+    net: Callable[..., Tensor]
+    velocity: ToVelocity
+    shape: tuple[int, int, int]
+    null_class: int
+    noise_scale: float
+    decode: Callable[[Tensor], Tensor]
+    device: torch.device | str = "cpu"
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(
+        default=contextlib.nullcontext
+    )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels: Tensor,
+        seed: int,
+        *,
+        steps: int = 50,
+        solver: str = "heun",
+        cfg_scale: float = 1.0,
+        interval: tuple[float, float] = (0.1, 1.0),
+    ) -> Tensor:
+        """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (on ``device``) for
+        ``labels [n]``; the initial noise is a function of ``seed`` alone."""
+        noise = noise_for(seed, len(labels), self.shape, self.noise_scale, self.device)
+        with self.autocast():
+            x = generate(
+                self.net,
+                self.velocity,
+                labels.to(self.device),
+                noise,
+                null_class=self.null_class,
+                steps=steps,
+                solver=solver,
+                cfg_scale=cfg_scale,
+                interval=interval,
+            )
+        return self.decode(x.float()).float()
 
 
 def compile_for_sampling(net: nn.Module) -> Callable[..., Tensor]:

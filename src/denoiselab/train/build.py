@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,10 @@ from torch import Tensor, nn
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.models import JiT, JiTConfig, model_config
 from denoiselab.objectives import DenoisingObjective
+from denoiselab.sampling.generate import Sampler
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
 from denoiselab.train.config import TrainConfig
+from denoiselab.train.ema import auto_decay
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -75,41 +76,31 @@ class Restored:
     weights: str  # "model" or "ema:<decay>"
     device: torch.device | str = "cpu"
 
-    @torch.no_grad()
-    def sample(
-        self,
-        labels: Tensor,
-        seed: int,
-        *,
-        steps: int = 50,
-        solver: str = "heun",
-        cfg_scale: float = 1.0,
-        interval: tuple[float, float] = (0.1, 1.0),
-    ) -> Tensor:
+    @property
+    def sampler(self) -> Sampler:
+        """The network ready to draw decoded images (the decoder is built on first use)."""
+        if self._sampler is None:
+            from denoiselab.latents import decoder_for
+
+            mc = self.model_cfg
+            self._sampler = Sampler(
+                self.net,
+                self.objective.velocity,
+                (mc.in_channels, mc.image_size, mc.image_size),
+                null_class=mc.num_classes,
+                noise_scale=self.cfg.objective.noise_scale,
+                decode=decoder_for(self.cfg.data, self.device),
+                device=self.device,
+            )
+        return self._sampler
+
+    def sample(self, labels: Tensor, seed: int, **settings: Any) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (pixels, also for latent runs)
-        for ``labels [n]``; the initial noise is a function of ``seed`` alone."""
-        from denoiselab.latents import decoder_for
-        from denoiselab.sampling.generate import generate, noise_for
+        for ``labels [n]``; ``settings`` as :class:`~denoiselab.sampling.Sampler`
+        (``steps``, ``solver``, ``cfg_scale``, ``interval``)."""
+        return self.sampler(labels, seed, **settings)
 
-        mc = self.model_cfg
-        shape = (mc.in_channels, mc.image_size, mc.image_size)
-        noise = noise_for(seed, len(labels), shape, self.cfg.objective.noise_scale, self.device)
-        x = generate(
-            self.net,
-            self.objective.velocity,
-            labels.to(self.device),
-            noise,
-            null_class=mc.num_classes,
-            steps=steps,
-            solver=solver,
-            cfg_scale=cfg_scale,
-            interval=interval,
-        )
-        if self._decode is None:
-            self._decode = decoder_for(self.cfg.data, self.device)
-        return self._decode(x.float())
-
-    _decode: Callable[[Tensor], Tensor] | None = None
+    _sampler: Sampler | None = None
 
 
 def restore(
@@ -117,14 +108,15 @@ def restore(
 ) -> Restored:
     """Load a run folder or checkpoint for sampling/evaluation.
 
-    ``ema="auto"`` picks the EMA with the largest decay if any, ``None`` the raw weights.
+    ``ema="auto"`` picks :func:`~denoiselab.train.ema.auto_decay` of the checkpoint's decays
+    and step (the raw weights if it keeps no EMA), ``None`` the raw weights.
     """
     ckpt = load_checkpoint(path, with_state=False)
     cfg = config_from_yaml_text(ckpt.config_yaml)
     model_cfg = _model_cfg_from_checkpoint(ckpt, cfg)
     net = JiT(model_cfg)
     if ema == "auto":
-        ema = max(ckpt.ema) if ckpt.ema else None
+        ema = auto_decay(tuple(ckpt.ema), ckpt.step) if ckpt.ema else None
     if ema is None:
         net.load_state_dict(ckpt.model)
         which = "model"

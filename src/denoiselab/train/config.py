@@ -96,8 +96,8 @@ class EvalConfig:
     (``cache_dir``, default ``~/.cache/denoiselab``). Samples: ``num`` class-balanced images
     from fixed seeds (the same at every evaluation, so the curve moves with training alone),
     with ``steps`` sampling steps and guidance ``cfg`` (``None``: ``sample.steps`` /
-    ``sample.cfg``), from the EMA ``ema`` (``"auto"``: the smallest decay — the one a short
-    run has warmed up most — a decay, or ``"none"`` for the raw weights). ``probe``
+    ``sample.cfg``), from the EMA ``ema`` (``"auto"``: ``train.ema.auto_decay`` — the slowest
+    average that fits a tenth of the run so far — a decay, or ``"none"`` for the raw weights). ``probe``
     overrides fields of the probe's recipe (``denoiselab.metrics.ProbeConfig``).
     """
 

@@ -6,6 +6,21 @@ import torch
 from torch import Tensor, nn
 
 
+def auto_decay(decays: tuple[float, ...], steps: int) -> float:
+    """The decay ``"auto"`` means after ``steps`` optimizer steps: the largest one whose
+    averaging horizon ``1/(1 − d)`` is at most a tenth of the run, else the smallest.
+
+    A long run gets its slowest average (JiT-B/16's 0.9999 after 3M steps); a short run
+    (the quickstart's 5400 steps: 0.995, horizon 200) the one that has forgotten its
+    initialisation. Used by training grids, periodic evaluation, ``denoiselab sample``/``eval``
+    and ablation suites alike.
+    """
+    if not decays:
+        raise ValueError("auto_decay: no EMA decays to choose from")
+    fits = [d for d in decays if 1.0 / (1.0 - d) <= steps / 10]
+    return max(fits) if fits else min(decays)
+
+
 class EMA:
     """``θ_ema ← d·θ_ema + (1 − d)·θ`` after each optimizer step, for each decay ``d``.
 

@@ -29,12 +29,12 @@ from denoiselab.data.loader import StepLoader
 from denoiselab.images import save_grid
 from denoiselab.latents import decoder_for
 from denoiselab.models import JiT
-from denoiselab.sampling.generate import balanced_labels, generate, noise_for
+from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import build_objective, config_yaml_with_model, resolve_model_config
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
-from denoiselab.train.ema import EMA
+from denoiselab.train.ema import EMA, auto_decay
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 
@@ -320,15 +320,15 @@ class Trainer:
         """The run's mixed precision (bf16 autocast on CUDA under ``precision: auto``)."""
         return _autocast(self.device, self.cfg.precision)
 
-    def ema_network(self, ema: float | str) -> nn.Module:
-        """A fresh eval-mode network holding EMA weights: ``ema`` a trained decay, ``"auto"``
-        (the smallest decay, the one a short run has warmed up most; the raw weights if no
-        EMA is kept) or ``"none"`` (the raw weights)."""
+    def ema_network(self, ema: float | str, step: int) -> nn.Module:
+        """A fresh eval-mode network holding EMA weights after ``step`` steps: ``ema`` a
+        trained decay, ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`; the raw weights
+        if no EMA is kept) or ``"none"`` (the raw weights)."""
         net = JiT(self.model_cfg).to(self.device).eval()
         net.load_state_dict(self.model.state_dict())
         if ema == "none" or not self.ema.decays:
             return net
-        decay = min(self.ema.decays) if ema == "auto" else float(ema)
+        decay = auto_decay(self.ema.decays, step) if ema == "auto" else float(ema)
         if decay not in self.ema.decays:
             raise ConfigError(f"EMA decay {ema!r} is not kept; kept: {list(self.ema.decays)}")
         self.ema.copy_to(net, decay)
@@ -343,7 +343,7 @@ class Trainer:
         tic = time.perf_counter()
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
-            values = evaluate_network(self, self.ema_network(self.cfg.eval.ema))
+            values = evaluate_network(self, self.ema_network(self.cfg.eval.ema, step))
         row = {"step": step, "nimg": step * self.cfg.global_batch}
         row["kimg"] = row["nimg"] / 1000
         row.update({f"eval/{k}": v for k, v in values.items()})
@@ -353,31 +353,39 @@ class Trainer:
         self.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
         return values
 
+    def sampler(self, net: nn.Module) -> Sampler:
+        """``net`` (this run's network or an EMA copy) ready to draw decoded images under the
+        run's autocast."""
+        mc = self.model_cfg
+        return Sampler(
+            net,
+            self.objective.velocity,
+            (mc.in_channels, mc.image_size, mc.image_size),
+            null_class=mc.num_classes,
+            noise_scale=self.cfg.objective.noise_scale,
+            decode=self.decode,
+            device=self.device,
+            autocast=self.autocast,
+        )
+
     @torch.no_grad()
     def sample_grid(self, step: int) -> None:
         """Samples from fixed noise and labels with an EMA copy, saved as ``samples/*.png``."""
         if not self.dist.is_main:
             return
         cfg = self.cfg.sample
-        net = self.ema_network(cfg.ema if cfg.ema is not None else "auto")
+        net = self.ema_network(cfg.ema if cfg.ema is not None else "auto", step)
         mc = self.model_cfg
         n = cfg.num_grid
-        labels = balanced_labels(n, mc.num_classes).to(self.device)
-        shape = (mc.in_channels, mc.image_size, mc.image_size)
-        noise = noise_for(self.cfg.seed + 1, n, shape, self.cfg.objective.noise_scale, self.device)
-        with self.autocast():
-            images = generate(
-                net,
-                self.objective.velocity,
-                labels,
-                noise,
-                null_class=mc.num_classes,
-                steps=cfg.steps,
-                solver=cfg.solver,
-                cfg_scale=cfg.cfg,
-                interval=cfg.interval,
-            )
-        images = self.decode(images.float())
+        labels = balanced_labels(n, mc.num_classes)
+        images = self.sampler(net)(
+            labels,
+            self.cfg.seed + 1,
+            steps=cfg.steps,
+            solver=cfg.solver,
+            cfg_scale=cfg.cfg,
+            interval=cfg.interval,
+        )
         nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
         save_grid(images, self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)
 

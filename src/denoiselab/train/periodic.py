@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.images import to_uint8
-from denoiselab.sampling.generate import generate, noise_for
 
 if TYPE_CHECKING:
     from denoiselab.train.loop import Trainer
@@ -26,32 +24,26 @@ def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
     """``cfg.eval`` metrics of ``net`` (a copy of the trainer's network) -> ``{name: value}``."""
     from denoiselab.latents import pixel_data_config
 
-    cfg, ev, mc = trainer.cfg, trainer.cfg.eval, trainer.model_cfg
-    shape = (mc.in_channels, mc.image_size, mc.image_size)
+    cfg, ev = trainer.cfg, trainer.cfg.eval
+    sampler = trainer.sampler(net)
 
-    @torch.no_grad()
-    def sample(n: int, labels: torch.Tensor, seed: int) -> torch.Tensor:
-        noise = noise_for(seed, n, shape, cfg.objective.noise_scale, trainer.device)
-        with trainer.autocast():
-            x = generate(
-                net,
-                trainer.objective.velocity,
-                labels.to(trainer.device),
-                noise,
-                null_class=mc.num_classes,
-                steps=ev.steps or cfg.sample.steps,
-                solver=cfg.sample.solver,
-                cfg_scale=cfg.sample.cfg if ev.cfg is None else ev.cfg,
-                interval=cfg.sample.interval,
-            )
-        return to_uint8(trainer.decode(x.float()).float().cpu())
+    def sample(n: int, labels: Tensor, seed: int) -> Tensor:
+        x = sampler(
+            labels[:n],
+            seed,
+            steps=ev.steps or cfg.sample.steps,
+            solver=cfg.sample.solver,
+            cfg_scale=cfg.sample.cfg if ev.cfg is None else ev.cfg,
+            interval=cfg.sample.interval,
+        )
+        return to_uint8(x.cpu())
 
     result = evaluate(
         sample,
         metrics=list(ev.metrics),
         num=ev.num,
         dataset_cfg=pixel_data_config(cfg.data),
-        num_classes=mc.num_classes,
+        num_classes=trainer.model_cfg.num_classes,
         batch=ev.batch,
         seed=ev.seed,
         cache_dir=ev.cache_dir,
