@@ -69,7 +69,7 @@ class Scorer:
             metrics=metrics,
             num=num,
             dataset_cfg=eval_data_config(self.cfg, spec),
-            num_classes=self.sampler.null_class,
+            num_classes=self.sampler.num_classes,
             batch=spec.batch,
             seed=spec.seed,
             extractor_paths=spec.extractor_paths,
@@ -82,7 +82,7 @@ class Scorer:
     @torch.no_grad()
     def grid(self, spec: EvalSpec) -> Tensor:
         """``grid_num`` samples from the suite's fixed noise and balanced labels (CPU)."""
-        labels = balanced_labels(spec.grid_num, self.sampler.null_class)
+        labels = balanced_labels(spec.grid_num, self.sampler.num_classes)
         return self.sample(labels, spec.seed + GRID_SEED_TAG, spec, None)
 
 

@@ -45,7 +45,7 @@ class Sampler:
     Args:
         net: ``net(z_t, t, y) -> raw output``; ``velocity`` turns it into a velocity.
         shape: ``(C, H, W)`` of the network's input (latent cells for latent runs).
-        null_class: the unconditional label (``num_classes``).
+        num_classes: classes of the network; label ``num_classes`` is the unconditional one.
         noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
         decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
         autocast: context for the network calls (e.g. the run's bf16 autocast).
@@ -54,7 +54,7 @@ class Sampler:
     net: Callable[..., Tensor]
     velocity: ToVelocity
     shape: tuple[int, int, int]
-    null_class: int
+    num_classes: int
     noise_scale: float
     decode: Callable[[Tensor], Tensor]
     device: torch.device | str = "cpu"
@@ -82,7 +82,7 @@ class Sampler:
                 self.velocity,
                 labels.to(self.device),
                 noise,
-                null_class=self.null_class,
+                null_class=self.num_classes,
                 steps=steps,
                 solver=solver,
                 cfg_scale=cfg_scale,

@@ -87,7 +87,7 @@ class Restored:
                 self.net,
                 self.objective.velocity,
                 (mc.in_channels, mc.image_size, mc.image_size),
-                null_class=mc.num_classes,
+                num_classes=mc.num_classes,
                 noise_scale=self.cfg.objective.noise_scale,
                 decode=decoder_for(self.cfg.data, self.device),
                 device=self.device,

@@ -361,7 +361,7 @@ class Trainer:
             net,
             self.objective.velocity,
             (mc.in_channels, mc.image_size, mc.image_size),
-            null_class=mc.num_classes,
+            num_classes=mc.num_classes,
             noise_scale=self.cfg.objective.noise_scale,
             decode=self.decode,
             device=self.device,
