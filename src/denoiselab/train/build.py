@@ -96,7 +96,7 @@ class Restored:
 
     def sample(self, labels: Tensor, seed: int, **settings: Any) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (pixels, also for latent runs)
-        for ``labels [n]``; ``settings`` as :class:`~denoiselab.sampling.Sampler`
+        for ``labels [n]``; ``settings`` as :class:`~denoiselab.sampling.generate.Sampler`
         (``steps``, ``solver``, ``cfg_scale``, ``interval``)."""
         return self.sampler(labels, seed, **settings)
 

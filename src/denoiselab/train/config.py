@@ -97,8 +97,8 @@ class EvalConfig:
     from fixed seeds (the same at every evaluation, so the curve moves with training alone),
     with ``steps`` sampling steps and guidance ``cfg`` (``None``: ``sample.steps`` /
     ``sample.cfg``), from the EMA ``ema`` (``"auto"``: ``train.ema.auto_decay`` — the slowest
-    average that fits a tenth of the run so far — a decay, or ``"none"`` for the raw weights). ``probe``
-    overrides fields of the probe's recipe (``denoiselab.metrics.ProbeConfig``).
+    average that fits a tenth of the run so far — a decay, or ``"none"`` for the raw weights).
+    ``probe`` overrides fields of the probe's recipe (``denoiselab.metrics.ProbeConfig``).
     """
 
     every_nimg: int = 0
