@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,30 @@ def build_objective(cfg: TrainConfig, num_classes: int) -> DenoisingObjective:
     return DenoisingObjective(cfg.objective, num_classes)
 
 
+def run_sampler(
+    net: nn.Module,
+    objective: DenoisingObjective,
+    cfg: TrainConfig,
+    model_cfg: JiTConfig,
+    decode: Callable[[Tensor], Tensor],
+    device: torch.device | str,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Sampler:
+    """``net`` (a run's network or an EMA copy) ready to draw decoded images: input shape,
+    classes and noise scale from the run's configs."""
+    mc = model_cfg
+    return Sampler(
+        net,
+        objective.velocity,
+        (mc.in_channels, mc.image_size, mc.image_size),
+        num_classes=mc.num_classes,
+        noise_scale=cfg.objective.noise_scale,
+        decode=decode,
+        device=device,
+        autocast=autocast,
+    )
+
+
 @dataclass
 class Restored:
     """A trained network ready to sample: weights from the model or one EMA copy."""
@@ -82,15 +108,9 @@ class Restored:
         if self._sampler is None:
             from denoiselab.latents import decoder_for
 
-            mc = self.model_cfg
-            self._sampler = Sampler(
-                self.net,
-                self.objective.velocity,
-                (mc.in_channels, mc.image_size, mc.image_size),
-                num_classes=mc.num_classes,
-                noise_scale=self.cfg.objective.noise_scale,
-                decode=decoder_for(self.cfg.data, self.device),
-                device=self.device,
+            decode = decoder_for(self.cfg.data, self.device)
+            self._sampler = run_sampler(
+                self.net, self.objective, self.cfg, self.model_cfg, decode, self.device
             )
         return self._sampler
 

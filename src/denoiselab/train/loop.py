@@ -31,7 +31,12 @@ from denoiselab.latents import decoder_for
 from denoiselab.models import JiT
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train import checkpoint as ckpt_io
-from denoiselab.train.build import build_objective, config_yaml_with_model, resolve_model_config
+from denoiselab.train.build import (
+    build_objective,
+    config_yaml_with_model,
+    resolve_model_config,
+    run_sampler,
+)
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
 from denoiselab.train.ema import EMA, auto_decay
@@ -356,16 +361,8 @@ class Trainer:
     def sampler(self, net: nn.Module) -> Sampler:
         """``net`` (this run's network or an EMA copy) ready to draw decoded images under the
         run's autocast."""
-        mc = self.model_cfg
-        return Sampler(
-            net,
-            self.objective.velocity,
-            (mc.in_channels, mc.image_size, mc.image_size),
-            num_classes=mc.num_classes,
-            noise_scale=self.cfg.objective.noise_scale,
-            decode=self.decode,
-            device=self.device,
-            autocast=self.autocast,
+        return run_sampler(
+            net, self.objective, self.cfg, self.model_cfg, self.decode, self.device, self.autocast
         )
 
     @torch.no_grad()
