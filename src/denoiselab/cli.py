@@ -94,12 +94,30 @@ def _info(args: argparse.Namespace) -> int:
     from denoiselab.models.flops import describe
     from denoiselab.models.registry import MODEL_PRESETS
 
+    if args.model in ("terms", "optimizers"):
+        print(_registry_listing(args.model))
+        return 0
     names = list(MODEL_PRESETS) if args.model == "all" else [args.model]
     for name in names:
         if len(names) > 1:
             print(f"== {name}")
         print(describe(name, image_size=args.image_size))
     return 0
+
+
+def _registry_listing(kind: str) -> str:
+    """The registered loss terms (``terms:`` keys) or optimizers (``optim.name``)."""
+    if kind == "terms":
+        from denoiselab.algorithms import TERMS, parse_terms
+
+        parse_terms({})  # registers the built-in terms
+        rows = [f"{name:<16} {spec.summary}" for name, spec in TERMS.items()]
+        return "\n".join(rows) or "(no loss terms registered)"
+    from denoiselab.train.optim import OPTIMIZERS
+
+    return "\n".join(
+        f"{name:<16} {(f.__doc__ or '').strip().splitlines()[0]}" for name, f in OPTIMIZERS.items()
+    )
 
 
 def _passthrough(module: str, func: str) -> Callable[[list[str]], int]:
@@ -175,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
 
     i = sub.add_parser("info", help="parameters and forward cost of a model preset")
-    i.add_argument("model", help="preset name (e.g. JiT-B/16) or 'all'")
+    i.add_argument(
+        "model",
+        help="preset name (e.g. JiT-B/16), 'all', or 'terms' / 'optimizers' (the registries)",
+    )
     i.add_argument("--image-size", type=int)
     i.set_defaults(func=_info)
 

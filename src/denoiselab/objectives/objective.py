@@ -99,6 +99,9 @@ class StepContext:
 
     ``hidden``: block index → patch-token states ``[B, N, D]`` for the blocks requested by
     the extra terms (see ``LossTerm.hidden_blocks``).
+    ``nimg``: images seen by the run before this step (a term's schedule reads it).
+    ``extras``: per-sample side data of the batch (e.g. precomputed teacher features), each
+    ``[B, ...]``, keyed by name; empty when the data provides none.
     """
 
     x: Tensor
@@ -110,19 +113,36 @@ class StepContext:
     pred: Triple
     target: Triple
     hidden: dict[int, Tensor]
+    nimg: int = 0
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class LossTerm:
-    """An extra named per-sample loss term. Subclasses set ``name`` and implement ``__call__``.
+    """An extra named per-sample loss term: ``term(ctx: StepContext) -> [B]``. Subclasses set
+    ``name`` and implement ``forward(ctx)``.
 
     ``hidden_blocks``: network blocks whose hidden states the term needs.
+
+    A term that owns parameters (a projector) also subclasses ``nn.Module`` (as
+    ``class T(nn.Module, LossTerm)``): the objective registers it, and the training loop
+    optimises, clips, DDP-averages, checkpoints and restores everything in
+    ``objective.state_dict()``. Frozen helpers (a teacher encoder) must therefore stay out of
+    the term's ``state_dict``: hold them outside the module tree.
     """
 
     name: str = "extra"
     hidden_blocks: tuple[int, ...] = ()
 
-    def __call__(self, ctx: StepContext) -> Tensor:  # pragma: no cover - interface
+    def __call__(self, ctx: StepContext) -> Tensor:
+        return self.forward(ctx)
+
+    def forward(self, ctx: StepContext) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def logs(self, nimg: int) -> dict[str, float]:
+        """Scalars to log beside the loss after ``nimg`` images (e.g. a weight schedule),
+        keyed ``"<name>/<what>"``; none by default."""
+        return {}
 
 
 def mean_square(diff: Tensor) -> Tensor:
@@ -144,7 +164,7 @@ class ContrastiveFlowMatching(LossTerm):
     def __init__(self, weight: float, space: LossSpace) -> None:
         self.weight, self.space = weight, space
 
-    def __call__(self, ctx: StepContext) -> Tensor:
+    def forward(self, ctx: StepContext) -> Tensor:
         negative = ctx.target.get(self.space).roll(1, dims=0)
         return -self.weight * mean_square(ctx.pred.get(self.space) - negative)
 
@@ -207,13 +227,38 @@ class DenoisingObjective(nn.Module):
 
     # -- the loss ----------------------------------------------------------------------------
     def forward(
-        self, net: Net, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+        self,
+        net: Net,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        nimg: int = 0,
+        extras: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample loss terms for clean data ``x: [B, ...]`` and labels ``y: [B]``."""
+        """Per-sample loss terms for clean data ``x: [B, ...]`` and labels ``y: [B]``;
+        ``nimg`` and ``extras`` are handed to the extra terms (see :class:`StepContext`)."""
         t, eps, y = self.draw(x, y, generator)
-        return self.terms(net, x, y, t, eps)
+        return self.terms(net, x, y, t, eps, nimg=nimg, extras=extras)
 
-    def terms(self, net: Net, x: Tensor, y: Tensor, t: Tensor, eps: Tensor) -> dict[str, Tensor]:
+    def logs(self, nimg: int) -> dict[str, float]:
+        """The extra terms' scalars to log after ``nimg`` images (see :meth:`LossTerm.logs`)."""
+        out: dict[str, float] = {}
+        for term in self.extra_terms:
+            out.update(term.logs(nimg))
+        return out
+
+    def terms(
+        self,
+        net: Net,
+        x: Tensor,
+        y: Tensor,
+        t: Tensor,
+        eps: Tensor,
+        *,
+        nimg: int = 0,
+        extras: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Deterministic part of :meth:`forward`: the loss terms for given ``t`` and ``ε``."""
         z_t = interpolate(x, eps, t)
         blocks = sorted({b for term in self.extra_terms for b in term.hidden_blocks})
@@ -225,7 +270,9 @@ class DenoisingObjective(nn.Module):
         diff = pred.get(self.cfg.loss) - target.get(self.cfg.loss)
         out = {"denoise": mean_square(diff) * self.weight(t)}
         if self.extra_terms:
-            ctx = StepContext(x, y, t, eps, z_t, net_out, pred, target, hidden)
+            ctx = StepContext(
+                x, y, t, eps, z_t, net_out, pred, target, hidden, nimg, dict(extras or {})
+            )
             for term in self.extra_terms:
                 out[term.name] = term(ctx)
         return out

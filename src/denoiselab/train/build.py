@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from denoiselab.algorithms import TermContext, build_terms
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.models import JiT, JiTConfig, model_config
 from denoiselab.objectives import DenoisingObjective
@@ -62,8 +63,13 @@ def resolve_model_config(
         raise ConfigError(f"model: {e}") from e
 
 
-def build_objective(cfg: TrainConfig, num_classes: int) -> DenoisingObjective:
-    return DenoisingObjective(cfg.objective, num_classes)
+def build_objective(
+    cfg: TrainConfig, num_classes: int, terms: TermContext | None = None
+) -> DenoisingObjective:
+    """The run's objective; with ``terms`` (training) also its extra loss terms
+    (``cfg.terms``), built for the run that ``terms`` describes."""
+    extra = build_terms(cfg.terms, terms) if terms is not None else []
+    return DenoisingObjective(cfg.objective, num_classes, extra_terms=extra)
 
 
 def run_sampler(

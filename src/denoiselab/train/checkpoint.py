@@ -4,8 +4,10 @@ A checkpoint of step ``s`` is two files in ``<run>/checkpoints/``:
 
 - ``step_<s>.safetensors`` — weights: ``model.*`` and one ``ema.<decay>.*`` per EMA decay;
   metadata holds the resolved config (YAML), the step and images seen.
-- ``step_<s>.state.safetensors`` — optimizer tensors (``optim.<param>.<key>``) and, in
-  metadata, the optimizer's param groups and the loop state (JSON).
+- ``step_<s>.state.safetensors`` — optimizer tensors (``optim.<param>.<key>``), the
+  objective's trained state (``objective.*``: parameters of loss terms such as a REPA
+  projector; not needed to sample) and, in metadata, the optimizer's param groups and the
+  loop state (JSON).
 
 Each file is written to a temporary name, flushed, fsynced and renamed. The state file is
 renamed first and the weights file last, so a checkpoint is visible (its weights file exists)
@@ -46,6 +48,7 @@ class Checkpoint:
     ema: dict[float, dict[str, Tensor]]
     optimizer: dict[str, Any] | None
     loop_state: dict[str, Any]
+    objective: dict[str, Tensor] | None = None
 
 
 def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -98,6 +101,7 @@ def save_checkpoint(
     ema: dict[float, dict[str, Tensor]],
     optimizer: dict[str, Any],
     loop_state: dict[str, Any],
+    objective: dict[str, Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
@@ -105,6 +109,7 @@ def save_checkpoint(
     weights = directory / f"step_{step:09d}.safetensors"
     state = directory / f"step_{step:09d}.state.safetensors"
     optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
+    optim_tensors.update({f"objective.{k}": v for k, v in (objective or {}).items()})
     _atomic_save(
         optim_tensors,
         {"optimizer": optim_meta, "loop_state": json.dumps(loop_state), "step": str(step)},
@@ -168,7 +173,7 @@ def load_checkpoint(path: str | Path, *, with_state: bool = True) -> Checkpoint:
             else:
                 decay, key = _split_ema(rest, ema)
                 ema[decay][key] = f.get_tensor(name)
-    optimizer, loop_state = None, {}
+    optimizer, loop_state, objective = None, {}, None
     if with_state:
         state = _state_path(weights)
         if not state.is_file():
@@ -178,9 +183,14 @@ def load_checkpoint(path: str | Path, *, with_state: bool = True) -> Checkpoint:
         with safe_open(state, framework="pt") as f:
             smeta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        objective = {
+            k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("objective.")
+        }
         optimizer = optimizer_from_tensors(tensors, smeta["optimizer"])
         loop_state = json.loads(smeta["loop_state"])
-    return Checkpoint(weights, int(meta["step"]), meta["config"], model, ema, optimizer, loop_state)
+    return Checkpoint(
+        weights, int(meta["step"]), meta["config"], model, ema, optimizer, loop_state, objective
+    )
 
 
 def _split_ema(rest: str, ema: dict[float, dict[str, Tensor]]) -> tuple[float, str]:

@@ -18,6 +18,7 @@ from denoiselab.objectives import ObjectiveConfig
 class OptimConfig:
     """AdamW (Table 9: β = (0.9, 0.95), wd 0, lr 2e-4 at batch 1024, 5 warm-up epochs).
 
+    ``name`` picks the optimizer from ``denoiselab.train.optim.OPTIMIZERS``.
     ``lr`` is absolute when set; otherwise ``lr = base_lr × global_batch / 256``
     (the linear scaling rule; the reference code's ``blr``). ``cooldown``: the fraction of
     the run, at its end, over which the rate falls linearly to zero ("warm-up, stable,
@@ -31,8 +32,13 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     grad_clip: float | None = None
     cooldown: float = 0.0
+    name: str = "adamw"
 
     def __post_init__(self) -> None:
+        from denoiselab.train.optim import OPTIMIZERS
+
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={self.name!r}; valid: {', '.join(OPTIMIZERS)}")
         if not 0 <= self.cooldown <= 1:
             raise ConfigError(f"optim.cooldown={self.cooldown!r} must lie in [0, 1]")
         if self.lr is not None and not self.lr > 0:
@@ -138,7 +144,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
-    image size, channels and class count default to the dataset's."""
+    image size, channels and class count default to the dataset's. ``terms`` adds training
+    techniques as loss terms: ``{name: fields}`` with names from
+    ``denoiselab.algorithms.TERMS`` (validated here, held as their config dataclasses)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "JiT-B/16"})
@@ -147,6 +155,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    terms: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     global_batch: int = 1024
     grad_accum: int = 1
@@ -161,6 +170,9 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        from denoiselab.algorithms import parse_terms
+
+        object.__setattr__(self, "terms", parse_terms(self.terms))
         if "name" not in self.model:
             raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info`)")
         for key in ("global_batch", "grad_accum", "duration_nimg", "keep_checkpoints"):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from denoiselab.algorithms import TermContext
 from denoiselab.config import ConfigError
 from denoiselab.data import build_dataset
 from denoiselab.data.loader import StepLoader
@@ -40,6 +41,9 @@ from denoiselab.train.build import (
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
 from denoiselab.train.ema import EMA, auto_decay
+from denoiselab.train.module import TrainingModule
+from denoiselab.train.optim import build_optimizer
+from denoiselab.train.periodic import evaluate_network
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 
@@ -76,13 +80,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _has_fused_adamw(device: torch.device) -> bool:
-    """Fused AdamW (one kernel per tensor instead of ~10 ops) exists on CUDA and, since
-    torch 2.4, on CPU; there it makes the optimizer step of JiT-T/4 ~30× faster."""
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
 def _lr_at(step: int, base: float, warmup_steps: float, total: int, cooldown_steps: float) -> float:
@@ -129,20 +126,17 @@ class Trainer:
         )
         torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
         self.model = JiT(self.model_cfg).to(self.device)
-        self.objective = build_objective(cfg, self.model_cfg.num_classes).to(self.device)
+        terms = TermContext(self.model_cfg, cfg.objective, cfg.data, self.dataset, self.device)
+        self.objective = build_objective(cfg, self.model_cfg.num_classes, terms).to(self.device)
+        # network + loss terms: what DDP averages and the optimizer, clipping and checkpoints see
+        self.module = TrainingModule(
+            self.model, self.objective, torch.compile(self.model) if cfg.compile else None
+        )
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
         self.total_steps = cfg.steps()
         self.cooldown_steps = cfg.optim.cooldown * self.total_steps
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=self.lr,
-            betas=cfg.optim.betas,
-            weight_decay=cfg.optim.weight_decay,
-            fused=_has_fused_adamw(self.device),
-        )
+        self.optimizer = build_optimizer(cfg.optim, self.module, self.lr, self.device)
         self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
         self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
         # latents → pixels for sample grids (identity for pixel data)
@@ -155,18 +149,27 @@ class Trainer:
         self.run_dir.write_text("config.yaml", self.config_yaml)
         self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
         self.run_dir.truncate_metrics(self.start_step)
-        self.net: nn.Module = self.model
-        if cfg.compile:
-            self.net = torch.compile(self.model)
+        self.step_module: nn.Module = self.module
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.net, device_ids=ids)
+            self.step_module = DistributedDataParallel(self.module, device_ids=ids)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _restore(self, path: str | Path) -> None:
         ck = ckpt_io.load_checkpoint(path)
         self.model.load_state_dict(ck.model)
-        self.optimizer.load_state_dict(ck.optimizer)
+        try:
+            self.objective.load_state_dict(ck.objective or {})
+        except RuntimeError as e:
+            raise ckpt_io.CheckpointError(
+                f"{ck.path}: the loss terms' state does not match this run's objective ({e})"
+            ) from e
+        try:
+            self.optimizer.load_state_dict(ck.optimizer)
+        except ValueError as e:
+            raise ckpt_io.CheckpointError(
+                f"{ck.path}: its optimizer state does not match this run's parameters ({e})"
+            ) from e
         for decay in self.cfg.ema.decays:
             if decay not in ck.ema:
                 raise ckpt_io.CheckpointError(
@@ -185,6 +188,7 @@ class Trainer:
                 model=ckpt_io.state_dict_cpu(self.model),
                 ema={d: self.ema.state(d) for d in self.ema.decays},
                 optimizer=self.optimizer.state_dict(),
+                objective=ckpt_io.state_dict_cpu(self.objective),
                 loop_state={"step": step, "nimg": step * self.cfg.global_batch},
                 keep=self.cfg.keep_checkpoints,
             )
@@ -211,10 +215,14 @@ class Trainer:
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             last = k == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if last or not self.dist.enabled
+                else self.step_module.no_sync()
+            )
             with sync:
                 with self.autocast():
-                    terms = self.objective(self.net, x, y, gen)
+                    terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch)
                 means = {name: t.mean() for name, t in terms.items()}
                 loss = sum(means.values()) / cfg.grad_accum
                 loss.backward()
@@ -222,7 +230,7 @@ class Trainer:
                 totals[name] = totals.get(name, 0) + m.detach() / cfg.grad_accum
         if cfg.optim.grad_clip is not None:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), cfg.optim.grad_clip
+                self.module.trainable(), cfg.optim.grad_clip
             ).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -312,6 +320,7 @@ class Trainer:
             "kimg": step * self.cfg.global_batch / 1000,
             "loss": loss,
             **{f"loss/{k}" if k != "grad_norm" else k: v for k, v in means.items()},
+            **self.objective.logs(step * self.cfg.global_batch),
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": rate,
         }
@@ -343,12 +352,13 @@ class Trainer:
         """The periodic evaluation (``cfg.eval``) of the weights at ``step``, logged to
         ``metrics.jsonl`` as ``eval/<metric>``. Under DDP every rank generates a share of the
         samples (``metrics.evaluate`` shards the batches) and all get the same values."""
-        from denoiselab.train.periodic import evaluate_network
-
         tic = time.perf_counter()
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
-            values = evaluate_network(self, self.ema_network(self.cfg.eval.ema, step))
+            net = self.ema_network(self.cfg.eval.ema, step)
+            values = evaluate_network(
+                self.sampler(net), self.cfg, self.model_cfg.num_classes, self.device
+            )
         row = {"step": step, "nimg": step * self.cfg.global_batch}
         row["kimg"] = row["nimg"] / 1000
         row.update({f"eval/{k}": v for k, v in values.items()})

@@ -9,23 +9,22 @@ trains with gradients: only the sampling runs under ``no_grad``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.images import to_uint8
+from denoiselab.sampling.generate import Sampler
+from denoiselab.train.config import TrainConfig
 
-if TYPE_CHECKING:
-    from denoiselab.train.loop import Trainer
 
-
-def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
-    """``cfg.eval`` metrics of ``net`` (a copy of the trainer's network) -> ``{name: value}``."""
+def evaluate_network(
+    sampler: Sampler, cfg: TrainConfig, num_classes: int, device: torch.device | str
+) -> dict[str, float]:
+    """``cfg.eval`` metrics of the network behind ``sampler`` -> ``{name: value}``."""
     from denoiselab.latents import pixel_data_config
 
-    cfg, ev = trainer.cfg, trainer.cfg.eval
-    sampler = trainer.sampler(net)
+    ev = cfg.eval
 
     def sample(n: int, labels: Tensor, seed: int) -> Tensor:
         x = sampler(
@@ -43,11 +42,11 @@ def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
         metrics=list(ev.metrics),
         num=ev.num,
         dataset_cfg=pixel_data_config(cfg.data),
-        num_classes=trainer.model_cfg.num_classes,
+        num_classes=num_classes,
         batch=ev.batch,
         seed=ev.seed,
         cache_dir=ev.cache_dir,
         probe_config=ev.probe_config(),
-        device=trainer.device,
+        device=device,
     )
     return {k: float(v) for k, v in result["metrics"].items()}
