@@ -15,10 +15,41 @@ from denoiselab.objectives import ObjectiveConfig
 
 
 @dataclass(frozen=True)
+class MuonConfig:
+    """Muon's settings (``optim.name: muon``; torch.optim.Muon, Jordan et al. 2024).
+
+    ``lr``: Muon's base rate (``None``: the AdamW rate — meaningful with ``adjust_lr:
+    match_rms_adamw``, Moonshot's scaling ``0.2·√max(A, B)`` that gives the orthogonalised
+    update AdamW's RMS; ``original`` is Keller Jordan's ``√max(1, A/B)``, which wants a rate
+    near 0.02). ``weight_decay``: ``None`` = ``optim.weight_decay``. The loop's warm-up and
+    cool-down scale both rates alike.
+    """
+
+    lr: float | None = None
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr: Literal["original", "match_rms_adamw"] = "match_rms_adamw"
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"optim.muon.lr={self.lr!r} must be > 0 or null")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.muon.momentum={self.momentum!r} must lie in [0, 1)")
+        if self.ns_steps < 1:
+            raise ConfigError(f"optim.muon.ns_steps={self.ns_steps!r} must be >= 1")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"optim.muon.weight_decay={self.weight_decay!r} must be >= 0")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW (Table 9: β = (0.9, 0.95), wd 0, lr 2e-4 at batch 1024, 5 warm-up epochs).
 
-    ``name`` picks the optimizer from ``denoiselab.train.optim.OPTIMIZERS``.
+    ``name`` picks the optimizer from ``denoiselab.train.optim.OPTIMIZERS``: ``adamw``, or
+    ``muon`` (Muon on the blocks' 2-D matrices, AdamW with these settings on the rest;
+    ``muon`` holds Muon's own settings).
     ``lr`` is absolute when set; otherwise ``lr = base_lr × global_batch / 256``
     (the linear scaling rule; the reference code's ``blr``). ``cooldown``: the fraction of
     the run, at its end, over which the rate falls linearly to zero ("warm-up, stable,
@@ -33,12 +64,17 @@ class OptimConfig:
     grad_clip: float | None = None
     cooldown: float = 0.0
     name: str = "adamw"
+    muon: MuonConfig = field(default_factory=MuonConfig)
 
     def __post_init__(self) -> None:
-        from denoiselab.train.optim import OPTIMIZERS
+        from denoiselab.train.optim import OPTIMIZERS, has_muon
 
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optim.name={self.name!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.name == "muon" and not has_muon():
+            raise ConfigError(
+                "optim.name='muon' needs torch.optim.Muon (PyTorch >= 2.9); valid here: adamw"
+            )
         if not 0 <= self.cooldown <= 1:
             raise ConfigError(f"optim.cooldown={self.cooldown!r} must lie in [0, 1]")
         if self.lr is not None and not self.lr > 0:

@@ -82,13 +82,14 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _lr_at(step: int, base: float, warmup_steps: float, total: int, cooldown_steps: float) -> float:
+def _lr_factor(step: int, warmup_steps: float, total: int, cooldown_steps: float) -> float:
     """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9); with
-    ``cooldown_steps`` > 0, a linear fall to 0 over the last ``cooldown_steps`` of ``total``."""
+    ``cooldown_steps`` > 0, a linear fall to 0 over the last ``cooldown_steps`` of ``total``.
+    Every parameter group's rate is its base rate times this factor."""
     factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
     if cooldown_steps > 0:
         factor = min(factor, max(0.0, (total - step) / cooldown_steps))
-    return base * factor
+    return factor
 
 
 class Trainer:
@@ -137,6 +138,7 @@ class Trainer:
         self.total_steps = cfg.steps()
         self.cooldown_steps = cfg.optim.cooldown * self.total_steps
         self.optimizer = build_optimizer(cfg.optim, self.module, self.lr, self.device)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
         self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
         # latents → pixels for sample grids (identity for pixel data)
@@ -201,10 +203,9 @@ class Trainer:
         Returns the detached per-term means (on device; no host synchronisation).
         """
         cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = _lr_at(
-                step, self.lr, self.warmup_steps, self.total_steps, self.cooldown_steps
-            )
+        factor = _lr_factor(step, self.warmup_steps, self.total_steps, self.cooldown_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
         micro = images.shape[0] // cfg.grad_accum
         totals: dict[str, Tensor] = {}
         for k in range(cfg.grad_accum):
