@@ -129,6 +129,11 @@ PASSTHROUGH_SPECS = {
     ),
     "toy": ("denoiselab.analysis.cli", "toy_main", "JiT Fig. 2 toy experiment"),
     "analyze": ("denoiselab.analysis.cli", "analyze_main", "JLT local Gaussian analysis"),
+    "convert": (
+        "denoiselab.interop.jit_official",
+        "convert_main",
+        "turn an official JiT checkpoint into a run folder",
+    ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
 }
