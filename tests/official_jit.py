@@ -293,3 +293,44 @@ def save_like_official(denoiser: Denoiser, ema1: dict, ema2: dict, optimizer, ep
         },
         path,
     )
+
+
+# ------------------------------------------------------------------ a tiny official checkpoint
+
+ARCH = dict(size=16, p=4, c=3, dim=64, depth=6, heads=4, bottleneck=8, classes=8, ctx_len=3)
+ARCH["ctx_start"] = 4  # JiT-B's in-context start block, which the converter takes from the name
+
+
+def inputs(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, 16, 16, generator=g)
+    t = torch.rand(n, generator=g)
+    y = torch.tensor([0, 3, 7, 8])[:n]  # 8 = the null class
+    return z, t, y
+
+
+def loss(net, seed):
+    z, t, y = inputs(seed=seed)
+    return net(z, t, y).pow(2).mean()
+
+
+def make_official_checkpoint(tmp_path, **args_fields):
+    """A trained-looking official checkpoint: random weights, 3 AdamW steps with the official
+    parameter groups (non-trivial moments), two EMA copies that differ from the weights."""
+    torch.manual_seed(0)
+    den = Denoiser(**ARCH)
+    randomize(den, seed=1)
+    opt = torch.optim.AdamW(add_weight_decay_groups(den, 0.0), lr=1e-2, betas=(0.9, 0.95))
+    for step in range(3):
+        opt.zero_grad()
+        loss(den.net, seed=10 + step).backward()
+        opt.step()
+    ema1, ema2 = den.state_dict(), den.state_dict()
+    g = torch.Generator().manual_seed(5)
+    for name, p in den.named_parameters():
+        if p.requires_grad:
+            ema1[name] = p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+            ema2[name] = p.detach() - 0.05 * torch.randn(p.shape, generator=g)
+    path = tmp_path / "checkpoint-last.pth"
+    save_like_official(den, ema1, ema2, opt, 1, official_args(**args_fields), path)
+    return den, opt, path, (ema1, ema2)

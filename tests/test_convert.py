@@ -18,43 +18,8 @@ from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import restore
 from tests import official_jit as oj
 
-ARCH = dict(size=16, p=4, c=3, dim=64, depth=6, heads=4, bottleneck=8, classes=8, ctx_len=3)
-ARCH["ctx_start"] = 4  # JiT-B's in-context start block, which the converter takes from the name
-
-
-def _inputs(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 3, 16, 16, generator=g)
-    t = torch.rand(n, generator=g)
-    y = torch.tensor([0, 3, 7, 8])[:n]  # 8 = the null class
-    return z, t, y
-
-
-def _loss(net, seed):
-    z, t, y = _inputs(seed=seed)
-    return net(z, t, y).pow(2).mean()
-
-
-def _official(tmp_path, **args_fields):
-    """A trained-looking official checkpoint: random weights, 3 AdamW steps with the official
-    parameter groups (non-trivial moments), two EMA copies that differ from the weights."""
-    torch.manual_seed(0)
-    den = oj.Denoiser(**ARCH)
-    oj.randomize(den, seed=1)
-    opt = torch.optim.AdamW(oj.add_weight_decay_groups(den, 0.0), lr=1e-2, betas=(0.9, 0.95))
-    for step in range(3):
-        opt.zero_grad()
-        _loss(den.net, seed=10 + step).backward()
-        opt.step()
-    ema1, ema2 = den.state_dict(), den.state_dict()
-    g = torch.Generator().manual_seed(5)
-    for name, p in den.named_parameters():
-        if p.requires_grad:
-            ema1[name] = p.detach() + 0.05 * torch.randn(p.shape, generator=g)
-            ema2[name] = p.detach() - 0.05 * torch.randn(p.shape, generator=g)
-    path = tmp_path / "checkpoint-last.pth"
-    oj.save_like_official(den, ema1, ema2, opt, 1, oj.official_args(**args_fields), path)
-    return den, opt, path, (ema1, ema2)
+ARCH = oj.ARCH
+_inputs, _loss, _official = oj.inputs, oj.loss, oj.make_official_checkpoint
 
 
 def _convert(path, out, *extra):
