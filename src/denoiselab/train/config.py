@@ -12,6 +12,7 @@ from typing import Any, Literal
 from denoiselab.config import ConfigError
 from denoiselab.data import DataConfig
 from denoiselab.objectives import ObjectiveConfig
+from denoiselab.train.tracking import LogConfig
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
     global_batch: int = 1024
     grad_accum: int = 1
