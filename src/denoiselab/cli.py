@@ -121,7 +121,11 @@ PASSTHROUGH_SPECS = {
         "ablate_main",
         "run an ablation suite, write the scoreboard",
     ),
-    "report": ("denoiselab.ablate.cli", "report_main", "rebuild an ablation report from results"),
+    "report": (
+        "denoiselab.ablate.cli",
+        "report_main",
+        "rebuild an ablation report, or overlay several runs' curves",
+    ),
     "bench": (
         "denoiselab.bench.cli",
         "bench_main",
