@@ -138,6 +138,11 @@ PASSTHROUGH_SPECS = {
         "convert_main",
         "turn an official JiT checkpoint into a run folder",
     ),
+    "export": (
+        "denoiselab.interop.export",
+        "export_main",
+        "write a shareable model folder (weights, config.json, model card)",
+    ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
 }
