@@ -134,7 +134,7 @@ PASSTHROUGH_SPECS = {
     "toy": ("denoiselab.analysis.cli", "toy_main", "JiT Fig. 2 toy experiment"),
     "analyze": ("denoiselab.analysis.cli", "analyze_main", "JLT local Gaussian analysis"),
     "convert": (
-        "denoiselab.interop.jit_official",
+        "denoiselab.interop.cli",
         "convert_main",
         "turn an official JiT checkpoint into a run folder",
     ),

@@ -27,7 +27,7 @@ from .kernels import kid, l2_normalize, mmd_rbf
 from .precision_recall import precision_recall
 from .probe import load_probe
 from .probe_train import ProbeConfig
-from .reference import ReferenceStats, load_reference_npz, reference_stats
+from .reference import ReferenceStats, check_dimension, load_reference_npz, reference_stats
 
 __all__ = ["METRICS", "MetricInputs", "MetricSpec", "balanced_labels", "batch_seed", "evaluate"]
 
@@ -221,7 +221,7 @@ def evaluate(
     references: dict[str, ReferenceStats] = {}
     for kind in kinds:
         if kind in files:
-            _check_dimension(kind, extractors[kind], files[kind])
+            check_dimension(files[kind], extractors[kind], kind)
             references[kind] = files[kind]
         elif kind in needs_ref:
             references[kind] = reference_stats(
@@ -391,17 +391,6 @@ def _check_file_references(specs: Mapping[str, MetricSpec], files: Mapping[str, 
                 f"the statistics file {str(files[spec.extractor].path)!r} (mu and sigma only); "
                 "drop the metric or compute the reference from the data"
             )
-
-
-def _check_dimension(kind: str, extractor: Extractor, ref: ReferenceStats) -> None:
-    """Before any sample is generated: the file's ``mu`` has the extractor's feature size."""
-    probe = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
-    dim = extractor(probe).shape[1]
-    if dim != ref.stats.mean.shape[0]:
-        raise ValueError(
-            f"reference statistics {str(ref.path)!r} are {ref.stats.mean.shape[0]}-dimensional "
-            f"but the {kind} features are {dim}-dimensional (TF-Inception pool3: 2048)"
-        )
 
 
 def _describe_reference(reference: ReferenceStats) -> dict[str, Any]:

@@ -27,6 +27,7 @@ __all__ = [
     "REFERENCE_CODE_VERSION",
     "ReferenceStats",
     "ReferenceStatsError",
+    "check_dimension",
     "load_reference_npz",
     "reference_stats",
 ]
@@ -181,3 +182,15 @@ def _array(data: Any, key: str, path: Path) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise ReferenceStatsError(f"{str(path)!r}: {key!r} holds non-finite values")
     return array
+
+
+def check_dimension(ref: ReferenceStats, extractor: Extractor, kind: str) -> None:
+    """Before any sample is generated: the file's ``mu`` has the extractor's feature size
+    (one grey 64×64 image through the extractor tells it)."""
+    probe = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    dim = extractor(probe).shape[1]
+    if dim != ref.stats.mean.shape[0]:
+        raise ReferenceStatsError(
+            f"reference statistics {str(ref.path)!r} are {ref.stats.mean.shape[0]}-dimensional "
+            f"but the {kind} features are {dim}-dimensional (TF-Inception pool3: 2048)"
+        )
