@@ -64,6 +64,28 @@ def test_tensorboard_events_hold_every_row_grid_and_the_config(tmp_path):
     assert "global_batch: 8" in text and "resolved_model:" in text
 
 
+@needs_tb
+def test_tensorboard_after_resume_has_each_step_once(tmp_path):
+    """A run killed after its step-4 checkpoint logged steps 5…8; resuming from step 4 logs
+    them again: TensorBoard must show the new values once, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(**{"log.backends": "[tensorboard]", "ckpt_every_nimg": 32})
+    run = train(cfg, tmp_path / "r", quiet=True)
+    step4 = run / "checkpoints" / "step_000000004.safetensors"
+    train(
+        tiny(**{"log.backends": "[tensorboard]", "optim.lr": 5e-4}), run, resume=step4, quiet=True
+    )
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    rows = _loss_rows(run)
+    events = acc.Scalars("loss")
+    assert [e.step for e in events] == list(range(1, 9))
+    assert [e.value for e in events] == pytest.approx(
+        [rows[s]["loss"] for s in range(1, 9)], rel=1e-6
+    )
+
+
 def _wandb_records(path: Path):
     """Records of a W&B ``.wandb`` file (leveldb log format: 7-byte file header, then 32 KiB
     blocks of chunks ``crc32 (4) | length (2, LE) | type (1) | data``; types 1 full,

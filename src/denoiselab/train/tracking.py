@@ -82,13 +82,16 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    """``torch.utils.tensorboard.SummaryWriter`` in ``<run>/tensorboard``. On resume,
-    ``purge_step`` hides events logged after the checkpoint (they are logged again)."""
+    """``torch.utils.tensorboard.SummaryWriter`` in ``<run>/tensorboard``. On resume from step
+    ``s``, ``purge_step = s + 1`` hides the events logged after the checkpoint (they are logged
+    again), as ``metrics.jsonl`` drops its rows past ``s``."""
 
     def __init__(self, cfg: LogConfig, root: Path, config_yaml: str, step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(root / "tensorboard"), purge_step=step or None)
+        self.writer = SummaryWriter(
+            str(root / "tensorboard"), purge_step=step + 1 if step else None
+        )
         # Markdown: a 4-space indent keeps the YAML a code block
         self.writer.add_text(
             "config", "\n".join("    " + ln for ln in config_yaml.splitlines()), step
