@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,20 @@ def _wandb_records(path: Path):
     return out
 
 
+def _finished_records(path: Path, timeout: float = 60.0):
+    """The records once W&B's writer (a separate service process, which may still be
+    flushing when ``finish()`` returns) has written the run's ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path) if path.is_file() else []
+        if (
+            any(r.WhichOneof("record_type") == "exit" for r in records)
+            or time.monotonic() > deadline
+        ):
+            return records
+        time.sleep(0.2)
+
+
 @needs_wandb
 def test_wandb_offline_run_holds_every_row_grid_and_the_config(tmp_path, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
@@ -123,7 +138,7 @@ def test_wandb_offline_run_holds_every_row_grid_and_the_config(tmp_path, monkeyp
     (run_dir,) = (run / "wandb").glob("offline-run-*")
     run_id = json.loads((run / "tracking.json").read_text())["wandb_id"]
     assert run_dir.name.endswith(run_id)
-    records = _wandb_records(run_dir / f"run-{run_id}.wandb")
+    records = _finished_records(run_dir / f"run-{run_id}.wandb")
     history: dict[int, dict] = {}
     config = {}
     for r in records:
