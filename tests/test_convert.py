@@ -107,6 +107,7 @@ def test_converted_adam_moments_take_the_same_step_as_the_official_optimizer(tmp
         assert _rel(other(z, t, y), den.net(z, t, y)) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_converted_run_samples_and_resumes(tmp_path, capsys):
     _, _, path, _ = _official(tmp_path)

@@ -124,6 +124,7 @@ def _hub_cache(exported: Path, hub: Path, repo: str, commit: str = "a" * 40) -> 
     (folder / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow
 def test_hub_id_loads_from_the_local_cache_only(exported, tmp_path):
     home = tmp_path / "hf"
     _hub_cache(exported, home / "hub", "me/tiny-jit")
