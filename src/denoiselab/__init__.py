@@ -5,3 +5,13 @@ Time convention (used everywhere): ``t = 1`` is data, ``t = 0`` is noise,
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "from_pretrained"]
+
+
+def __getattr__(name: str):  # lazy: `import denoiselab` stays light
+    if name == "from_pretrained":
+        from denoiselab.interop.pretrained import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'denoiselab' has no attribute {name!r}")

@@ -139,7 +139,11 @@ PASSTHROUGH_SPECS = {
         "ablate_main",
         "run an ablation suite, write the scoreboard",
     ),
-    "report": ("denoiselab.ablate.cli", "report_main", "rebuild an ablation report from results"),
+    "report": (
+        "denoiselab.ablate.cli",
+        "report_main",
+        "rebuild an ablation report, or overlay several runs' curves",
+    ),
     "bench": (
         "denoiselab.bench.cli",
         "bench_main",
@@ -147,6 +151,16 @@ PASSTHROUGH_SPECS = {
     ),
     "toy": ("denoiselab.analysis.cli", "toy_main", "JiT Fig. 2 toy experiment"),
     "analyze": ("denoiselab.analysis.cli", "analyze_main", "JLT local Gaussian analysis"),
+    "convert": (
+        "denoiselab.interop.cli",
+        "convert_main",
+        "turn an official JiT checkpoint into a run folder",
+    ),
+    "export": (
+        "denoiselab.interop.export",
+        "export_main",
+        "write a shareable model folder (weights, config.json, model card)",
+    ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
 }

@@ -109,6 +109,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             probe_config=probe_cfg,
             inception_resize=args.fid_resize,
+            num_ref=args.num_ref,
+            reference_files={"inception": args.ref_stats} if args.ref_stats else None,
         )
         return {**out, "ema": ema, "cfg": scale}
 
@@ -179,6 +181,19 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="TF-Inception input resize: tf1_bilinear (ADM/torch-fidelity, the papers' FIDs) "
         "or antialias (torchmetrics >= 1.8); recorded in eval.json",
     )
+    p.add_argument(
+        "--ref-stats",
+        metavar="FILE.npz",
+        help="published Inception statistics for fid (arrays mu [2048], sigma [2048, 2048]: "
+        "ADM's VIRTUAL_imagenet256_labeled.npz, JiT's fid_stats/jit_in256_stats.npz) instead "
+        "of statistics of the run's data; see docs/evaluation.md",
+    )
+    p.add_argument(
+        "--num-ref",
+        type=int,
+        help="real images behind reference statistics computed from the data (default: --num; "
+        "the whole dataset if smaller)",
+    )
     p.add_argument("--clip", help="local CLIP ViT-L/14@336 directory (for cmmd)")
     p.add_argument("--dinov2", help="local DINOv2 ViT-L/14-reg directory (for dino_mmd)")
     p.add_argument(
@@ -186,6 +201,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.ref_stats and "fid" not in args.metrics.split(","):
+        p.error("--ref-stats holds Inception statistics for fid: add fid to --metrics")
+    if args.num_ref is not None and args.num_ref < 2:
+        p.error(f"--num-ref {args.num_ref}: must be >= 2")
     try:
         result = run_eval(args)
     except (ValueError, FileNotFoundError) as e:

@@ -115,21 +115,44 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
-    """``denoiselab report DIR``: rebuild scoreboard and report.html from a suite folder."""
+    """``denoiselab report DIR``: rebuild a suite folder's scoreboard and report.html;
+    ``denoiselab report RUN [RUN …] [--out FILE]``: overlay the curves of run folders.
+    Which one is decided by what the paths hold (``suite.json`` or ``metrics.jsonl``)."""
     from denoiselab.ablate.report import build_report
+    from denoiselab.ablate.runs_report import build_runs_report, is_run_folder
 
     p = argparse.ArgumentParser(
         prog="denoiselab report",
-        description="Rebuild the scoreboard (CSV, JSON, Markdown) and the self-contained "
-        "report.html of a suite folder written by `denoiselab ablate`.",
+        description="A suite folder (holds suite.json): rebuild the scoreboard (CSV, JSON, "
+        "Markdown) and report.html written by `denoiselab ablate`. One or more run folders "
+        "(hold metrics.jsonl): one HTML page overlaying their loss and evaluation curves.",
     )
-    p.add_argument("dir", help="suite folder (holds suite.json and variants/)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="one suite folder, or run folders")
+    p.add_argument("--out", help="run folders: the HTML file to write (default runs_report.html)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    paths = [Path(d) for d in args.dirs]
+    suites = [d for d in paths if (d / "suite.json").is_file()]
     try:
-        report = build_report(Path(args.dir))
-    except (ConfigError, FileNotFoundError) as e:
+        if suites:
+            if len(paths) > 1:
+                raise ConfigError(
+                    f"{str(suites[0])!r} is a suite folder: give one suite folder alone, or "
+                    "run folders only"
+                )
+            if args.out:
+                raise ConfigError("--out is for run folders; a suite's report.html stays in it")
+            report = build_report(paths[0])
+            print((paths[0] / "scoreboard.md").read_text(encoding="utf-8"))
+        else:
+            for d in paths:
+                if not is_run_folder(d):
+                    raise FileNotFoundError(
+                        f"{str(d)!r} is neither a suite folder (suite.json) nor a run folder "
+                        "(metrics.jsonl, config.yaml)"
+                    )
+            report = build_runs_report(paths, args.out or "runs_report.html")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"denoiselab report: error: {e}", file=sys.stderr)
         return 2
-    print((Path(args.dir) / "scoreboard.md").read_text(encoding="utf-8"))
     print(f"report: {report}")
     return 0

@@ -12,7 +12,7 @@ import base64
 import html
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,38 +42,45 @@ def _vdir(out: Path, name: str) -> Path:
 
 def plot_curves(out: Path, names: Sequence[str]) -> list[Path]:
     """One figure per periodic metric: metric against kimg, one line per variant."""
-    plt = _pyplot()
     series = {n: read_jsonl(_vdir(out, n) / "eval.jsonl") for n in names}
+    finals = {n: f for n in names if (f := _final(out, n))}
     metrics = list(
         dict.fromkeys(k for rows in series.values() for r in rows for k in r if _is_metric(k))
     )
-    paths = []
-    for metric in metrics:
-        fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
-        for i, name in enumerate(names):
-            rows = [r for r in series[name] if metric in r]
-            color = f"C{i % 10}"
-            if rows:
-                ax.plot(
-                    [r["kimg"] for r in rows],
-                    [r[metric] for r in rows],
-                    "o-",
-                    ms=3,
-                    color=color,
-                    label=name,
-                )
-            final = _final(out, name)
-            if final and metric in final.get("metrics", {}):
-                ax.plot([final["nimg"] / 1000], [final["metrics"][metric]], "*", ms=11, color=color)
-        ax.set_xlabel("images seen (kimg)")
-        ax.set_ylabel(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
-        _maybe_log(ax, [r[metric] for rows in series.values() for r in rows if metric in r])
-        ax.set_title(f"{metric} during training (★: final evaluation, more samples)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        paths.append(_save(fig, out / f"curves_{metric}.png"))
-    return paths
+    return [draw_metric(series, metric, out / f"curves_{metric}.png", finals) for metric in metrics]
+
+
+def draw_metric(
+    series: Mapping[str, Sequence[dict[str, Any]]],
+    metric: str,
+    path: Path,
+    finals: Mapping[str, dict[str, Any]] | None = None,
+) -> Path:
+    """``metric`` against images seen (``kimg``), one line per name of ``series`` (rows as in
+    ``metrics.jsonl``); ``finals[name]`` (``{"nimg", "metrics"}``) adds a star: the final,
+    larger evaluation. Written to ``path``."""
+    plt = _pyplot()
+    finals = finals or {}
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    for i, (name, all_rows) in enumerate(series.items()):
+        rows = [r for r in all_rows if metric in r]
+        color = f"C{i % 10}"
+        if rows:
+            xs, ys = [r["kimg"] for r in rows], [r[metric] for r in rows]
+            ax.plot(xs, ys, "o-", ms=3, color=color, label=name)
+        final = finals.get(name)
+        if final and metric in final.get("metrics", {}):
+            ax.plot([final["nimg"] / 1000], [final["metrics"][metric]], "*", ms=11, color=color)
+    ax.set_xlabel("images seen (kimg)")
+    short = metric.removeprefix("eval/")
+    ax.set_ylabel(f"{metric} ({'lower' if lower_is_better(short) else 'higher'} is better)")
+    _maybe_log(ax, [r[metric] for rows in series.values() for r in rows if metric in r])
+    title = f"{metric} during training"
+    ax.set_title(title + (" (★: final evaluation, more samples)" if finals else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _is_metric(key: str) -> bool:
@@ -97,26 +104,32 @@ def _final(out: Path, name: str) -> dict[str, Any] | None:
 
 def plot_loss(out: Path, names: Sequence[str]) -> Path | None:
     """Training loss of every variant against images seen (log scale)."""
+    series = {n: read_jsonl(_vdir(out, n) / "metrics.jsonl") for n in names}
+    return draw_loss(series, out / "loss.png", "each variant in its own loss space")
+
+
+def draw_loss(series: Mapping[str, Sequence[dict[str, Any]]], path: Path, note: str) -> Path | None:
+    """Training loss (rows with ``loss``) against images seen, log scale, one line per name;
+    None when no row has a loss."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
     drawn = False
-    for i, name in enumerate(names):
-        rows = [r for r in read_jsonl(_vdir(out, name) / "metrics.jsonl") if "loss" in r]
+    for i, (name, all_rows) in enumerate(series.items()):
+        rows = [r for r in all_rows if "loss" in r]
         if rows:
-            ax.plot(
-                [r["kimg"] for r in rows], [r["loss"] for r in rows], color=f"C{i % 10}", label=name
-            )
+            xs, ys = [r["kimg"] for r in rows], [r["loss"] for r in rows]
+            ax.plot(xs, ys, color=f"C{i % 10}", label=name)
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("images seen (kimg)")
-    ax.set_ylabel("training loss (each variant in its own loss space)")
+    ax.set_ylabel(f"training loss ({note})")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, out / "loss.png")
+    return _save(fig, path)
 
 
 def plot_throughput(out: Path, rows: Sequence[dict[str, Any]]) -> Path | None:

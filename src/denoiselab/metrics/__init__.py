@@ -23,7 +23,7 @@ from .kernels import KIDResult, MMDResult, kid, l2_normalize, mmd2, mmd_rbf
 from .precision_recall import PrecisionRecall, precision_recall
 from .probe import ProbeExtractor, load_probe
 from .probe_train import ProbeConfig
-from .reference import ReferenceStats, reference_stats
+from .reference import ReferenceStats, ReferenceStatsError, load_reference_npz, reference_stats
 
 __all__ = [
     "METRICS",
@@ -39,6 +39,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeExtractor",
     "ReferenceStats",
+    "ReferenceStatsError",
     "StreamingGaussianStats",
     "balanced_labels",
     "batch_seed",
@@ -55,6 +56,7 @@ __all__ = [
     "load_dinov2",
     "load_inception",
     "load_probe",
+    "load_reference_npz",
     "mmd2",
     "mmd_rbf",
     "precision_recall",

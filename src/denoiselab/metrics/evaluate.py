@@ -27,7 +27,7 @@ from .kernels import kid, l2_normalize, mmd_rbf
 from .precision_recall import precision_recall
 from .probe import load_probe
 from .probe_train import ProbeConfig
-from .reference import ReferenceStats, reference_stats
+from .reference import ReferenceStats, check_dimension, load_reference_npz, reference_stats
 
 __all__ = ["METRICS", "MetricInputs", "MetricSpec", "balanced_labels", "batch_seed", "evaluate"]
 
@@ -54,6 +54,7 @@ class MetricSpec:
     description: str
     needs_logits: bool = False
     needs_reference: bool = True
+    needs_features: bool = False  # real feature rows, not only the Gaussian statistics
 
 
 def _fd(key: str) -> Callable[[MetricInputs], dict[str, float]]:
@@ -95,7 +96,10 @@ def _acc(m: MetricInputs) -> dict[str, float]:
 METRICS: dict[str, MetricSpec] = {
     "fd_probe": MetricSpec("probe", _fd("fd_probe"), "Fréchet distance of probe features"),
     "mmd_probe": MetricSpec(
-        "probe", _mmd("mmd_probe"), "RBF-MMD (σ=10, ×1000) of unit probe features"
+        "probe",
+        _mmd("mmd_probe"),
+        "RBF-MMD (σ=10, ×1000) of unit probe features",
+        needs_features=True,
     ),
     "acc_probe": MetricSpec(
         "probe",
@@ -104,15 +108,40 @@ METRICS: dict[str, MetricSpec] = {
         needs_logits=True,
         needs_reference=False,
     ),
-    "pr_probe": MetricSpec("probe", _pr("_probe"), "k-NN precision/recall (k=3) of probe features"),
+    "pr_probe": MetricSpec(
+        "probe",
+        _pr("_probe"),
+        "k-NN precision/recall (k=3) of probe features",
+        needs_features=True,
+    ),
     "fid": MetricSpec("inception", _fd("fid"), "Fréchet Inception distance (TF-Inception pool3)"),
-    "cmmd": MetricSpec("clip", _mmd("cmmd"), "CMMD: RBF-MMD (σ=10, ×1000) of unit CLIP embeddings"),
-    "dino_mmd": MetricSpec("dinov2", _mmd("dino_mmd"), "RBF-MMD (σ=10, ×1000) of unit DINOv2 CLS"),
-    "kid": MetricSpec("inception", _kid, "kernel Inception distance (cubic kernel, 100 subsets)"),
+    "cmmd": MetricSpec(
+        "clip",
+        _mmd("cmmd"),
+        "CMMD: RBF-MMD (σ=10, ×1000) of unit CLIP embeddings",
+        needs_features=True,
+    ),
+    "dino_mmd": MetricSpec(
+        "dinov2",
+        _mmd("dino_mmd"),
+        "RBF-MMD (σ=10, ×1000) of unit DINOv2 CLS",
+        needs_features=True,
+    ),
+    "kid": MetricSpec(
+        "inception",
+        _kid,
+        "kernel Inception distance (cubic kernel, 100 subsets)",
+        needs_features=True,
+    ),
     "is": MetricSpec(
         "inception", _is, "Inception score (10 splits)", needs_logits=True, needs_reference=False
     ),
-    "pr": MetricSpec("inception", _pr(""), "k-NN precision/recall (k=3) of Inception pool3"),
+    "pr": MetricSpec(
+        "inception",
+        _pr(""),
+        "k-NN precision/recall (k=3) of Inception pool3",
+        needs_features=True,
+    ),
 }
 
 
@@ -141,6 +170,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     num_ref: int | None = None,
     max_ref_features: int = 10_000,
+    reference_files: Mapping[str, str | Path] | None = None,
     dataset: Any = None,
     probe_config: ProbeConfig | None = None,
     inception_resize: str = "tf1_bilinear",
@@ -156,19 +186,25 @@ def evaluate(
     ``<cache root>/extractors``; ``inception_resize`` picks the TF-Inception input resize
     (``"tf1_bilinear"``, ADM/torch-fidelity, or ``"antialias"``, torchmetrics). Under an
     initialised process group each rank generates a share of the batches (same result as one
-    process). Returns the metric values under ``"metrics"`` plus everything needed to
-    reproduce and compare them.
+    process). ``reference_files`` maps an extractor kind (``"inception"``) to published
+    statistics (:func:`~.reference.load_reference_npz`: ``mu``, ``sigma``) used instead of
+    statistics of ``dataset``; the dataset is then not needed unless another metric needs it.
+    Returns the metric values under ``"metrics"`` plus everything needed to reproduce and
+    compare them.
     """
     start = time.perf_counter()
     specs = _resolve(metrics)
     rank, world = _rank_world()
-    if dataset is None:
+    files = {k: load_reference_npz(v) for k, v in (reference_files or {}).items()}
+    _check_file_references(specs, files)
+    kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
+    needs_ref = {spec.extractor for spec in specs.values() if spec.needs_reference}
+    if dataset is None and ("probe" in kinds or needs_ref - set(files)):
         from ..data import build_dataset
 
         dataset = build_dataset(dataset_cfg)
     if rank > 0:
         dist.barrier()  # rank 0 trains the probe / computes the references into the cache first
-    kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
     extractors = {
         kind: _build_extractor(
             kind,
@@ -182,19 +218,20 @@ def evaluate(
         )
         for kind in kinds
     }
-    needs_ref = {spec.extractor for spec in specs.values() if spec.needs_reference}
-    references = {
-        kind: reference_stats(
-            extractors[kind],
-            dataset_cfg,
-            num=num_ref or num,
-            dataset=dataset,
-            max_features=max_ref_features,
-            cache_dir=cache_dir,
-        )
-        for kind in kinds
-        if kind in needs_ref
-    }
+    references: dict[str, ReferenceStats] = {}
+    for kind in kinds:
+        if kind in files:
+            check_dimension(files[kind], extractors[kind], kind)
+            references[kind] = files[kind]
+        elif kind in needs_ref:
+            references[kind] = reference_stats(
+                extractors[kind],
+                dataset_cfg,
+                num=num_ref or num,
+                dataset=dataset,
+                max_features=max_ref_features,
+                cache_dir=cache_dir,
+            )
     if rank == 0 and world > 1:
         dist.barrier()
     if "acc_probe" in specs and extractors["probe"].num_classes != num_classes:
@@ -338,7 +375,27 @@ def _describe(extractor: Extractor) -> dict[str, Any]:
     return info
 
 
+def _check_file_references(specs: Mapping[str, MetricSpec], files: Mapping[str, Any]) -> None:
+    """Published statistics hold ``mu`` and ``sigma`` only: no metric may need feature rows,
+    and each file must serve a requested metric."""
+    unused = set(files) - {spec.extractor for spec in specs.values() if spec.needs_reference}
+    if unused:
+        raise ValueError(
+            f"reference statistics given for {sorted(unused)}, but no requested metric compares "
+            f"with them (metrics: {', '.join(specs)})"
+        )
+    for name, spec in specs.items():
+        if spec.extractor in files and spec.needs_features:
+            raise ValueError(
+                f"{name} needs real-image feature rows, but the {spec.extractor} reference is "
+                f"the statistics file {str(files[spec.extractor].path)!r} (mu and sigma only); "
+                "drop the metric or compute the reference from the data"
+            )
+
+
 def _describe_reference(reference: ReferenceStats) -> dict[str, Any]:
+    if reference.meta.get("source") == "file":
+        return {**reference.meta, "count": None, "raw_features": 0}
     return {
         "count": reference.stats.count,
         "raw_features": len(reference.features),

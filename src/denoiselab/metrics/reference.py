@@ -8,6 +8,7 @@ rows (float32) for MMD, KID and precision/recall. Every evaluation reuses it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,20 @@ from .extractors import Extractor
 from .frechet import GaussianStats, StreamingGaussianStats
 from .images import dataset_uint8
 
-__all__ = ["REFERENCE_CODE_VERSION", "ReferenceStats", "reference_stats"]
+__all__ = [
+    "REFERENCE_CODE_VERSION",
+    "ReferenceStats",
+    "ReferenceStatsError",
+    "check_dimension",
+    "load_reference_npz",
+    "reference_stats",
+]
 
 REFERENCE_CODE_VERSION = "reference-v1"  # bump when the way statistics are computed changes
+
+
+class ReferenceStatsError(ValueError):
+    """A reference-statistics file that cannot be used; the message names the file and array."""
 
 
 @dataclass(frozen=True)
@@ -112,3 +124,73 @@ def _load(path: Path) -> ReferenceStats:
         features = torch.from_numpy(data["features"].copy())
         meta = json.loads(str(data["meta"]))
     return ReferenceStats(stats=stats, features=features, meta=meta, path=path)
+
+
+def load_reference_npz(path: str | Path) -> ReferenceStats:
+    """Published reference statistics: an ``.npz`` with ``mu [D]`` and ``sigma [D, D]``.
+
+    The format of ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: also
+    ``arr_0``, ``mu_s``, ``sigma_s``, which are ignored), of torch-fidelity's
+    ``fid_statistics_file`` and of the official JiT code (``fid_stats/jit_in256_stats.npz``).
+    Read with ``allow_pickle=False``: pickled object arrays are refused, never unpickled.
+    Only Gaussian statistics: ``features`` is empty (``[0, D]``), so metrics that need real
+    feature rows (KID, precision/recall) cannot use such a file. ``stats.count`` is 0 (the
+    files do not say how many images they summarise); ``meta["stats_sha256"]`` identifies
+    ``mu`` and ``sigma`` whatever else the file holds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ReferenceStatsError(f"{str(path)!r} is not a readable .npz file: {e}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ReferenceStatsError(f"{str(path)!r} holds one array, not an .npz with mu and sigma")
+    with data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ReferenceStatsError(
+                f"{str(path)!r} lacks {missing}: reference statistics need arrays 'mu' [D] and "
+                f"'sigma' [D, D] (ADM / torch-fidelity / JiT format); found {data.files}"
+            )
+        mu, sigma = _array(data, "mu", path), _array(data, "sigma", path)
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if mu.ndim != 1 or sigma.shape != (d, d):
+        raise ReferenceStatsError(
+            f"{str(path)!r}: 'mu' has shape {list(mu.shape)} and 'sigma' {list(sigma.shape)}; "
+            "expected [D] and [D, D]"
+        )
+    digest = hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()
+    meta = {"source": "file", "path": str(path.resolve()), "stats_sha256": digest, "dim": d}
+    stats = GaussianStats(mu, sigma, 0)
+    return ReferenceStats(stats=stats, features=torch.empty(0, d), meta=meta, path=path)
+
+
+def _array(data: Any, key: str, path: Path) -> np.ndarray:
+    try:
+        array = data[key]
+    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise ReferenceStatsError(
+            f"{str(path)!r}: {key!r} is a pickled object array ({e}); refusing to unpickle it"
+        ) from None
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ReferenceStatsError(
+            f"{str(path)!r}: {key!r} has dtype {array.dtype}, not real numbers"
+        )
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ReferenceStatsError(f"{str(path)!r}: {key!r} holds non-finite values")
+    return array
+
+
+def check_dimension(ref: ReferenceStats, extractor: Extractor, kind: str) -> None:
+    """Before any sample is generated: the file's ``mu`` has the extractor's feature size
+    (one grey 64×64 image through the extractor tells it)."""
+    probe = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    dim = extractor(probe).shape[1]
+    if dim != ref.stats.mean.shape[0]:
+        raise ReferenceStatsError(
+            f"reference statistics {str(ref.path)!r} are {ref.stats.mean.shape[0]}-dimensional "
+            f"but the {kind} features are {dim}-dimensional (TF-Inception pool3: 2048)"
+        )

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from denoiselab.config import ConfigError
 from denoiselab.data import DataConfig
 from denoiselab.objectives import ObjectiveConfig
+from denoiselab.train.tracking import LogConfig
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     terms: dict[str, Any] = field(default_factory=dict)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
     global_batch: int = 1024
     grad_accum: int = 1

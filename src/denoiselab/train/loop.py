@@ -46,6 +46,7 @@ from denoiselab.train.optim import build_optimizer
 from denoiselab.train.periodic import evaluate_network
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
+from denoiselab.train.tracking import require_backends
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,6 +105,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         quiet: bool = False,
     ) -> None:
+        require_backends(cfg.log)  # a missing tracker package fails now, not after set-up
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.quiet = quiet
@@ -151,6 +153,7 @@ class Trainer:
         self.run_dir.write_text("config.yaml", self.config_yaml)
         self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
         self.run_dir.truncate_metrics(self.start_step)
+        self.run_dir.start_tracking(cfg.log, self.config_yaml, self.start_step)
         self.step_module: nn.Module = self.module
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -299,6 +302,7 @@ class Trainer:
         self.log(
             f"done: {total} steps in {time.perf_counter() - t_start:.1f}s → {self.run_dir.root}"
         )
+        self.run_dir.close()
         return self.run_dir.root
 
     def _check_finite(self, first_bad: Tensor) -> None:
@@ -395,7 +399,9 @@ class Trainer:
             interval=cfg.interval,
         )
         nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
-        save_grid(images, self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)
+        path = self.run_dir.root / "samples" / f"step_{step:09d}.png"
+        save_grid(images, path, nrow)
+        self.run_dir.log_image("samples", path, step)
 
     def log(self, message: str) -> None:
         if self.dist.is_main and not self.quiet:
@@ -423,4 +429,8 @@ def train(
     quiet: bool = False,
 ) -> Path:
     """Train ``cfg`` into run folder ``out_dir`` (resuming from ``resume`` if given)."""
-    return Trainer(cfg, out_dir, resume=resume, callbacks=callbacks, quiet=quiet).run()
+    trainer = Trainer(cfg, out_dir, resume=resume, callbacks=callbacks, quiet=quiet)
+    try:
+        return trainer.run()
+    finally:
+        trainer.run_dir.close()  # trackers flushed even when training stops with an error

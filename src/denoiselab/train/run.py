@@ -6,6 +6,7 @@
 <run>/samples/*.png      grids from fixed noise and labels
 <run>/checkpoints/       step_<N>.safetensors + step_<N>.state.safetensors
 <run>/loss.png           loss curve
+<run>/tensorboard/, <run>/wandb/, <run>/tracking.json   trackers (``log.backends``)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from denoiselab.io import atomic_write_text
+from denoiselab.train.tracking import LogConfig, Tracker, open_trackers
 
 
 def git_revision(cwd: Path | None = None) -> str:
@@ -65,11 +67,12 @@ def environment() -> dict[str, Any]:
 
 
 class RunFolder:
-    """Owns the files of one run; only the main rank writes."""
+    """Owns the files of one run; only the main rank writes (and reports to trackers)."""
 
     def __init__(self, root: str | Path, is_main: bool = True) -> None:
         self.root = Path(root)
         self.is_main = is_main
+        self.trackers: list[Tracker] = []
         if is_main:
             (self.root / "samples").mkdir(parents=True, exist_ok=True)
             (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -91,11 +94,30 @@ class RunFolder:
         self.write_text("meta.json", json.dumps({**environment(), **(extra or {})}, indent=2))
 
     def log(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to ``metrics.jsonl`` and hand it to every tracker."""
         if not self.is_main:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for tracker in self.trackers:
+            tracker.log_row(row)
+
+    def start_tracking(self, cfg: LogConfig, config_yaml: str, step: int) -> None:
+        """Open the trackers of ``log.backends`` (main rank only), starting at ``step``."""
+        if self.is_main and not self.trackers:
+            self.trackers = open_trackers(cfg, self.root, config_yaml, step)
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        """Report an image file the run wrote (a sample grid) to every tracker."""
+        for tracker in self.trackers:
+            tracker.log_image(tag, path, step)
+
+    def close(self) -> None:
+        """Flush and close the trackers (idempotent)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows past ``after_step`` (logged after the checkpoint we resume from)."""
