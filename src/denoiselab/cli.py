@@ -22,6 +22,9 @@ def _train(args: argparse.Namespace) -> int:
     from denoiselab.train.preempt import EXIT_PREEMPTED, Preempted
 
     overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        overrides.insert(0, args.config)  # `train --resume RUN key=value`: no CONFIG given
+        args.config = None
     source = args.resume
     if args.auto_resume:
         if args.resume or args.config is None:
@@ -29,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         source = out if ckpt_io.list_checkpoints(out / "checkpoints") else None
     if source:
-        ck = ckpt_io.load_for_resume(source, warn=_warn)
+        ck = ckpt_io.load_for_resume(source, warn=lambda m: _warn(f"warning: {m}"))
         if args.config is not None and not args.auto_resume:
             _warn(f"note: resuming; the run's own config is used, not {args.config}")
         base = to_dict(config_from_yaml_text(ck.config_yaml))

@@ -36,8 +36,10 @@ from denoiselab.train import tensorfile
 from denoiselab.train.tensorfile import CheckpointError, CheckpointWriteError
 
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+# what a kill can leave: our temporary files, the safetensors writer's own (``.tmpXXXXXX``),
+# a state file whose weights file never came
 _LEFTOVER_RE = re.compile(
-    r"^(\.step_\d+\.(state\.)?safetensors\..*\.tmp|step_\d+\.state\.safetensors)$"
+    r"^(\.step_\d+\.(state\.)?safetensors\..*\.tmp|\.tmp\w{6}|step_\d+\.state\.safetensors)$"
 )
 _WEIGHTS_KEYS = ("config", "step", "decays")
 _STATE_KEYS = ("optimizer", "loop_state", "step")

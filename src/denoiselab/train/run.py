@@ -72,6 +72,9 @@ class RunFolder:
         if is_main:
             (self.root / "samples").mkdir(parents=True, exist_ok=True)
             (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for folder in (self.root, self.root / "samples"):  # left by a killed writer
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
 
     @property
     def checkpoints(self) -> Path:

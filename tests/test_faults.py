@@ -1,0 +1,458 @@
+"""Fault injection (issue #14 §1): kills at random moments and inside checkpoint writes,
+preemption signals, corrupt and truncated checkpoints, a full disk. Each fault is injected
+into the real CLI/loop of a tiny run (JiT-Micro, 16×16, batch 8) and the run is then resumed
+and compared bit for bit with an uninterrupted one. A rank dying under torchrun is in
+``test_faults_ddp.py``; non-finite losses in ``test_train.py``.
+
+Kills use ``os.fork`` (the child inherits the imported modules, so a trial costs a short
+training run, not an interpreter start) and SIGKILL: from the parent after a seeded delay, or
+from the child itself at the k-th call of a write primitive (deterministic points inside the
+atomic checkpoint write, the metrics append, the pruning of old checkpoints).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from denoiselab.cli import main
+from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train import tensorfile
+from denoiselab.train.loop import Trainer
+from denoiselab.train.preempt import EXIT_PREEMPTED
+from denoiselab.train.run import RunFolder, read_metrics
+
+from .test_train import TINY
+
+# 6 steps; a checkpoint after every step (so kills land in writes), a log row every 3 steps
+# (so checkpoints hold partial log windows), a sample grid every 2 steps.
+FAULT_RUN = dict(
+    TINY,
+    duration_nimg=48,
+    log_every_nimg=24,
+    ckpt_every_nimg=8,
+    sample_every_nimg=16,
+    keep_checkpoints=2,
+    sample={"steps": 2, "num_grid": 2},
+    ema={"decays": [0.9], "warmup": True},
+)
+DETERMINISTIC_FIELDS = ("step", "nimg", "loss", "loss/denoise", "grad_norm", "lr")
+
+
+def state_of(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's newest checkpoint (weights, EMA, optimizer, loss terms)."""
+    ck = ckpt_io.load_checkpoint(run)
+    out = {f"model.{k}": v for k, v in ck.model.items()}
+    out.update({f"ema.{d}.{k}": v for d, p in ck.ema.items() for k, v in p.items()})
+    out.update({f"opt.{i}.{k}": v for i, s in ck.optimizer["state"].items()
+                for k, v in s.items() if isinstance(v, torch.Tensor)})  # fmt: skip
+    out.update({f"objective.{k}": v for k, v in (ck.objective or {}).items()})
+    out.update(ck.state_tensors or {})
+    return out
+
+
+def rows_of(run: Path) -> list[dict]:
+    """The deterministic fields of metrics.jsonl (not wall-clock rates)."""
+    rows = read_metrics(run / "metrics.jsonl")
+    return [{k: r[k] for k in DETERMINISTIC_FIELDS if k in r} for r in rows]
+
+
+def assert_same_run(run: Path, ref: tuple[dict, list], context: str = "") -> None:
+    state, rows = ref
+    got = state_of(run)
+    assert got.keys() == state.keys(), context
+    differ = [k for k in got if not torch.equal(got[k], state[k])]
+    assert not differ, f"{context}: tensors differ: {differ[:5]}"
+    assert rows_of(run) == rows, context
+
+
+def only_checkpoint_pairs(directory: Path) -> bool:
+    """Nothing but complete weights + state pairs (and set-aside ``*.stale`` files)."""
+    names = {p.name for p in directory.iterdir() if not p.name.endswith(".stale")}
+    steps = {ckpt_io.step_of(p) for p in ckpt_io.list_checkpoints(directory)}
+    pairs = {n for s in steps for n in (f"step_{s:09d}.safetensors",
+                                        f"step_{s:09d}.state.safetensors")}  # fmt: skip
+    return names == pairs
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory):
+    """The config file and the uninterrupted reference (state, rows) of FAULT_RUN."""
+    root = tmp_path_factory.mktemp("faults")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(FAULT_RUN))
+    torch.set_num_threads(1)
+    tic = time.perf_counter()
+    assert main(["train", str(cfg), "--out", str(root / "reference")]) == 0
+    seconds = time.perf_counter() - tic
+    return cfg, (state_of(root / "reference"), rows_of(root / "reference")), seconds
+
+
+def run_forked(child: Callable[[], int], *, kill_after: float | None = None,
+               limit_s: float = 120.0) -> int:  # fmt: skip
+    """Run ``child()`` in a forked process; SIGKILL it after ``kill_after`` seconds if given.
+    Returns the wait status as ``os.waitstatus_to_exitcode`` (negative: killed by signal)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = child()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    start = time.monotonic()
+    killed = False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        elapsed = time.monotonic() - start
+        if kill_after is not None and not killed and elapsed >= kill_after:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        if elapsed > limit_s:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} ran longer than {limit_s}s")
+        time.sleep(0.002)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject_kill(kind: str, k: int, counts: dict[str, int] | None = None) -> None:
+    """In the child: SIGKILL itself at the ``k``-th call of the primitive ``kind`` names
+    (``k`` 0 and a dict ``counts``: only count the calls, in ``counts[kind]``)."""
+    calls = [0]
+
+    def hit() -> bool:
+        calls[0] += 1
+        if counts is not None:
+            counts[kind] = calls[0]
+        return calls[0] == k
+
+    if kind == "mid-file":  # a safetensors file half written (then killed)
+        real_save = tensorfile.save_file
+
+        def save(tensors, path, metadata=None):
+            real_save(tensors, path, metadata)
+            if hit():
+                os.truncate(path, os.path.getsize(path) // 2)
+                _die()
+
+        tensorfile.save_file = save
+    elif kind in ("before-rename", "after-rename"):  # checkpoint files, plots, grids, config
+        real_replace = os.replace
+
+        def replace(src, dst, **kw):
+            if kind == "before-rename" and hit():
+                _die()
+            real_replace(src, dst, **kw)
+            if kind == "after-rename" and hit():
+                _die()
+
+        os.replace = replace
+    elif kind == "before-fsync":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if hit():
+                _die()
+            real_fsync(fd)
+
+        os.fsync = fsync
+    elif kind == "after-unlink":  # e.g. an old checkpoint's weights gone, its state not yet
+        real_unlink = Path.unlink
+
+        def unlink(self, missing_ok=False):
+            real_unlink(self, missing_ok=missing_ok)
+            if hit():
+                _die()
+
+        Path.unlink = unlink
+    elif kind == "mid-row":  # half a metrics line
+        real_log = RunFolder.log
+
+        def log(self, row):
+            if hit():
+                with open(self.metrics_path, "a") as f:
+                    f.write('{"step": 9, "lo')
+                _die()
+            real_log(self, row)
+
+        RunFolder.log = log
+    else:
+        raise ValueError(kind)
+
+
+KINDS = ("mid-file", "before-rename", "after-rename", "before-fsync", "after-unlink", "mid-row")
+
+
+def count_calls(cfg: Path, tmp: Path) -> tuple[dict[str, int], float]:
+    """Calls of each injection point in one uninterrupted forked run, and its duration."""
+    out = tmp / "counts.yaml"
+
+    def child() -> int:
+        counts: dict[str, int] = {}
+        for kind in KINDS:
+            inject_kill(kind, 0, counts)
+        tic = time.perf_counter()
+        code = main(["train", str(cfg), "--out", str(tmp / "counted")])
+        out.write_text(yaml.safe_dump({"counts": counts, "seconds": time.perf_counter() - tic}))
+        return code
+
+    assert run_forked(child) == 0
+    data = yaml.safe_load(out.read_text())
+    return data["counts"], data["seconds"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(fault_run, tmp_path):
+    cfg, ref, _ = fault_run
+    counts, seconds = count_calls(cfg, tmp_path)
+    rng = random.Random(14)
+    trials = [("timed", rng.uniform(0.0, seconds)) for _ in range(12)]
+    trials += [(kind, rng.randint(1, counts[kind])) for kind in KINDS for _ in range(2)]
+    report = []
+    for i, (kind, where) in enumerate(trials):
+        run = tmp_path / f"t{i}"
+        args = ["train", str(cfg), "--out", str(run), "--auto-resume"]
+
+        def child(kind=kind, where=where, args=args) -> int:
+            if kind != "timed":
+                inject_kill(kind, where)
+            return main(args)
+
+        code = run_forked(child, kill_after=where if kind == "timed" else None)
+        found = ckpt_io.list_checkpoints(run / "checkpoints")
+        # the newest checkpoint always loads as it is (no fallback needed)
+        newest = ckpt_io.load_checkpoint(run).step if found else None
+        assert main(args) == 0, f"trial {i} ({kind} {where}): resume failed"
+        assert_same_run(run, ref, f"trial {i} ({kind} {where})")
+        assert only_checkpoint_pairs(run / "checkpoints"), sorted(os.listdir(run / "checkpoints"))
+        leftovers = [p.name for p in run.rglob("*") if ".tmp" in p.name]
+        assert not leftovers, leftovers  # no temporary files anywhere
+        outcome = "killed" if code == -signal.SIGKILL else f"exit {code}"
+        at = f"after {where:.3f} s" if kind == "timed" else f"at call {where}"
+        report.append(f"{kind:>13} {at:>16}: {outcome}, newest checkpoint then: {newest}")
+    killed = sum("killed" in r for r in report)
+    print(f"\nkill -9 trials: {len(trials)}, killed mid-run: {killed}, all resumed bit-exactly")
+    print(f"calls per uninterrupted run ({seconds:.2f} s): {counts}")
+    print("\n".join(report))
+    assert len(trials) >= 20 and killed >= 20
+
+
+def test_sigterm_and_sigusr1_checkpoint_and_exit_75_then_resume(fault_run, tmp_path,
+                                                                monkeypatch, capsys):  # fmt: skip
+    cfg, ref, _ = fault_run
+    original = signal.getsignal(signal.SIGTERM)
+    for sig, at in ((signal.SIGTERM, 2), (signal.SIGUSR1, 4)):
+        run = tmp_path / sig.name
+        seen = {}
+        real_step = Trainer.train_step
+
+        def step(self, s, images, labels, sig=sig, at=at, seen=seen, real_step=real_step):
+            out = real_step(self, s, images, labels)
+            if s == at:  # the signal arrives during step `at` + 1
+                os.kill(os.getpid(), sig)
+                seen["handler"] = signal.getsignal(signal.SIGTERM)
+            return out
+
+        monkeypatch.setattr(Trainer, "train_step", step)
+        code = main(["train", str(cfg), "--out", str(run), "ckpt_every_nimg=1000"])
+        err = capsys.readouterr().err
+        assert code == EXIT_PREEMPTED == 75, err
+        assert f"stopped by {sig.name} after step {at + 1}" in err
+        assert f"denoiselab train --resume {run}" in err
+        assert ckpt_io.load_checkpoint(run).step == at + 1  # the stop wrote a checkpoint
+        if sig == signal.SIGTERM:  # a second SIGTERM would have killed at once
+            assert seen["handler"] == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == original  # handlers restored afterwards
+        monkeypatch.undo()
+        assert main(["train", "--resume", str(run), "ckpt_every_nimg=8"]) == 0
+        assert_same_run(run, ref, sig.name)
+
+
+@pytest.fixture(scope="module")
+def partial_run(fault_run, tmp_path_factory):
+    """FAULT_RUN stopped after 4 of its 6 steps, checkpoints after steps 2 and 4."""
+    cfg, _, _ = fault_run
+    run = tmp_path_factory.mktemp("partial") / "run"
+    assert main(["train", str(cfg), "--out", str(run), "duration_nimg=32",
+                 "ckpt_every_nimg=16", "keep_checkpoints=3"]) == 0  # fmt: skip
+    return run
+
+
+def _flip_bit(path: Path, offset: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _header_size(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _corrupt(path: Path, how: str, rng: random.Random) -> None:
+    size, header = path.stat().st_size, _header_size(path)
+    if how == "flip-data":
+        _flip_bit(path, rng.randrange(header, size), rng.randrange(8))
+    elif how == "flip-header":
+        _flip_bit(path, rng.randrange(0, header), rng.randrange(8))
+    elif how == "truncate":
+        os.truncate(path, rng.randrange(0, size))
+    elif how == "empty":
+        os.truncate(path, 0)
+    elif how == "missing":
+        path.unlink()
+
+
+CORRUPTIONS = [
+    (which, how)
+    for which in ("weights", "state")
+    for how in ("flip-data", "flip-data", "flip-header", "flip-header", "truncate", "empty")
+] + [("state", "missing")]
+
+
+def test_corrupt_or_truncated_checkpoint_is_named_and_resume_falls_back(partial_run, tmp_path):
+    rng = random.Random(7)
+    for i, (which, how) in enumerate(CORRUPTIONS):
+        run = tmp_path / f"c{i}"
+        shutil.copytree(partial_run, run)
+        weights = run / "checkpoints" / "step_000000004.safetensors"
+        bad = weights if which == "weights" else ckpt_io._state_path(weights)
+        _corrupt(bad, how, rng)
+        ctx = f"{which} {how}"
+        name = weights.name if how == "missing" else bad.name
+        with pytest.raises(ckpt_io.CheckpointError, match=name) as err:
+            ckpt_io.load_checkpoint(run)
+        assert "Traceback" not in str(err.value) and "\n" not in str(err.value), ctx
+        warnings: list[str] = []
+        ck = ckpt_io.load_for_resume(run, warn=warnings.append)
+        assert ck.step == 2, ctx
+        assert len(warnings) == 1 and name in warnings[0], (ctx, warnings)
+        assert "resuming from the previous checkpoint step_000000002" in warnings[0]
+
+
+def test_flipped_data_bit_loads_silently_without_the_checksum(partial_run, tmp_path):
+    """Why checksums: safetensors alone reads a flipped data bit without complaint."""
+    run = tmp_path / "r"
+    shutil.copytree(partial_run, run)
+    weights = run / "checkpoints" / "step_000000004.safetensors"
+    # clones: loaded tensors are views of the file (safetensors maps it) until written to
+    before = {k: v.clone() for k, v in ckpt_io.load_checkpoint(run).model.items()}
+    _flip_bit(weights, weights.stat().st_size - 3, 6)
+    with safe_open(weights, framework="pt") as f:  # header fine, data silently different
+        after = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ckpt_io.CheckpointError, match="fails the checksum"):
+        ckpt_io.load_checkpoint(run)
+
+
+def test_checkpoint_without_checksums_still_loads(partial_run, tmp_path):
+    """Checkpoints written before the checksums existed load (unverified)."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "r"
+    shutil.copytree(partial_run, run)
+    for path in (run / "checkpoints").glob("step_000000004*"):
+        tensors, meta = tensorfile.read(path, ())
+        meta.pop(tensorfile.CHECKSUM_KEY)
+        save_file(tensors, path, meta)
+    assert ckpt_io.load_checkpoint(run).step == 4
+
+
+@pytest.mark.integration
+def test_resume_from_a_folder_with_a_corrupt_newest_checkpoint(fault_run, partial_run,
+                                                              tmp_path, capsys):  # fmt: skip
+    """The CLI says so in one line, continues from the previous checkpoint (bit-exactly) and
+    sets the unreadable one aside; with nothing loadable it is a one-line error."""
+    _, ref, _ = fault_run
+    run = tmp_path / "r"
+    shutil.copytree(partial_run, run)
+    weights = run / "checkpoints" / "step_000000004.safetensors"
+    _flip_bit(weights, weights.stat().st_size - 100, 3)
+    assert main(["train", "--resume", str(run), "duration_nimg=48", "ckpt_every_nimg=8",
+                 "keep_checkpoints=2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "is corrupt" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), err
+    assert "step_000000004.safetensors" in warned[0]
+    assert "resuming from the previous checkpoint step_000000002.safetensors" in warned[0]
+    assert (run / "checkpoints" / "step_000000004.safetensors.stale").is_file()
+    assert_same_run(run, ref, "fallback")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(partial_run, broken)
+    for path in (broken / "checkpoints").glob("step_*.state.safetensors"):
+        os.truncate(path, 10)
+    assert main(["train", "--resume", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no loadable checkpoint" in err[0], err
+
+
+@pytest.mark.parametrize("fail_call", [1, 2])  # the state file's write, the weights file's
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(partial_run, tmp_path,
+                                                               monkeypatch, capsys, fail_call):  # fmt: skip
+    run = tmp_path / "r"
+    shutil.copytree(partial_run, run)
+    real_save, calls = tensorfile.save_file, [0]
+
+    def full_disk(tensors, path, metadata=None):
+        calls[0] += 1
+        if calls[0] == fail_call:  # half the file reaches the disk, then it is full
+            real_save(tensors, path, metadata)
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(tensorfile, "save_file", full_disk)
+    code = main(["train", "--resume", str(run), "duration_nimg=48", "ckpt_every_nimg=40"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 2 and err[0].startswith("resumed from"), err  # and one error line
+    assert "could not write checkpoint" in err[1] and "No space left on device" in err[1]
+    assert "the newest checkpoint kept is step_000000004.safetensors" in err[1]
+    assert ckpt_io.load_checkpoint(run).step == 4  # the previous checkpoint, intact
+    assert only_checkpoint_pairs(run / "checkpoints"), os.listdir(run / "checkpoints")
+
+
+@pytest.mark.integration
+def test_real_write_failure_mid_file_is_a_one_line_error(partial_run, tmp_path):
+    """A write that really fails mid-file (the file-size limit of the process, so the
+    safetensors writer itself hits the error) is the same named, one-line error."""
+    run = tmp_path / "r"
+    shutil.copytree(partial_run, run)
+    limit = (run / "checkpoints" / "step_000000004.safetensors").stat().st_size // 2
+    log = tmp_path / "stderr.txt"
+
+    def child() -> int:
+        sys.stderr = open(log, "w", buffering=1)  # noqa: SIM115 - the child exits right after
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        return main(["train", "--resume", str(run), "duration_nimg=48", "ckpt_every_nimg=40"])
+
+    assert run_forked(child) == 2, log.read_text()
+    err = log.read_text().strip().splitlines()
+    assert "could not write checkpoint" in err[-1] and "File too large" in err[-1], err
+    assert ckpt_io.load_checkpoint(run).step == 4
+    assert only_checkpoint_pairs(run / "checkpoints"), os.listdir(run / "checkpoints")
