@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +55,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         train(cfg, out, resume=ck)
     except Preempted as e:
+        # the process only exits now: torchrun, seeing another rank exit first, would
+        # otherwise kill this one with SIGTERM while it shuts down (exit -15, not 75)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"denoiselab train: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0

@@ -247,7 +247,7 @@ class Trainer:
                 if not (self.dist.enabled and is_comm_failure(e)):
                     raise
                 raise DistributedError(
-                    f"rank {self.dist.rank} lost the other ranks during step {step + 1} "
+                    f"rank {self.dist.rank} lost the other ranks at step {step + 1} "
                     f"({str(e).splitlines()[0][:200]}): one died or hung longer than "
                     f"dist_timeout_s={cfg.dist_timeout_s:g}; checkpoints in "
                     f"{self.run_dir.checkpoints} are intact: resume with --resume "

@@ -24,8 +24,8 @@ def save(trainer: Any, step: int) -> Path | None:
     succeeded (a broadcast, which also keeps them in step) and raise the same
     :class:`CheckpointWriteError` if not."""
     path, error = None, None
+    window_tensors, window_fields = trainer.window.state(trainer.dist)  # every rank's sums
     if trainer.dist.is_main:
-        window_tensors, window_fields = trainer.window.state()
         try:
             path = ckpt_io.save_checkpoint(
                 trainer.run_dir.checkpoints,
@@ -118,5 +118,5 @@ def restore(trainer: Any, ck: Checkpoint) -> int:
         if decay not in ck.ema:
             raise CheckpointError(f"{ck.path}: no EMA with decay {decay} (has {sorted(ck.ema)})")
         trainer.ema.load(decay, ck.ema[decay])
-    trainer.window.load(ck.state_tensors or {}, ck.loop_state.get("window", {}))
+    trainer.window.load(ck.state_tensors or {}, ck.loop_state.get("window", {}), trainer.dist)
     return ck.step

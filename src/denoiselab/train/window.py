@@ -72,17 +72,30 @@ class LossWindow:
             )
 
     # -- checkpoint ------------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Tensors (``window.<term>``) and JSON-able fields to store in a checkpoint."""
-        return {_PREFIX + k: v.detach() for k, v in self.sums.items()}, {"count": self.count}
+    def state(self, dist: DistInfo) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors ``window.<term>`` (``[world_size]``: every rank's sum, gathered — a
+        collective under DDP) and JSON-able fields, to store in a checkpoint."""
+        tensors = {}
+        for name, v in self.sums.items():
+            v = v.detach().reshape(1)
+            if dist.enabled:
+                parts = [torch.empty_like(v) for _ in range(dist.world_size)]
+                torch.distributed.all_gather(parts, v)
+                v = torch.cat(parts)
+            tensors[_PREFIX + name] = v
+        return tensors, {"count": self.count}
 
-    def load(self, tensors: dict[str, Tensor], fields: dict[str, Any]) -> None:
-        """Restore what :meth:`state` returned (absent in older checkpoints: an empty window)."""
-        self.sums = {
-            k[len(_PREFIX) :]: v.to(self.device)
-            for k, v in tensors.items()
-            if k.startswith(_PREFIX)
-        }
+    def load(self, tensors: dict[str, Tensor], fields: dict[str, Any], dist: DistInfo) -> None:
+        """Restore what :meth:`state` returned: this rank's own sums if the world size is
+        unchanged, else their mean over the saved ranks (the next row's mean is then still
+        the run's). Absent in older checkpoints: an empty window."""
+        self.reset()
+        for key, saved in tensors.items():
+            if key.startswith(_PREFIX):
+                per_rank = saved.reshape(-1)
+                same = per_rank.numel() == dist.world_size
+                value = per_rank[dist.rank] if same else per_rank.mean()
+                self.sums[key[len(_PREFIX) :]] = value.to(self.device)
         self.count = int(fields.get("count", 0)) if self.sums else 0
 
 
