@@ -24,7 +24,7 @@ import torch
 from denoiselab.train.distributed import DistInfo
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, retrying may succeed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s)
 
 
 class Preempted(Exception):  # not an error: the run stopped as asked

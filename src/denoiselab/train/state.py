@@ -70,8 +70,24 @@ def resume(trainer: Any, source: str | Path | Checkpoint) -> int:
     else:
         ck = ckpt_io.load_for_resume(source, warn=lambda m: trainer.log(f"warning: {m}"))
     step = restore(trainer, ck)
+    _same_on_all_ranks(trainer.dist, trainer.device, step)
     trainer.log(f"resumed from {ck.path} at step {step}")
     return step
+
+
+def _same_on_all_ranks(dist: DistInfo, device: torch.device, step: int) -> None:
+    """Every rank reads the checkpoint itself; one that fell back to an older one (a read
+    error on its side only) would train other steps than the rest: refuse."""
+    if not dist.enabled:
+        return
+    lo_hi = torch.tensor([-step, step], device=device)
+    torch.distributed.all_reduce(lo_hi, op=torch.distributed.ReduceOp.MAX)
+    lo, hi = -int(lo_hi[0]), int(lo_hi[1])
+    if lo != hi:
+        raise CheckpointError(
+            f"the ranks resumed from different checkpoints (steps {lo} to {hi}): some could "
+            "not read the newest one; check the file system and resume again"
+        )
 
 
 def claim_run_folder(trainer: Any, resuming: bool) -> None:
