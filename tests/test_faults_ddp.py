@@ -189,3 +189,38 @@ def test_hung_rank_fails_the_others_after_dist_timeout(tmp_path):
     assert "rank 0 lost the other ranks at step 3" in message, message
     assert "dist_timeout_s=3" in message and "resume with --resume" in message
     print(f"\nrank 0 gave up on the hung rank after {float(seconds):.1f} s of training")
+
+
+def _resume_worker(rank: int, port: int, source: Path, out: Path, result: Path) -> int:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
+    try:
+        Trainer(from_dict(TrainConfig, {**DDP_RUN, "dist_timeout_s": 20}), out, resume=source,
+                quiet=True)  # fmt: skip
+    except ckpt_io.CheckpointError as e:
+        result.write_text(str(e))
+        return 2
+    return 0
+
+
+@pytest.mark.integration
+def test_ranks_that_resume_from_different_checkpoints_refuse_to_train(tmp_path):
+    """Each rank reads the checkpoint itself; if one could only read an older one, both
+    stop with a named error instead of training different steps."""
+    from .test_faults import run_forked
+
+    cfg = from_dict(TrainConfig, {**DDP_RUN, "device": "cpu", "duration_nimg": 32,
+                                  "ckpt_every_nimg": 16})  # fmt: skip
+    run = train(cfg, tmp_path / "run", quiet=True)
+    older, newer = ckpt_io.list_checkpoints(run / "checkpoints")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pid1 = os.fork()
+    if pid1 == 0:  # pragma: no cover - rank 1 sees only the older checkpoint
+        os._exit(_resume_worker(1, port, older, tmp_path / "out", tmp_path / "1.txt"))
+    code = run_forked(lambda: _resume_worker(0, port, newer, tmp_path / "out", tmp_path / "0.txt"))
+    code1 = os.waitstatus_to_exitcode(os.waitpid(pid1, 0)[1])
+    assert (code, code1) == (2, 2)
+    for name in ("0.txt", "1.txt"):
+        assert "resumed from different checkpoints (steps 2 to 4)" in (tmp_path / name).read_text()
