@@ -246,9 +246,10 @@ class Trainer:
             except RuntimeError as e:
                 if not (self.dist.enabled and is_comm_failure(e)):
                     raise
+                cause = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
                 raise DistributedError(
                     f"rank {self.dist.rank} lost the other ranks at step {step + 1} "
-                    f"({str(e).splitlines()[0][:200]}): one died or hung longer than "
+                    f"({cause.strip()[:200]}): one died or hung longer than "
                     f"dist_timeout_s={cfg.dist_timeout_s:g}; checkpoints in "
                     f"{self.run_dir.checkpoints} are intact: resume with --resume "
                     f"{self.run_dir.root}"
@@ -265,7 +266,7 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(done, self.window.running_loss)
         due = self.schedule.due(done)
-        stopping = self.stop.agreed(done)  # sample grids and evaluations wait for the resume
+        stopping = self.stop.agreed(done)  # a stop must be quick: it skips a grid or evaluation
         if due.log:
             self._log_row(done)
         if due.sample and not stopping:
