@@ -268,7 +268,8 @@ def test_sigterm_and_sigusr1_checkpoint_and_exit_75_then_resume(fault_run, tmp_p
 
         def step(self, s, images, labels, sig=sig, at=at, seen=seen, real_step=real_step):
             out = real_step(self, s, images, labels)
-            if s == at:  # the signal arrives during step `at` + 1
+            if s == at:  # the signal arrives (twice: Slurm and torchrun) during step at + 1
+                os.kill(os.getpid(), sig)
                 os.kill(os.getpid(), sig)
                 seen["handler"] = signal.getsignal(signal.SIGTERM)
             return out
@@ -280,8 +281,7 @@ def test_sigterm_and_sigusr1_checkpoint_and_exit_75_then_resume(fault_run, tmp_p
         assert f"stopped by {sig.name} after step {at + 1}" in err
         assert f"denoiselab train --resume {run}" in err
         assert ckpt_io.load_checkpoint(run).step == at + 1  # the stop wrote a checkpoint
-        if sig == signal.SIGTERM:  # a second SIGTERM would have killed at once
-            assert seen["handler"] == signal.SIG_DFL
+        assert callable(seen["handler"])  # the loop's own handler was in place
         # the CLI ignores SIGTERM while it exits (see test_faults_ddp); the loop's own
         # handler is gone
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN

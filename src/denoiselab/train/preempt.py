@@ -6,7 +6,8 @@ preemption or ``scontrol requeue``; torchrun forwards SIGTERM (and, with
 ``--signals-to-handle``, SIGUSR1) to its workers. The handler only records the signal; the
 loop stops after the current step, writes a checkpoint and raises :class:`Preempted`, which
 ``denoiselab train`` turns into exit code :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try
-again"). A second SIGTERM kills at once (the first restores the default action).
+again"). Repeated signals change nothing (a worker may get SIGTERM both from Slurm and from
+torchrun); the scheduler's SIGKILL after its grace period ends a run that cannot stop.
 
 Under torchrun a signal may reach only some ranks. Ranks agree through an all-reduce (max) of
 the stop flag every ``stop_check_steps`` steps, so all stop after the same step.
@@ -63,9 +64,9 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Repeats change nothing: under Slurm a worker gets SIGTERM from Slurm and again
+        # from torchrun, and must still write its checkpoint (SIGKILL ends it regardless).
         self.request(signum)
-        if signum == signal.SIGTERM:  # a second SIGTERM is not ignored
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask the loop to stop after the current step (what the signal handler does)."""
