@@ -71,6 +71,16 @@ def test_impossible_settings_are_config_errors():
         tiny(stop_check_steps=0)
 
 
+def test_evaluation_that_cannot_run_fails_before_the_first_step(tmp_path):
+    from denoiselab.train.loop import Trainer
+
+    cfg = tiny(**{"eval.every_nimg": 8, "eval.metrics": "[acc_probe, fid]",
+                  "eval.cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"eval.metrics has 'fid', which needs the inception"):
+        Trainer(cfg, tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
 def test_checkpoint_before_the_first_log_row(tmp_path, capsys):
     """Issue #22: the loss plot after a checkpoint read a metrics.jsonl that did not exist."""
     cfg = tmp_path / "c.yaml"

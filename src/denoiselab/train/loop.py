@@ -44,7 +44,7 @@ from denoiselab.train.distributed import DistributedError, init_distributed, is_
 from denoiselab.train.ema import EMA
 from denoiselab.train.module import TrainingModule
 from denoiselab.train.optim import build_optimizer, lr_at
-from denoiselab.train.periodic import draw_grid, ema_network, evaluate_run
+from denoiselab.train.periodic import check_eval_ready, draw_grid, ema_network, evaluate_run
 from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
@@ -116,6 +116,7 @@ class Trainer:
                 f"global_batch={cfg.global_batch} must be divisible by world_size × grad_accum "
                 f"= {self.dist.world_size} × {cfg.grad_accum}"
             )
+        check_eval_ready(cfg)
         if cfg.deterministic:
             if self.device.type == "cuda":  # cuBLAS is only deterministic with a fixed workspace
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

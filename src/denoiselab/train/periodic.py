@@ -24,6 +24,29 @@ from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
 
 
+def check_eval_ready(cfg: TrainConfig) -> None:
+    """Fail before the first step, not at the first evaluation hours later, when
+    ``eval.metrics`` needs pretrained weights that are not in place (training looks for
+    them only under ``<cache root>/extractors/``; the probe metrics need none)."""
+    if cfg.eval.every_nimg <= 0:
+        return
+    from denoiselab.metrics import METRICS
+    from denoiselab.metrics.cache import cache_root
+    from denoiselab.metrics.extractors import DEFAULT_NAMES, resolve_extractor_path
+
+    for name in cfg.eval.metrics:
+        kind = METRICS[name].extractor
+        if kind == "probe":
+            continue
+        path = resolve_extractor_path(kind, None, cfg.eval.cache_dir)
+        if path is None or not (path.is_file() or (path / "config.json").is_file()):
+            where = cache_root(cfg.eval.cache_dir) / "extractors" / DEFAULT_NAMES[kind]
+            raise ConfigError(
+                f"eval.metrics has {name!r}, which needs the {kind} weights at {where}: put "
+                "them there, or evaluate during training with the probe metrics (no download)"
+            )
+
+
 def evaluate_network(
     sampler: Sampler, cfg: TrainConfig, num_classes: int, device: torch.device | str
 ) -> dict[str, float]:
