@@ -1,5 +1,6 @@
 """Loss terms that own parameters, through the real training loop: trained, clipped,
-checkpointed, restored bit-exactly on resume, averaged across DDP ranks, and logged.
+checkpointed, restored bit-exactly on resume, averaged across DDP ranks (also when a term
+stops using them part-way), and logged.
 
 The term used here (``gain``) is registered by the test: a learned vector ``w`` read against
 the mean hidden state of block 0, ``weight·(⟨h̄, w⟩ − 1)²`` per sample, so its gradient
@@ -22,7 +23,7 @@ from denoiselab.config import ConfigError
 from denoiselab.objectives import LossTerm, StepContext
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config
-from denoiselab.train.loop import train
+from denoiselab.train.loop import UnusedTermParametersError, train
 from denoiselab.train.run import read_metrics
 
 from .test_train import tiny
@@ -31,6 +32,8 @@ from .test_train import tiny
 @dataclass(frozen=True)
 class GainConfig:
     weight: float = 1.0
+    stop_nimg: int = 0  # > 0: from this many images on, the term is 0 and skips its parameters
+    may_skip: bool = True
 
 
 class Gain(nn.Module, LossTerm):
@@ -39,11 +42,13 @@ class Gain(nn.Module, LossTerm):
 
     def __init__(self, cfg: GainConfig, dim: int) -> None:
         super().__init__()
-        self.weight = cfg.weight
+        self.weight, self.stop_nimg, self.may_skip = cfg.weight, cfg.stop_nimg, cfg.may_skip
         self.w = nn.Parameter(torch.full((dim,), 0.1))
         self.frozen = (nn.Linear(dim, dim),)  # a frozen helper kept outside the module tree
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
+        if self.stop_nimg and ctx.nimg >= self.stop_nimg:  # a schedule that has ended
+            return torch.zeros(ctx.x.shape[0], device=ctx.x.device)
         h = ctx.hidden[0].mean(1)  # [B, D]
         return self.weight * (h @ self.w - 1.0).pow(2)
 
@@ -62,8 +67,8 @@ def gain_term():
     del algorithms.TERMS["gain"]
 
 
-def with_gain(weight: float = 1.0, **overrides):
-    return replace(tiny(**overrides), terms={"gain": GainConfig(weight)})
+def with_gain(weight: float = 1.0, stop_nimg: int = 0, may_skip: bool = True, **overrides):
+    return replace(tiny(**overrides), terms={"gain": GainConfig(weight, stop_nimg, may_skip)})
 
 
 def test_unknown_term_and_bad_field_are_named(gain_term):
@@ -101,6 +106,39 @@ def test_resume_without_the_terms_state_is_a_named_error(tmp_path, gain_term):
         train(with_gain(), tmp_path / "plain", resume=plain, quiet=True)
 
 
+def test_a_term_that_skips_its_parameters_must_say_so(tmp_path, gain_term):
+    """A term whose parameters get no gradient (its schedule ended) without ``may_skip``
+    is a named error at that step, before the optimizer steps on un-averaged gradients."""
+    cfg = with_gain(stop_nimg=16, may_skip=False, duration_nimg=32)
+    with pytest.raises(UnusedTermParametersError, match=r"step 3: .*objective.extra.gain.w"):
+        train(cfg, tmp_path / "r", quiet=True)
+
+
+def test_a_skipping_term_leaves_its_parameters_untouched(tmp_path, gain_term):
+    """With ``may_skip``, the steps that skip give no gradient, and AdamW leaves the
+    parameter and its moments exactly where they were (no momentum drift)."""
+    cfg = with_gain(stop_nimg=16, duration_nimg=32, ckpt_every_nimg=16, keep_checkpoints=2)
+    run = train(cfg, tmp_path / "r", quiet=True)
+    first, last = ckpt_io.list_checkpoints(run / "checkpoints")
+    a, b = ckpt_io.load_checkpoint(first), ckpt_io.load_checkpoint(last)
+    assert (a.step, b.step) == (2, 4)
+    assert torch.equal(a.objective["extra.gain.w"], b.objective["extra.gain.w"])
+    changed = [k for k in a.model if not torch.equal(a.model[k], b.model[k])]
+    assert changed  # the network did train on
+    w0 = torch.full_like(a.objective["extra.gain.w"], 0.1)
+    assert not torch.equal(a.objective["extra.gain.w"], w0)  # and the term did before
+
+
+def test_terms_need_distinct_names():
+    from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
+
+    class Denoise(LossTerm):
+        name = "denoise"
+
+    with pytest.raises(ValueError, match=r"distinct names; got \['denoise', 'denoise'\]"):
+        DenoisingObjective(ObjectiveConfig(), 8, extra_terms=[Denoise()])
+
+
 def test_term_gradients_are_clipped_with_the_network(tmp_path, gain_term):
     # A huge term weight makes w's gradient dominate: the clipped (and logged) norm must be
     # the norm over network *and* term parameters, far above the network's own O(1) norm.
@@ -124,7 +162,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     algorithms.register("gain", GainConfig, "test-only term with a parameter")(_build)
     try:
-        train(with_gain(device="cpu", duration_nimg=32), out, quiet=True)
+        # the term stops after 2 of 4 steps: DDP must allow its unused parameters
+        train(with_gain(device="cpu", duration_nimg=32, stop_nimg=16), out, quiet=True)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -135,14 +174,15 @@ def test_ddp_averages_term_gradients(tmp_path, gain_term):
     torch.multiprocessing.spawn(
         _ddp_worker, args=(_free_port(), str(tmp_path / "ddp")), nprocs=2, join=True
     )
-    one = train(with_gain(device="cpu", duration_nimg=32, grad_accum=2), tmp_path / "one",
-                quiet=True)  # fmt: skip
+    one = train(with_gain(device="cpu", duration_nimg=32, grad_accum=2, stop_nimg=16),
+                tmp_path / "one", quiet=True)  # fmt: skip
     a, b = ckpt_io.load_checkpoint(tmp_path / "ddp"), ckpt_io.load_checkpoint(one)
     for k in a.objective:
         torch.testing.assert_close(a.objective[k], b.objective[k], rtol=1e-5, atol=1e-6, msg=k)
     for k in a.model:
         torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-4, atol=1e-5, msg=k)
     # sensitive: without the shard split (one micro-batch) the term's parameters differ
-    other = train(with_gain(device="cpu", duration_nimg=32), tmp_path / "other", quiet=True)
+    other = train(with_gain(device="cpu", duration_nimg=32, stop_nimg=16), tmp_path / "other",
+                  quiet=True)  # fmt: skip
     c = ckpt_io.load_checkpoint(other)
     assert max((a.objective[k] - c.objective[k]).abs().max().item() for k in a.objective) > 1e-6

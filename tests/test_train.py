@@ -107,7 +107,7 @@ def test_checkpoint_save_failure_keeps_previous(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_io, "save_file", broken_save)
+    monkeypatch.setattr(ckpt_io.tensorfile, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         train(tiny(), run, resume=run, quiet=True)
     assert ckpt_io.resolve_checkpoint(run) == before

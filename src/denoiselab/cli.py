@@ -6,38 +6,45 @@ Each subcommand imports what it needs lazily, so ``denoiselab info`` stays insta
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from denoiselab.config import dump_yaml
-    from denoiselab.train.build import load_train_config
-    from denoiselab.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from denoiselab.config import apply_overrides, dump_yaml, from_dict, to_dict
+    from denoiselab.train import checkpoint as ckpt_io
+    from denoiselab.train.build import config_from_yaml_text, load_train_config
+    from denoiselab.train.config import TrainConfig
     from denoiselab.train.loop import train
+    from denoiselab.train.preempt import EXIT_PREEMPTED, Preempted
 
     overrides = list(args.overrides)
-    if args.resume:
-        weights = resolve_checkpoint(args.resume)
-        if args.config is not None:
-            print(
-                f"note: resuming; the run's own config is used, not {args.config}", file=sys.stderr
-            )
-        from denoiselab.train.build import config_from_yaml_text
-
-        base = config_from_yaml_text(load_checkpoint(weights, with_state=False).config_yaml)
-        from denoiselab.config import apply_overrides, from_dict, to_dict
-        from denoiselab.train.config import TrainConfig
-
-        cfg = from_dict(TrainConfig, apply_overrides(to_dict(base), overrides))
-        out = Path(args.out) if args.out else weights.parent.parent
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        overrides.insert(0, args.config)  # `train --resume RUN key=value`: no CONFIG given
+        args.config = None
+    source = args.resume
+    if args.auto_resume:
+        if args.resume or args.config is None:
+            raise SystemExit("denoiselab train: --auto-resume takes a CONFIG (not --resume)")
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        source = out if ckpt_io.list_checkpoints(out / "checkpoints") else None
+    if source:
+        ck = ckpt_io.load_for_resume(source, warn=lambda m: _warn(f"warning: {m}"))
+        if args.config is not None and not args.auto_resume:
+            _warn(f"note: resuming; the run's own config is used, not {args.config}")
+        base = to_dict(config_from_yaml_text(ck.config_yaml))
+        cfg = from_dict(TrainConfig, apply_overrides(base, overrides))
+        out = Path(args.out) if args.out else ck.path.parent.parent
     else:
         if args.config is None:
             raise SystemExit("denoiselab train: give a CONFIG file (e.g. configs/quickstart.yaml)")
         cfg = load_train_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        weights = None
+        ck = None
     if args.steps is not None:
         from dataclasses import replace
 
@@ -45,8 +52,21 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    train(cfg, out, resume=weights)
+    try:
+        train(cfg, out, resume=ck)
+    except Preempted as e:
+        # the process only exits now: torchrun, seeing another rank exit first, would
+        # otherwise kill this one with SIGTERM while it shuts down (exit -15, not 75)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"denoiselab train: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, from the first process only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -181,7 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     t.add_argument("--out", help="run folder (default runs/<config name>)")
     t.add_argument("--steps", type=int, help="total optimizer steps (overrides duration_nimg)")
-    t.add_argument("--resume", help="run folder or checkpoint file to resume from")
+    t.add_argument(
+        "--resume",
+        help="run folder (its newest checkpoint that loads) or checkpoint file to resume from",
+    )
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume the run in --out if it has a checkpoint, else start CONFIG there "
+        "(one command line for requeued jobs)",
+    )
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
@@ -233,10 +262,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from denoiselab.config import ConfigError
     from denoiselab.train.checkpoint import CheckpointError
+    from denoiselab.train.distributed import DistributedError
+    from denoiselab.train.window import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        NonFiniteLossError,
+        DistributedError,
+    ) as e:
+        print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk while writing metrics, samples or plots
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

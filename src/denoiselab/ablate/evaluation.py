@@ -27,6 +27,7 @@ from denoiselab.metrics.images import to_uint8
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
+from denoiselab.train.schedule import crosses
 
 GRID_SEED_TAG = 0x6A1D  # the grid noise seed is eval.seed + this: apart from eval batches
 _NEEDS_PACKAGE = {"inception": "torch_fidelity", "clip": "transformers", "dinov2": "transformers"}
@@ -124,16 +125,19 @@ def ema_decay(spec: EvalSpec, decays: tuple[float, ...], step: int) -> float | N
 
 
 class PeriodicEval:
-    """Training callback: score the EMA weights every ``every_steps`` steps and at the end.
+    """Training callback: score the EMA weights every ``every_nimg`` images (the rule of
+    ``denoiselab.train.schedule``; 0: never) and at the end.
 
     Rows ``{"step", "nimg", "kimg", <metrics>, "seconds"}`` are appended to ``path``.
     :meth:`attach` binds the callback to its ``Trainer`` (for the EMA, objective and
     device) and drops rows past the step the trainer resumes from.
     """
 
-    def __init__(self, path: Path, spec: EvalSpec, every_steps: int, total_steps: int) -> None:
+    def __init__(
+        self, path: Path, spec: EvalSpec, every_nimg: int, global_batch: int, total_steps: int
+    ) -> None:
         self.path, self.spec = path, spec
-        self.every, self.total = max(1, every_steps), total_steps
+        self.every_nimg, self.global_batch, self.total = every_nimg, global_batch, total_steps
         self.trainer: Any = None
 
     def attach(self, trainer: Any) -> None:
@@ -142,7 +146,8 @@ class PeriodicEval:
         rewrite_jsonl(self.path, lambda row: row.get("step", 0) <= start)
 
     def __call__(self, state: Any) -> None:
-        if state.step % self.every and state.step != self.total:
+        due = crosses(state.step, self.every_nimg, self.global_batch)
+        if not due and state.step != self.total:
             return
         tr, tic = self.trainer, time.perf_counter()
         decay = ema_decay(self.spec, tr.ema.decays, state.step)

@@ -139,8 +139,9 @@ def _train(
         return
     verb = f"resuming at step {start}/{total}" if start else f"training {total} steps"
     log(f"{vdir.name}: {verb} ({cfg.duration_nimg} images)")
-    every = cfg.every(suite.eval.every_nimg) if suite.eval.every_nimg else total + 1
-    periodic = PeriodicEval(vdir / "eval.jsonl", suite.eval, every, total)
+    periodic = PeriodicEval(
+        vdir / "eval.jsonl", suite.eval, suite.eval.every_nimg, cfg.global_batch, total
+    )
     trainer = Trainer(cfg, vdir, resume=resume, callbacks=[periodic, *callbacks], quiet=not verbose)
     periodic.attach(trainer)
     row = {"start_step": start, "device": str(trainer.device), "pid": os.getpid()}

@@ -124,14 +124,24 @@ class LossTerm:
     ``hidden_blocks``: network blocks whose hidden states the term needs.
 
     A term that owns parameters (a projector) also subclasses ``nn.Module`` (as
-    ``class T(nn.Module, LossTerm)``): the objective registers it, and the training loop
-    optimises, clips, DDP-averages, checkpoints and restores everything in
+    ``class T(nn.Module, LossTerm)``): the objective registers it (as ``extra.<name>``), and
+    the training loop optimises, clips, DDP-averages, checkpoints and restores everything in
     ``objective.state_dict()``. Frozen helpers (a teacher encoder) must therefore stay out of
     the term's ``state_dict``: hold them outside the module tree.
+
+    ``may_skip``: such a term must give all its parameters a gradient on every step (the
+    loop stops with a named error otherwise: under DDP an unused parameter would leave its
+    gradient un-averaged). A term that may leave them unused on some steps (a weight
+    schedule that ends, after which the term returns zeros without computing anything) sets
+    ``may_skip = True``: DDP then searches the graph for unused parameters each step
+    (``find_unused_parameters``, a small cost), and on a step where no rank used them they
+    get no gradient and the optimizer leaves them (and their moments) untouched, exactly as
+    in one process.
     """
 
     name: str = "extra"
     hidden_blocks: tuple[int, ...] = ()
+    may_skip: bool = False
 
     def __call__(self, ctx: StepContext) -> Tensor:
         return self.forward(ctx)
@@ -188,9 +198,31 @@ class DenoisingObjective(nn.Module):
         self.extra_terms = list(extra_terms or [])
         if cfg.contrastive > 0:
             self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss))
-        for i, term in enumerate(self.extra_terms):
-            if isinstance(term, nn.Module):
-                self.add_module(f"term{i}_{term.name}", term)
+        names = ["denoise", *(term.name for term in self.extra_terms)]
+        if len(set(names)) < len(names):  # one would overwrite the other's loss
+            raise ValueError(f"loss terms need distinct names; got {names}")
+        # by name, so a term's checkpointed state does not move when other terms come or go
+        self.extra = nn.ModuleDict(
+            {t.name: t for t in self.extra_terms if isinstance(t, nn.Module)}
+        )
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether a term with trainable parameters may leave them unused on some steps."""
+        return any(
+            t.may_skip and any(p.requires_grad for p in t.parameters()) for t in self.extra.values()
+        )
+
+    def required_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable parameters of terms that must use them on every step (``may_skip``
+        False), with their names in ``state_dict``."""
+        return [
+            (f"extra.{name}.{pname}", p)
+            for name, term in self.extra.items()
+            if not term.may_skip
+            for pname, p in term.named_parameters()
+            if p.requires_grad
+        ]
 
     # -- conversions -------------------------------------------------------------------------
     def complete(self, net_out: Tensor, z_t: Tensor, t: Tensor) -> Triple:

@@ -1,4 +1,4 @@
-"""Checkpoints as safetensors pairs, written atomically; no pickles anywhere.
+"""Checkpoints as safetensors pairs, written atomically and verified on load; no pickles.
 
 A checkpoint of step ``s`` is two files in ``<run>/checkpoints/``:
 
@@ -6,12 +6,16 @@ A checkpoint of step ``s`` is two files in ``<run>/checkpoints/``:
   metadata holds the resolved config (YAML), the step and images seen.
 - ``step_<s>.state.safetensors`` — optimizer tensors (``optim.<param>.<key>``), the
   objective's trained state (``objective.*``: parameters of loss terms such as a REPA
-  projector; not needed to sample) and, in metadata, the optimizer's param groups and the
-  loop state (JSON).
+  projector; not needed to sample), the loop's partial log window (``window.*``) and, in
+  metadata, the optimizer's param groups and the loop state (JSON).
 
-Each file is written to a temporary name, flushed, fsynced and renamed. The state file is
-renamed first and the weights file last, so a checkpoint is visible (its weights file exists)
-only once both are complete: a kill at any moment leaves the previous checkpoint loadable.
+Each file carries CRC-32 checksums of its tensors and metadata (``train.tensorfile``), so a
+flipped bit is a named error, not silently wrong weights. Each is written to a temporary name,
+flushed, fsynced and renamed. The state file is renamed first and the weights file last, so a
+checkpoint is visible (its weights file exists) only once both are complete: a kill at any
+moment leaves the previous checkpoint loadable. A failed write (a full disk) removes what it
+wrote and raises :class:`CheckpointWriteError`; the previous checkpoints stay. Every save
+also removes what earlier kills left behind (temporary files, a state file without weights).
 """
 
 from __future__ import annotations
@@ -19,27 +23,34 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 from torch import Tensor
 
-from denoiselab.io import atomic_write
+from denoiselab.train import tensorfile
+from denoiselab.train.tensorfile import CheckpointError, CheckpointWriteError
 
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+# what a kill can leave: our temporary files, the safetensors writer's own (``.tmpXXXXXX``),
+# a state file whose weights file never came
+_LEFTOVER_RE = re.compile(
+    r"^(\.step_\d+\.(state\.)?safetensors\..*\.tmp|\.tmp\w{6}|step_\d+\.state\.safetensors)$"
+)
+_WEIGHTS_KEYS = ("config", "step", "decays")
+_STATE_KEYS = ("optimizer", "loop_state", "step")
 
-
-class CheckpointError(RuntimeError):
-    """No loadable checkpoint where one was expected; the message names the path."""
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointWriteError", "load_checkpoint"]
 
 
 @dataclass
 class Checkpoint:
-    """What :func:`load_checkpoint` returns (all tensors on CPU)."""
+    """What :func:`load_checkpoint` returns (all tensors on CPU). ``state_tensors``: the state
+    file's other named tensors (e.g. ``window.*``), by full name."""
 
     path: Path
     step: int
@@ -49,11 +60,7 @@ class Checkpoint:
     optimizer: dict[str, Any] | None
     loop_state: dict[str, Any]
     objective: dict[str, Tensor] | None = None
-
-
-def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata))
+    state_tensors: dict[str, Tensor] | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,33 +109,61 @@ def save_checkpoint(
     optimizer: dict[str, Any],
     loop_state: dict[str, Any],
     objective: dict[str, Tensor] | None = None,
+    state_tensors: dict[str, Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` (and
+    leftovers of interrupted saves). ``state_tensors``: more named tensors for the state file
+    (names must not start with ``optim.`` or ``objective.``)."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"step_{step:09d}.safetensors"
-    state = directory / f"step_{step:09d}.state.safetensors"
+    state = _state_path(weights)
     optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
     optim_tensors.update({f"objective.{k}": v for k, v in (objective or {}).items()})
-    _atomic_save(
-        optim_tensors,
-        {"optimizer": optim_meta, "loop_state": json.dumps(loop_state), "step": str(step)},
-        state,
-    )
+    optim_tensors.update(state_tensors or {})
     tensors = {f"model.{k}": v for k, v in model.items()}
     for decay, params in ema.items():
         tensors.update({f"ema.{decay!r}.{k}": v for k, v in params.items()})
     meta = {"config": config_yaml, "step": str(step), "decays": json.dumps(list(ema))}
-    _atomic_save(tensors, meta, weights)
-    _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-        _state_path(old).unlink(missing_ok=True)
+    smeta = {"optimizer": optim_meta, "loop_state": json.dumps(loop_state), "step": str(step)}
+    try:
+        tensorfile.write(state, optim_tensors, smeta)
+        tensorfile.write(weights, tensors, meta)
+        _fsync_dir(directory)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
+        if not weights.exists():  # no half checkpoint: a state file alone is removed
+            state.unlink(missing_ok=True)
+        found = list_checkpoints(directory)
+        kept = f"the newest checkpoint kept is {found[-1].name}" if found else "none is kept"
+        err = CheckpointWriteError(f"could not write checkpoint {weights} ({e}); {kept}")
+        code = re.search(r"os error (\d+)", str(e))
+        err.errno = getattr(e, "errno", None) or (int(code.group(1)) if code else None)
+        raise err from e
+    prune(directory, keep)
     return weights
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and what interrupted saves left."""
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)  # weights first: the pair leaves the listing at once
+        _state_path(old).unlink(missing_ok=True)
+    complete = {p.name for p in list_checkpoints(directory)}
+    for p in directory.iterdir():
+        if _LEFTOVER_RE.match(p.name) and p.name.replace(".state", "") not in complete:
+            p.unlink(missing_ok=True)
 
 
 def _state_path(weights: Path) -> Path:
     return weights.with_name(weights.name.replace(".safetensors", ".state.safetensors"))
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint weights file ``step_<N>.safetensors``."""
+    m = _STEP_RE.match(path.name)
+    if m is None:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint (expected step_<N>.safetensors)")
+    return int(m.group(1))
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -139,67 +174,112 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder, a ``checkpoints/`` folder or a weights file → the weights file to load."""
+def _candidates(path: str | Path) -> list[Path]:
+    """Weights files that ``path`` names, newest first: the file itself, or a folder's."""
     p = Path(path)
     if p.is_file():
-        if not _STEP_RE.match(p.name):
-            raise CheckpointError(f"{str(p)!r} is not a checkpoint (expected step_<N>.safetensors)")
-        return p
+        step_of(p)
+        return [p]
     if p.is_dir():
         for directory in (p / "checkpoints", p):
             found = list_checkpoints(directory)
             if found:
-                return found[-1]
+                return found[::-1]
         raise CheckpointError(
             f"no checkpoint in {str(p)!r} (looked for checkpoints/step_*.safetensors)"
         )
     raise CheckpointError(f"{str(p)!r} does not exist: expected a run folder or a checkpoint file")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder, a ``checkpoints/`` folder or a weights file → the weights file to load."""
+    return _candidates(path)[0]
+
+
 def load_checkpoint(path: str | Path, *, with_state: bool = True) -> Checkpoint:
-    """Load weights (and optimizer + loop state) of the checkpoint at ``path``."""
+    """Load weights (and optimizer + loop state) of the checkpoint at ``path`` (a folder: its
+    newest). Raises :class:`CheckpointError` naming the file if it is missing or corrupt."""
     weights = resolve_checkpoint(path)
+    tensors, meta = tensorfile.read(weights, _WEIGHTS_KEYS)
+    try:
+        step, config = int(meta["step"]), meta["config"]
+        decays = [float(d) for d in json.loads(meta.get("decays", "[]"))]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(weights)!r} has unreadable metadata ({e!r})") from e
     model: dict[str, Tensor] = {}
-    ema: dict[float, dict[str, Tensor]] = {}
-    with safe_open(weights, framework="pt") as f:
-        meta = f.metadata() or {}
-        for decay in json.loads(meta.get("decays", "[]")):
-            ema[float(decay)] = {}
-        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            kind, rest = name.split(".", 1)
-            if kind == "model":
-                model[rest] = f.get_tensor(name)
-            else:
-                decay, key = _split_ema(rest, ema)
-                ema[decay][key] = f.get_tensor(name)
-    optimizer, loop_state, objective = None, {}, None
+    ema: dict[float, dict[str, Tensor]] = {d: {} for d in decays}
+    for name, value in tensors.items():
+        kind, rest = name.split(".", 1)
+        if kind == "model":
+            model[rest] = value
+        else:
+            decay, key = _split_ema(rest, ema, weights)
+            ema[decay][key] = value
+    ck = Checkpoint(weights, step, config, model, ema, None, {})
     if with_state:
-        state = _state_path(weights)
-        if not state.is_file():
-            raise CheckpointError(
-                f"{str(weights)!r} has no optimizer/loop state file {state.name!r}"
-            )
-        with safe_open(state, framework="pt") as f:
-            smeta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        objective = {
-            k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("objective.")
-        }
-        optimizer = optimizer_from_tensors(tensors, smeta["optimizer"])
-        loop_state = json.loads(smeta["loop_state"])
-    return Checkpoint(
-        weights, int(meta["step"]), meta["config"], model, ema, optimizer, loop_state, objective
-    )
+        _load_state(ck)
+    return ck
 
 
-def _split_ema(rest: str, ema: dict[float, dict[str, Tensor]]) -> tuple[float, str]:
+def _load_state(ck: Checkpoint) -> None:
+    state = _state_path(ck.path)
+    if not state.is_file():
+        raise CheckpointError(f"{str(ck.path)!r} has no optimizer/loop state file {state.name!r}")
+    tensors, smeta = tensorfile.read(state, _STATE_KEYS)
+    ck.objective = {
+        k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("objective.")
+    }
+    optim = {k: tensors.pop(k) for k in list(tensors) if k.startswith("optim.")}
+    ck.state_tensors = tensors
+    try:
+        ck.optimizer = optimizer_from_tensors(optim, smeta["optimizer"])
+        ck.loop_state = json.loads(smeta["loop_state"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(state)!r} has unreadable metadata ({e!r})") from e
+
+
+def load_for_resume(
+    path: str | Path, *, warn: Callable[[str], None] = lambda message: None
+) -> Checkpoint:
+    """The checkpoint to resume from, with its state. For a folder: the newest that loads;
+    each newer one that does not is reported through ``warn`` (one line each). A file
+    given explicitly must load."""
+    candidates = _candidates(path)
+    if Path(path).is_file():
+        return load_checkpoint(candidates[0])
+    failures: list[str] = []
+    for weights in candidates:
+        try:
+            ck = load_checkpoint(weights)
+        except CheckpointError as e:
+            failures.append(str(e))
+            continue
+        for failure in failures:
+            warn(f"{failure}; resuming from the previous checkpoint {weights.name} instead")
+        return ck
+    raise CheckpointError(f"no loadable checkpoint in {str(path)!r}: " + "; ".join(failures))
+
+
+def set_aside_after(directory: Path, step: int) -> list[Path]:
+    """Rename the checkpoints of ``directory`` newer than ``step`` to ``*.stale`` (a run
+    resumed at ``step`` continues another history; unreadable ones end up here too).
+    Returns the new names."""
+    moved = []
+    for weights in list_checkpoints(directory):
+        if step_of(weights) > step:
+            for p in (weights, _state_path(weights)):  # weights first: the pair disappears
+                if p.exists():
+                    moved.append(p.rename(p.with_name(p.name + ".stale")))
+    return moved
+
+
+def _split_ema(rest: str, ema: dict[float, dict[str, Tensor]], path: Path) -> tuple[float, str]:
     """``"0.9999.blocks.0.w"`` → ``(0.9999, "blocks.0.w")`` using the recorded decays."""
     for decay in ema:
         prefix = f"{decay!r}."
         if rest.startswith(prefix):
             return decay, rest[len(prefix) :]
-    raise CheckpointError(f"unrecognised EMA tensor {rest!r}")
+    raise CheckpointError(f"{str(path)!r}: unrecognised EMA tensor {rest!r}")
 
 
 def state_dict_cpu(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -124,6 +124,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"sample.steps={self.steps!r} must be >= 1")
+        if self.num_grid < 1:
+            raise ConfigError(f"sample.num_grid={self.num_grid!r} must be >= 1")
         lo, hi = self.interval
         if not 0 <= lo <= hi <= 1:
             raise ConfigError(f"sample.interval={self.interval!r} must satisfy 0 <= lo <= hi <= 1")
@@ -183,7 +185,17 @@ class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
     image size, channels and class count default to the dataset's. ``terms`` adds training
     techniques as loss terms: ``{name: fields}`` with names from
-    ``denoiselab.algorithms.TERMS`` (validated here, held as their config dataclasses)."""
+    ``denoiselab.algorithms.TERMS`` (validated here, held as their config dataclasses).
+
+    The run lasts ``ceil(duration_nimg / global_batch)`` steps. ``*_every_nimg``: after the
+    first step whose image count reaches each multiple of the interval (any value ≥ 0, not
+    only multiples of the batch; 0 switches the event off; the end of the run always logs
+    and checkpoints): ``denoiselab.train.schedule`` has the exact rule.
+    ``dist_timeout_s``: how long a collective waits for the other ranks under torchrun
+    before the run fails (a hung rank). ``stop_check_steps``: under torchrun the ranks agree
+    on a stop request (SIGTERM/SIGUSR1) every this many steps (one tiny all-reduce), so a
+    stop lands at most this many steps after the signal; one process checks every step.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "JiT-B/16"})
@@ -206,6 +218,8 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     device: str = "auto"
+    dist_timeout_s: float = 1800.0
+    stop_check_steps: int = 10
 
     def __post_init__(self) -> None:
         from denoiselab.algorithms import parse_terms
@@ -217,8 +231,19 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
         for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"{key}={getattr(self, key)!r} must be >= 0 (images between events; 0: off)"
+                )
+        if self.global_batch % self.grad_accum:
+            raise ConfigError(
+                f"global_batch={self.global_batch} must be divisible by grad_accum="
+                f"{self.grad_accum} (each micro-batch has global_batch / grad_accum images)"
+            )
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s={self.dist_timeout_s!r} must be > 0 (seconds)")
+        if self.stop_check_steps < 1:
+            raise ConfigError(f"stop_check_steps={self.stop_check_steps!r} must be >= 1")
         for key, decay in (("sample.ema", self.sample.ema), ("eval.ema", self.eval.ema)):
             if decay not in (None, "auto", "none") and decay not in self.ema.decays:
                 raise ConfigError(
@@ -229,7 +254,3 @@ class TrainConfig:
     def steps(self) -> int:
         """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
         return -(-self.duration_nimg // self.global_batch)
-
-    def every(self, nimg: int) -> int:
-        """An interval in images, as a whole number of steps (at least 1)."""
-        return max(1, round(nimg / self.global_batch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -26,8 +27,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group that ``torchrun`` describes (if any) and pick this rank's device."""
+class DistributedError(RuntimeError):
+    """This rank lost the others (one died or hung); the message says what to do."""
+
+
+def init_distributed(
+    device: str = "auto", timeout_s: float | None = None
+) -> tuple[DistInfo, torch.device]:
+    """Join the process group that ``torchrun`` describes (if any) and pick this rank's device.
+
+    ``timeout_s``: how long a collective waits for the other ranks before it fails (torch's
+    default, 30 min for gloo, if None). It bounds the wait for a rank that hangs or whose
+    host vanished; a rank that dies is noticed at once (its sockets close) and torchrun then
+    stops the others."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,7 +58,8 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank, world, local), dev
 
 
@@ -66,3 +79,14 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_COMM_FAILURES = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Whether ``e`` (raised inside a collective) means the process group broke: another
+    rank died or hung. Gloo reports it as a plain ``RuntimeError`` naming its transport."""
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _COMM_FAILURES)

@@ -4,13 +4,14 @@ Every random draw of step ``s`` comes from ``(seed, s, shard)`` (``shard = rank�
 and the batch of step ``s`` is a pure function of ``(seed, s)``: resuming at any checkpoint
 reproduces the uninterrupted run bit for bit, and ``W`` DDP ranks equal one process with
 ``grad_accum = W``. Techniques add loss terms to the objective or register callbacks; they do
-not edit this loop.
+not edit this loop. What is due after a step (log row, sample grid, evaluation, checkpoint)
+is ``train.schedule``'s; what a checkpoint holds is ``train.state``'s; stopping on SIGTERM or
+SIGUSR1 is ``train.preempt``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -27,11 +28,11 @@ from denoiselab.algorithms import TermContext
 from denoiselab.config import ConfigError
 from denoiselab.data import build_dataset
 from denoiselab.data.loader import StepLoader
-from denoiselab.images import save_grid
 from denoiselab.latents import decoder_for
 from denoiselab.models import JiT
-from denoiselab.sampling.generate import Sampler, balanced_labels
+from denoiselab.sampling.generate import Sampler
 from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train import state
 from denoiselab.train.build import (
     build_objective,
     config_yaml_with_model,
@@ -39,18 +40,25 @@ from denoiselab.train.build import (
     run_sampler,
 )
 from denoiselab.train.config import TrainConfig
-from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
-from denoiselab.train.ema import EMA, auto_decay
+from denoiselab.train.distributed import DistributedError, init_distributed, is_comm_failure
+from denoiselab.train.ema import EMA
 from denoiselab.train.module import TrainingModule
-from denoiselab.train.optim import build_optimizer
-from denoiselab.train.periodic import evaluate_network
+from denoiselab.train.optim import build_optimizer, lr_at
+from denoiselab.train.periodic import check_eval_ready, draw_grid, ema_network, evaluate_run
+from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
+from denoiselab.train.schedule import Schedule
 from denoiselab.train.tracking import require_backends
+from denoiselab.train.window import LossWindow, NonFiniteLossError, loss_total
+
+__all__ = ["NonFiniteLossError", "Trainer", "UnusedTermParametersError", "train"]
+
+PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the first such step."""
+class UnusedTermParametersError(RuntimeError):
+    """A loss term left parameters without a gradient but does not declare ``may_skip``."""
 
 
 def mix_seed(*values: int) -> int:
@@ -83,25 +91,19 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _lr_factor(step: int, warmup_steps: float, total: int, cooldown_steps: float) -> float:
-    """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9); with
-    ``cooldown_steps`` > 0, a linear fall to 0 over the last ``cooldown_steps`` of ``total``.
-    Every parameter group's rate is its base rate times this factor."""
-    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-    if cooldown_steps > 0:
-        factor = min(factor, max(0.0, (total - step) / cooldown_steps))
-    return factor
-
-
 class Trainer:
-    """Holds the state of one run; :meth:`run` is the loop."""
+    """Holds the state of one run; :meth:`run` is the loop.
+
+    ``resume``: a run folder (its newest checkpoint that loads; newer unreadable ones are
+    reported and skipped), a checkpoint file, or a loaded :class:`~.checkpoint.Checkpoint`.
+    """
 
     def __init__(
         self,
         cfg: TrainConfig,
         out_dir: str | Path,
         *,
-        resume: str | Path | None = None,
+        resume: str | Path | ckpt_io.Checkpoint | None = None,
         callbacks: Sequence[Callback] = (),
         quiet: bool = False,
     ) -> None:
@@ -109,13 +111,14 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.quiet = quiet
-        self.dist, self.device = init_distributed(cfg.device)
+        self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout_s)
         shards = self.dist.world_size * cfg.grad_accum
         if cfg.global_batch % shards:
             raise ConfigError(
                 f"global_batch={cfg.global_batch} must be divisible by world_size × grad_accum "
                 f"= {self.dist.world_size} × {cfg.grad_accum}"
             )
+        check_eval_ready(cfg)
         if cfg.deterministic:
             if self.device.type == "cuda":  # cuBLAS is only deterministic with a fixed workspace
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -142,14 +145,15 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.module, self.lr, self.device)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ema = EMA(self.model, cfg.ema.decays, cfg.ema.warmup)
+        self.window = LossWindow(self.device)
+        self.schedule = Schedule.of(cfg)
         self.config_yaml = config_yaml_with_model(cfg, self.model_cfg)
         # latents → pixels for sample grids (identity for pixel data)
         self.decode = decoder_for(cfg.data, self.device)
-        self.start_step = 0
         self.progress: ProgressBar | None = None
-        if resume is not None:
-            self._restore(resume)
+        self.start_step = state.resume(self, resume) if resume is not None else 0
         self.run_dir = RunFolder(out_dir, self.dist.is_main)
+        state.claim_run_folder(self, resuming=resume is not None)
         self.run_dir.write_text("config.yaml", self.config_yaml)
         self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
         self.run_dir.truncate_metrics(self.start_step)
@@ -157,56 +161,23 @@ class Trainer:
         self.step_module: nn.Module = self.module
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = DistributedDataParallel(self.module, device_ids=ids)
+            self.step_module = DistributedDataParallel(
+                self.module, device_ids=ids, find_unused_parameters=self.objective.may_skip
+            )
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _restore(self, path: str | Path) -> None:
-        ck = ckpt_io.load_checkpoint(path)
-        self.model.load_state_dict(ck.model)
-        try:
-            self.objective.load_state_dict(ck.objective or {})
-        except RuntimeError as e:
-            raise ckpt_io.CheckpointError(
-                f"{ck.path}: the loss terms' state does not match this run's objective ({e})"
-            ) from e
-        try:
-            self.optimizer.load_state_dict(ck.optimizer)
-        except ValueError as e:
-            raise ckpt_io.CheckpointError(
-                f"{ck.path}: its optimizer state does not match this run's parameters ({e})"
-            ) from e
-        for decay in self.cfg.ema.decays:
-            if decay not in ck.ema:
-                raise ckpt_io.CheckpointError(
-                    f"{ck.path}: no EMA with decay {decay} (has {sorted(ck.ema)})"
-                )
-            self.ema.load(decay, ck.ema[decay])
-        self.start_step = ck.step
-        self.log(f"resumed from {ck.path} at step {ck.step}")
-
-    def save(self, step: int) -> None:
-        if self.dist.is_main:
-            ckpt_io.save_checkpoint(
-                self.run_dir.checkpoints,
-                step,
-                config_yaml=self.config_yaml,
-                model=ckpt_io.state_dict_cpu(self.model),
-                ema={d: self.ema.state(d) for d in self.ema.decays},
-                optimizer=self.optimizer.state_dict(),
-                objective=ckpt_io.state_dict_cpu(self.objective),
-                loop_state={"step": step, "nimg": step * self.cfg.global_batch},
-                keep=self.cfg.keep_checkpoints,
-            )
-        barrier(self.dist)
+    def save(self, step: int) -> Path | None:
+        """Checkpoint the run after ``step`` steps (rank 0 writes; a collective)."""
+        return state.save(self, step)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self, step: int, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Forward/backward over ``grad_accum`` micro-batches, then one AdamW step.
+        """Forward/backward over ``grad_accum`` micro-batches, then one optimizer step.
 
         Returns the detached per-term means (on device; no host synchronisation).
         """
         cfg = self.cfg
-        factor = _lr_factor(step, self.warmup_steps, self.total_steps, self.cooldown_steps)
+        factor = lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.cooldown_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         micro = images.shape[0] // cfg.grad_accum
@@ -232,6 +203,12 @@ class Trainer:
                 loss.backward()
             for name, m in means.items():
                 totals[name] = totals.get(name, 0) + m.detach() / cfg.grad_accum
+        unused = self.module.unused_term_parameters()
+        if unused:  # under DDP their gradients were not averaged: never step on them
+            raise UnusedTermParametersError(
+                f"step {step + 1}: loss-term parameters {unused} got no gradient; a term that "
+                "may skip its parameters on some steps must set may_skip = True"
+            )
         if cfg.optim.grad_clip is not None:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.module.trainable(), cfg.optim.grad_clip
@@ -243,14 +220,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Train to the end; raises :class:`~.preempt.Preempted` after a stop request."""
         cfg = self.cfg
-        total = self.total_steps
-        log_every, sample_every, ckpt_every = (
-            cfg.every(cfg.log_every_nimg),
-            cfg.every(cfg.sample_every_nimg),
-            cfg.every(cfg.ckpt_every_nimg),
-        )
-        eval_every = cfg.every(cfg.eval.every_nimg) if cfg.eval.every_nimg else 0
         loader = StepLoader(
             self.dataset,
             seed=cfg.seed,
@@ -261,71 +232,81 @@ class Trainer:
             num_workers=cfg.data.num_workers,
         )
         self.model.train()
-        sums: dict[str, Tensor] = {}
-        count = 0
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        t_last, step_last = time.perf_counter(), self.start_step
-        t_start = t_last
+        t_start = time.perf_counter()
+        self._clock = (t_start, self.start_step)  # time and step of the last log row
+        self._plotted = t_start
         if self.dist.is_main and not self.quiet:
-            self.progress = ProgressBar(total, self.start_step, cfg.global_batch, sys.stderr)
-        for step, images, labels in loader:
-            if step >= total:
-                break
-            terms = self.train_step(step, images, labels)
-            finite = torch.isfinite(sum(terms.values()))
-            first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0) + v
-            count += 1
-            done = step + 1
-            state = TrainState(done, done * cfg.global_batch, terms, self.model, self.run_dir)
-            for callback in self.callbacks:
-                callback(state)
-            is_last = done == total
-            if self.progress is not None:
-                self.progress.update(done, functools.partial(_running_loss, sums, count))
-            if done % log_every == 0 or is_last:
-                self._check_finite(first_bad)
-                now = time.perf_counter()
-                rate = (done - step_last) * cfg.global_batch / max(now - t_last, 1e-9)
-                self._log_row(done, sums, count, rate, (total - done) * cfg.global_batch / rate)
-                sums, count, t_last, step_last = {}, 0, now, done
-            if done % sample_every == 0 or is_last:
-                self.sample_grid(done)
-            if eval_every and (done % eval_every == 0 or is_last):
-                self.evaluate(done)
-            if done % ckpt_every == 0 or is_last:
-                self._check_finite(first_bad)
-                self.save(done)
-                if self.dist.is_main:
-                    plot_loss(self.run_dir.metrics_path, self.run_dir.root / "loss.png")
-        self.log(
-            f"done: {total} steps in {time.perf_counter() - t_start:.1f}s → {self.run_dir.root}"
-        )
+            self.progress = ProgressBar(
+                self.total_steps, self.start_step, cfg.global_batch, sys.stderr
+            )
+        with StopRequest(self.dist, self.device, cfg.stop_check_steps) as self.stop:
+            step = self.start_step
+            try:
+                for step, images, labels in loader:
+                    if step >= self.total_steps:
+                        break
+                    terms = self.train_step(step, images, labels)
+                    self.window.add(step, terms)
+                    self._after_step(step + 1, terms)
+            except RuntimeError as e:
+                if not (self.dist.enabled and is_comm_failure(e)):
+                    raise
+                cause = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise DistributedError(
+                    f"rank {self.dist.rank} lost the other ranks at step {step + 1} "
+                    f"({cause.strip()[:200]}): one died or hung longer than "
+                    f"dist_timeout_s={cfg.dist_timeout_s:g}; checkpoints in "
+                    f"{self.run_dir.checkpoints} are intact: resume with --resume "
+                    f"{self.run_dir.root}"
+                ) from e
+        elapsed = time.perf_counter() - t_start
+        self.log(f"done: {self.total_steps} steps in {elapsed:.1f}s → {self.run_dir.root}")
         self.run_dir.close()
         return self.run_dir.root
 
-    def _check_finite(self, first_bad: Tensor) -> None:
-        bad = int(first_bad.item())
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"loss is not finite at step {bad} (after {bad * self.cfg.global_batch} images); "
-                f"stopped; the last good checkpoint in {self.run_dir.checkpoints} is kept. "
-                "Try a lower learning rate or optim.grad_clip."
-            )
+    def _after_step(self, done: int, terms: dict[str, Tensor]) -> None:
+        """Callbacks, then what is due after step ``done``, then a stop if one was asked."""
+        info = TrainState(done, done * self.cfg.global_batch, terms, self.model, self.run_dir)
+        for callback in self.callbacks:
+            callback(info)
+        if self.progress is not None:
+            self.progress.update(done, self.window.running_loss)
+        due = self.schedule.due(done)
+        stopping = self.stop.agreed(done)  # a stop must be quick: it skips a grid or evaluation
+        if due.log:
+            self._log_row(done)
+        if due.sample and not stopping:
+            self.sample_grid(done)
+        if due.evaluate and not stopping:
+            self.evaluate(done)
+        if due.checkpoint or stopping:
+            self._check_finite()
+            self.save(done)
+        if stopping:
+            self._plot(force=True)
+            raise Preempted(done, self.stop.signum, self.run_dir.root)
 
-    def _log_row(
-        self, step: int, sums: dict[str, Tensor], count: int, rate: float, eta: float
-    ) -> None:
-        means = {k: all_reduce_mean(v / count, self.dist).item() for k, v in sums.items()}
-        loss = _loss_total(means)
+    def _check_finite(self) -> None:
+        self.window.check_finite(self.dist, self.cfg.global_batch, self.run_dir.checkpoints)
+
+    def _log_row(self, step: int) -> None:
+        self._check_finite()
+        now = time.perf_counter()
+        t_last, step_last = self._clock
+        rate = (step - step_last) * self.cfg.global_batch / max(now - t_last, 1e-9)
+        eta = (self.total_steps - step) * self.cfg.global_batch / max(rate, 1e-9)
+        means = self.window.means(self.dist)
+        self.window.reset()
+        self._clock = (now, step)
+        loss = loss_total(means)
+        nimg = step * self.cfg.global_batch
         row: dict[str, Any] = {
             "step": step,
-            "nimg": step * self.cfg.global_batch,
-            "kimg": step * self.cfg.global_batch / 1000,
+            "nimg": nimg,
+            "kimg": nimg / 1000,
             "loss": loss,
             **{f"loss/{k}" if k != "grad_norm" else k: v for k, v in means.items()},
-            **self.objective.logs(step * self.cfg.global_batch),
+            **self.objective.logs(nimg),
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": rate,
         }
@@ -334,44 +315,26 @@ class Trainer:
             f"step {step}/{self.total_steps} | kimg {row['kimg']:.1f} | loss {loss:.4f} | "
             f"{rate:.1f} img/s | ETA {format_duration(eta)}"
         )
+        self._plot(force=step == self.total_steps)
+
+    def _plot(self, force: bool) -> None:
+        """Redraw ``loss.png`` from ``metrics.jsonl`` (rank 0; at most every PLOT_EVERY_S)."""
+        now = time.perf_counter()
+        if self.dist.is_main and (force or now - self._plotted >= PLOT_EVERY_S):
+            plot_loss(self.run_dir.metrics_path, self.run_dir.root / "loss.png")
+            self._plotted = now
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's mixed precision (bf16 autocast on CUDA under ``precision: auto``)."""
         return _autocast(self.device, self.cfg.precision)
 
     def ema_network(self, ema: float | str, step: int) -> nn.Module:
-        """A fresh eval-mode network holding EMA weights after ``step`` steps: ``ema`` a
-        trained decay, ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`; the raw weights
-        if no EMA is kept) or ``"none"`` (the raw weights)."""
-        net = JiT(self.model_cfg).to(self.device).eval()
-        net.load_state_dict(self.model.state_dict())
-        if ema == "none" or not self.ema.decays:
-            return net
-        decay = auto_decay(self.ema.decays, step) if ema == "auto" else float(ema)
-        if decay not in self.ema.decays:
-            raise ConfigError(f"EMA decay {ema!r} is not kept; kept: {list(self.ema.decays)}")
-        self.ema.copy_to(net, decay)
-        return net
+        """An eval-mode copy of the network with EMA weights (``train.periodic.ema_network``)."""
+        return ema_network(self, ema, step)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """The periodic evaluation (``cfg.eval``) of the weights at ``step``, logged to
-        ``metrics.jsonl`` as ``eval/<metric>``. Under DDP every rank generates a share of the
-        samples (``metrics.evaluate`` shards the batches) and all get the same values."""
-        tic = time.perf_counter()
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
-            net = self.ema_network(self.cfg.eval.ema, step)
-            values = evaluate_network(
-                self.sampler(net), self.cfg, self.model_cfg.num_classes, self.device
-            )
-        row = {"step": step, "nimg": step * self.cfg.global_batch}
-        row["kimg"] = row["nimg"] / 1000
-        row.update({f"eval/{k}": v for k, v in values.items()})
-        row["eval_seconds"] = time.perf_counter() - tic
-        self.run_dir.log(row)  # rank 0 only
-        shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
-        self.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
-        return values
+        """The periodic evaluation of the weights at ``step`` (``train.periodic``)."""
+        return evaluate_run(self, step)
 
     def sampler(self, net: nn.Module) -> Sampler:
         """``net`` (this run's network or an EMA copy) ready to draw decoded images under the
@@ -380,28 +343,9 @@ class Trainer:
             net, self.objective, self.cfg, self.model_cfg, self.decode, self.device, self.autocast
         )
 
-    @torch.no_grad()
     def sample_grid(self, step: int) -> None:
         """Samples from fixed noise and labels with an EMA copy, saved as ``samples/*.png``."""
-        if not self.dist.is_main:
-            return
-        cfg = self.cfg.sample
-        net = self.ema_network(cfg.ema if cfg.ema is not None else "auto", step)
-        mc = self.model_cfg
-        n = cfg.num_grid
-        labels = balanced_labels(n, mc.num_classes)
-        images = self.sampler(net)(
-            labels,
-            self.cfg.seed + 1,
-            steps=cfg.steps,
-            solver=cfg.solver,
-            cfg_scale=cfg.cfg,
-            interval=cfg.interval,
-        )
-        nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
-        path = self.run_dir.root / "samples" / f"step_{step:09d}.png"
-        save_grid(images, path, nrow)
-        self.run_dir.log_image("samples", path, step)
+        draw_grid(self, step)
 
     def log(self, message: str) -> None:
         if self.dist.is_main and not self.quiet:
@@ -410,21 +354,11 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
 
-def _loss_total(terms: dict[str, Any]) -> Any:
-    """The loss: the sum of the loss terms (the gradient norm is logged beside them)."""
-    return sum(v for k, v in terms.items() if k != "grad_norm")
-
-
-def _running_loss(sums: dict[str, Tensor], count: int) -> float:
-    """Mean loss since the last log line, this rank."""
-    return float(_loss_total(sums)) / max(count, 1)
-
-
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
-    resume: str | Path | None = None,
+    resume: str | Path | ckpt_io.Checkpoint | None = None,
     callbacks: Sequence[Callback] = (),
     quiet: bool = False,
 ) -> Path:

@@ -3,7 +3,7 @@
 Loss terms may own parameters (a REPA projector). Holding the network and the objective in
 one ``nn.Module`` gives every trained parameter the same treatment without special cases:
 DDP averages all their gradients, the optimizer, clipping and checkpoints see all of them,
-and ``state_dict`` has one stable layout (``model.*``, ``objective.*``).
+and ``state_dict`` has one stable layout (``model.*``, ``objective.extra.<term>.*``).
 """
 
 from __future__ import annotations
@@ -48,3 +48,8 @@ class TrainingModule(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates, in registration order (network first)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def unused_term_parameters(self) -> list[str]:
+        """Loss-term parameters that must get a gradient every step (``LossTerm.may_skip``
+        False) but got none since the gradients were last cleared."""
+        return [f"objective.{n}" for n, p in self.objective.required_parameters() if p.grad is None]

@@ -146,3 +146,13 @@ def build_optimizer(
         raise ConfigError(f"optim.name={cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     return OPTIMIZERS[cfg.name](cfg, named, lr, device)
+
+
+def lr_at(step: int, base: float, warmup_steps: float, total: int, cooldown_steps: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (Table 9); with
+    ``cooldown_steps`` > 0, a linear fall to 0 over the last ``cooldown_steps`` of ``total``.
+    The loop calls it with ``base = 1`` for the factor that scales every group's base rate."""
+    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if cooldown_steps > 0:
+        factor = min(factor, max(0.0, (total - step) / cooldown_steps))
+    return base * factor

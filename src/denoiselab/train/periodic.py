@@ -1,4 +1,4 @@
-"""Periodic evaluation inside ``denoiselab train`` (``TrainConfig.eval``).
+"""Periodic outputs of ``denoiselab train``: evaluation (``TrainConfig.eval``) and sample grids.
 
 The training run scores its own EMA weights with :func:`denoiselab.metrics.evaluate`: the
 offline probe metrics by default, on the run's data in pixels (the source images of a latent
@@ -9,13 +9,42 @@ trains with gradients: only the sampling runs under ``no_grad``).
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from denoiselab.config import ConfigError
+from denoiselab.images import save_grid
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.images import to_uint8
-from denoiselab.sampling.generate import Sampler
+from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
+from denoiselab.train.ema import auto_decay
+
+
+def check_eval_ready(cfg: TrainConfig) -> None:
+    """Fail before the first step, not at the first evaluation hours later, when
+    ``eval.metrics`` needs pretrained weights that are not in place (training looks for
+    them only under ``<cache root>/extractors/``; the probe metrics need none)."""
+    if cfg.eval.every_nimg <= 0:
+        return
+    from denoiselab.metrics import METRICS
+    from denoiselab.metrics.cache import cache_root
+    from denoiselab.metrics.extractors import DEFAULT_NAMES, resolve_extractor_path
+
+    for name in cfg.eval.metrics:
+        kind = METRICS[name].extractor
+        if kind == "probe":
+            continue
+        path = resolve_extractor_path(kind, None, cfg.eval.cache_dir)
+        if path is None or not (path.is_file() or (path / "config.json").is_file()):
+            where = cache_root(cfg.eval.cache_dir) / "extractors" / DEFAULT_NAMES[kind]
+            raise ConfigError(
+                f"eval.metrics has {name!r}, which needs the {kind} weights at {where}: put "
+                "them there, or evaluate during training with the probe metrics (no download)"
+            )
 
 
 def evaluate_network(
@@ -50,3 +79,64 @@ def evaluate_network(
         device=device,
     )
     return {k: float(v) for k, v in result["metrics"].items()}
+
+
+def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:
+    """A fresh eval-mode copy of ``trainer``'s network holding EMA weights after ``step``
+    steps: ``ema`` a trained decay, ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`; the
+    raw weights if no EMA is kept) or ``"none"`` (the raw weights)."""
+    from denoiselab.models import JiT
+
+    net = JiT(trainer.model_cfg).to(trainer.device).eval()
+    net.load_state_dict(trainer.model.state_dict())
+    decays = trainer.ema.decays
+    if ema == "none" or not decays:
+        return net
+    decay = auto_decay(decays, step) if ema == "auto" else float(ema)
+    if decay not in decays:
+        raise ConfigError(f"EMA decay {ema!r} is not kept; kept: {list(decays)}")
+    trainer.ema.copy_to(net, decay)
+    return net
+
+
+def evaluate_run(trainer: Any, step: int) -> dict[str, float]:
+    """The periodic evaluation (``cfg.eval``) of ``trainer``'s weights at ``step``, logged to
+    ``metrics.jsonl`` as ``eval/<metric>``. Under DDP every rank generates a share of the
+    samples (``metrics.evaluate`` shards the batches) and all get the same values."""
+    tic = time.perf_counter()
+    cfg, device = trainer.cfg, trainer.device
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
+        net = trainer.ema_network(cfg.eval.ema, step)
+        values = evaluate_network(trainer.sampler(net), cfg, trainer.model_cfg.num_classes, device)
+    row: dict[str, Any] = {"step": step, "nimg": step * cfg.global_batch}
+    row["kimg"] = row["nimg"] / 1000
+    row.update({f"eval/{k}": v for k, v in values.items()})
+    row["eval_seconds"] = time.perf_counter() - tic
+    trainer.run_dir.log(row)  # rank 0 only
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+    trainer.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
+    return values
+
+
+@torch.no_grad()
+def draw_grid(trainer: Any, step: int) -> None:
+    """Samples of ``trainer``'s EMA weights at ``step`` from fixed noise and labels, saved as
+    ``samples/step_<step>.png`` (rank 0 only)."""
+    if not trainer.dist.is_main:
+        return
+    cfg, mc = trainer.cfg.sample, trainer.model_cfg
+    net = trainer.ema_network(cfg.ema if cfg.ema is not None else "auto", step)
+    labels = balanced_labels(cfg.num_grid, mc.num_classes)
+    images = trainer.sampler(net)(
+        labels,
+        trainer.cfg.seed + 1,
+        steps=cfg.steps,
+        solver=cfg.solver,
+        cfg_scale=cfg.cfg,
+        interval=cfg.interval,
+    )
+    square = cfg.num_grid % mc.num_classes == 0 and mc.num_classes <= 16
+    path = trainer.run_dir.root / "samples" / f"step_{step:09d}.png"
+    save_grid(images, path, mc.num_classes if square else None)
+    trainer.run_dir.log_image("samples", path, step)

@@ -1,0 +1,138 @@
+"""A run's resumable state and its checkpoint: what the loop saves, what ``--resume`` restores.
+
+The state of a run after step ``s`` is: the network, the objective's trained state (loss-term
+parameters), the optimizer, every EMA, and the partial log window. Batches, noise and
+dropout are functions of ``(seed, step, shard)``, so nothing else is needed for the resumed
+run to equal the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denoiselab.config import ConfigError
+from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train.checkpoint import Checkpoint, CheckpointError, CheckpointWriteError
+from denoiselab.train.distributed import DistInfo
+
+
+def save(trainer: Any, step: int) -> Path | None:
+    """Checkpoint ``trainer`` after ``step`` steps. Rank 0 writes; all ranks learn whether it
+    succeeded (a broadcast, which also keeps them in step) and raise the same
+    :class:`CheckpointWriteError` if not."""
+    path, error = None, None
+    window_tensors, window_fields = trainer.window.state(trainer.dist)  # every rank's sums
+    if trainer.dist.is_main:
+        try:
+            path = ckpt_io.save_checkpoint(
+                trainer.run_dir.checkpoints,
+                step,
+                config_yaml=trainer.config_yaml,
+                model=ckpt_io.state_dict_cpu(trainer.model),
+                ema={d: trainer.ema.state(d) for d in trainer.ema.decays},
+                optimizer=trainer.optimizer.state_dict(),
+                objective=ckpt_io.state_dict_cpu(trainer.objective),
+                state_tensors=window_tensors,
+                loop_state={
+                    "step": step,
+                    "nimg": step * trainer.cfg.global_batch,
+                    "window": window_fields,
+                },
+                keep=trainer.cfg.keep_checkpoints,
+            )
+        except CheckpointWriteError as e:
+            error = e
+    _agree(trainer.dist, trainer.device, error, step)
+    return path
+
+
+def _agree(dist: DistInfo, device: torch.device, error: Exception | None, step: int) -> None:
+    failed = error is not None
+    if dist.enabled:
+        flag = torch.tensor([int(failed)], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        failed = bool(flag.item())
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
+
+
+def resume(trainer: Any, source: str | Path | Checkpoint) -> int:
+    """Restore ``trainer`` from ``source`` (a run folder: its newest checkpoint that loads,
+    each newer unreadable one reported in one line; a file; a loaded checkpoint); returns
+    the step to continue from."""
+    if isinstance(source, Checkpoint):
+        ck = source
+    else:
+        ck = ckpt_io.load_for_resume(source, warn=lambda m: trainer.log(f"warning: {m}"))
+    step = restore(trainer, ck)
+    _same_on_all_ranks(trainer.dist, trainer.device, step)
+    trainer.log(f"resumed from {ck.path} at step {step}")
+    return step
+
+
+def _same_on_all_ranks(dist: DistInfo, device: torch.device, step: int) -> None:
+    """Every rank reads the checkpoint itself; one that fell back to an older one (a read
+    error on its side only) would train other steps than the rest: refuse."""
+    if not dist.enabled:
+        return
+    lo_hi = torch.tensor([-step, step], device=device)
+    torch.distributed.all_reduce(lo_hi, op=torch.distributed.ReduceOp.MAX)
+    lo, hi = -int(lo_hi[0]), int(lo_hi[1])
+    if lo != hi:
+        raise CheckpointError(
+            f"the ranks resumed from different checkpoints (steps {lo} to {hi}): some could "
+            "not read the newest one; check the file system and resume again"
+        )
+
+
+def claim_run_folder(trainer: Any, resuming: bool) -> None:
+    """A fresh run never mixes with another's checkpoints (a named error); a resumed one
+    sets aside the checkpoints newer than its start (another history, or unreadable)."""
+    run_dir = trainer.run_dir
+    if not trainer.dist.is_main:
+        return
+    found = ckpt_io.list_checkpoints(run_dir.checkpoints)
+    if found and not resuming:
+        raise ConfigError(
+            f"{run_dir.root} already holds a run (checkpoints up to {found[-1].name}): "
+            f"continue it with --resume {run_dir.root} (or --auto-resume), or train into "
+            "another --out"
+        )
+    moved = ckpt_io.set_aside_after(run_dir.checkpoints, trainer.start_step)
+    if moved:
+        trainer.log(
+            f"warning: set aside {len(moved)} file(s) newer than step {trainer.start_step} "
+            f"as *.stale in {run_dir.checkpoints}"
+        )
+
+
+def restore(trainer: Any, ck: Checkpoint) -> int:
+    """Load ``ck`` into ``trainer`` (network, loss terms, optimizer, EMAs, log window);
+    returns its step. A checkpoint that does not fit this run is a named error."""
+    try:
+        trainer.model.load_state_dict(ck.model)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck.path}: its network does not match this run's ({e})") from e
+    try:
+        trainer.objective.load_state_dict(ck.objective or {})
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{ck.path}: the loss terms' state does not match this run's objective ({e})"
+        ) from e
+    try:
+        trainer.optimizer.load_state_dict(ck.optimizer)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{ck.path}: its optimizer state does not match this run's parameters ({e})"
+        ) from e
+    for decay in trainer.cfg.ema.decays:
+        if decay not in ck.ema:
+            raise CheckpointError(f"{ck.path}: no EMA with decay {decay} (has {sorted(ck.ema)})")
+        trainer.ema.load(decay, ck.ema[decay])
+    trainer.window.load(ck.state_tensors or {}, ck.loop_state.get("window", {}), trainer.dist)
+    return ck.step
