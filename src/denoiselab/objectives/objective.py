@@ -47,6 +47,9 @@ class ObjectiveConfig:
     ``label_drop`` replaces the class by the null class with this probability (for CFG).
     ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
     seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
+    ``weighting: min_snr``: Min-SNR-γ (Hang et al. 2023, γ = ``min_snr_gamma``), applied so
+    that the effective weight on the x-space error is ``min(SNR, γ)`` in every loss space,
+    ``SNR = t²/((1−t)²s²)`` (``parameterization.min_snr_weight`` derives the conversion).
     """
 
     prediction: str = "x"
@@ -75,6 +78,8 @@ class ObjectiveConfig:
             )
         if self.weighting not in ("none", "min_snr"):
             raise ValueError(f"objective.weighting={self.weighting!r}; valid: 'none', 'min_snr'")
+        if not self.min_snr_gamma > 0:  # also refuses NaN; inf = plain SNR weighting
+            raise ValueError(f"objective.min_snr_gamma={self.min_snr_gamma!r} must be > 0")
         if not 0 < self.t_eps < 0.5:
             raise ValueError(f"objective.t_eps={self.t_eps!r} must lie in (0, 0.5)")
         if not (self.noise_scale > 0 and math.isfinite(self.noise_scale)):
@@ -188,9 +193,22 @@ class DenoisingObjective(nn.Module):
         return self.complete(net_out, z_t, t).v
 
     def weight(self, t: Tensor) -> Tensor:
-        """Optional explicit per-sample weight ``[B]`` on top of the loss-space reweighting."""
+        """Optional explicit per-sample weight ``[B]`` on top of the loss-space reweighting.
+
+        ``min_snr``: Min-SNR-γ for this loss space and prediction
+        (:func:`~denoiselab.objectives.parameterization.min_snr_weight`): the effective
+        weight on the x-space error is ``min(SNR, γ)`` whatever the loss space.
+        """
         if self.cfg.weighting == "min_snr":
-            return min_snr_weight(t, self.cfg.min_snr_gamma, self.cfg.noise_scale)
+            cfg = self.cfg
+            return min_snr_weight(
+                t,
+                cfg.min_snr_gamma,
+                cfg.noise_scale,
+                prediction=cfg.pred,
+                loss_space=cfg.loss,
+                t_eps=cfg.t_eps,
+            )
         return torch.ones_like(t)
 
     # -- randomness --------------------------------------------------------------------------
