@@ -10,9 +10,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from denoiselab.cliutil import ArgumentParser, guarded
+
 
 def _train(args: argparse.Namespace) -> int:
-    from denoiselab.config import dump_yaml
+    from denoiselab.config import ConfigError, dump_yaml
     from denoiselab.train.build import load_train_config
     from denoiselab.train.checkpoint import load_checkpoint, resolve_checkpoint
     from denoiselab.train.loop import train
@@ -34,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else weights.parent.parent
     else:
         if args.config is None:
-            raise SystemExit("denoiselab train: give a CONFIG file (e.g. configs/quickstart.yaml)")
+            raise ConfigError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN")
         cfg = load_train_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         weights = None
@@ -55,18 +57,22 @@ def _sample(args: argparse.Namespace) -> int:
     from denoiselab.images import save_grid, save_images
     from denoiselab.sampling.generate import balanced_labels
     from denoiselab.train.build import restore
+    from denoiselab.train.distributed import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for flag, value in (("--num", args.num), ("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+    device = resolve_device(args.device or "auto")
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
         ema = None
     r = restore(args.run, ema=ema, device=device)
     num_classes = r.model_cfg.num_classes
     if args.class_id is not None and not 0 <= args.class_id < num_classes:
-        raise SystemExit(
-            f"denoiselab sample: --class {args.class_id} is out of range; "
-            f"valid: 0 … {num_classes - 1}"
-        )
+        raise ValueError(f"--class {args.class_id} is out of range; valid: 0 … {num_classes - 1}")
     out = Path(args.out)
     images = []
     for start in range(0, args.num, args.batch):
@@ -138,7 +144,7 @@ PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab",
         description="Train, sample, evaluate and ablate diffusion Transformers that predict clean data.",
     )
@@ -185,25 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Bad input of any subcommand (passthrough ones included) ends in
+    one line on stderr and exit status 2 (:mod:`denoiselab.cliutil`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
-        return PASSTHROUGH[argv[0]](argv[1:])
+        return guarded(f"denoiselab {argv[0]}", lambda: PASSTHROUGH[argv[0]](argv[1:]))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`train cfg.yaml --steps 5 optim.lr=1e-3`)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
     if bad or (extra and args.command != "train"):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        prog = f"denoiselab {args.command}"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(bad or extra)} (see `{prog} -h`)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from denoiselab.config import ConfigError
-    from denoiselab.train.checkpoint import CheckpointError
-
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return guarded(f"denoiselab {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

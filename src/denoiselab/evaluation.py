@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from denoiselab.cliutil import ArgumentParser
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -71,6 +72,17 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     of the batches (``metrics.evaluate``) and every rank returns the same result."""
     from denoiselab.train.distributed import init_distributed
 
+    for flag, value, least in (
+        ("--num", args.num, 2),
+        ("--sweep-num", args.sweep_num, 2),
+        ("--steps", args.steps, 1),
+        ("--batch", args.batch, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be >= {least}")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
     info, dev = init_distributed(args.device or "auto")
     device = str(dev)
     main_rank = info.is_main
@@ -140,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument(
         "--metrics",

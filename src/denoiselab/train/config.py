@@ -138,7 +138,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
-    image size, channels and class count default to the dataset's."""
+    image size, channels and class count default to the dataset's. ``model`` is checked at
+    construction (:func:`check_model_section`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "JiT-B/16"})
@@ -161,11 +162,15 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if "name" not in self.model:
-            raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info`)")
+        check_model_section(self.model, self.data)
         for key in ("global_batch", "grad_accum", "duration_nimg", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        if self.global_batch % self.grad_accum:
+            raise ConfigError(
+                f"global_batch={self.global_batch} must be divisible by grad_accum={self.grad_accum}"
+            )
+        _check_device_name(self.device)
         for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
@@ -183,3 +188,62 @@ class TrainConfig:
     def every(self, nimg: int) -> int:
         """An interval in images, as a whole number of steps (at least 1)."""
         return max(1, round(nimg / self.global_batch))
+
+
+def _check_device_name(device: str) -> None:
+    """The spelling of ``device`` (whether CUDA exists is checked when the run starts, so a
+    GPU config can be dry-run on a machine without one)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:N"
+        ) from None
+
+
+PIXEL_DATASETS = ("shapes", "digits", "imagefolder")
+
+
+def check_model_section(model: dict[str, Any], data: DataConfig) -> None:
+    """Validate the ``model:`` section now, not when the run starts: ``name`` must be a preset
+    (``denoiselab info all``), every other key a ``JiTConfig`` field of the right type, and
+    for pixel data the resulting network must be valid at ``data.image_size`` and
+    ``data.channels`` (what the run will give it). For latent data the latent side and
+    channels come from the cache, so values that depend on them are checked at run time.
+    """
+    import typing
+
+    from denoiselab.config import _coerce
+    from denoiselab.models import JiTConfig
+    from denoiselab.models.registry import MODEL_PRESETS
+
+    if not isinstance(model, dict) or "name" not in model:
+        raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info all`)")
+    name = model["name"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.name={name!r} is not a preset; valid: {', '.join(MODEL_PRESETS)}")
+    hints = typing.get_type_hints(JiTConfig)
+    unknown = sorted(set(model) - {"name"} - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {', '.join(map(repr, unknown))} in model; valid keys: name, "
+            + ", ".join(hints)
+        )
+    fields = {k: _coerce(v, hints[k], f"model.{k}") for k, v in model.items() if k != "name"}
+    if data.name not in PIXEL_DATASETS:
+        return
+    from_data = {"image_size": data.image_size, "in_channels": data.channels}
+    for key, value in from_data.items():
+        if key in fields and fields[key] != value:
+            raise ConfigError(
+                f"model.{key}={fields[key]!r} but the data gives {key}={value!r}; "
+                f"remove model.{key} or change data"
+            )
+    try:
+        JiTConfig(**{**MODEL_PRESETS[name], **fields, **from_data})
+    except ValueError as e:
+        raise ConfigError(f"model ({name} at {data.image_size}px): {e}") from None
