@@ -44,8 +44,8 @@ def _train(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, duration_nimg=args.steps * cfg.global_batch)
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
+    if args.dry_run:  # as the run will record it (noise_scale "auto" as its number)
+        print(dump_yaml(cfg.resolved()), end="")
         return 0
     train(cfg, out, resume=weights)
     return 0

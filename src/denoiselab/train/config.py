@@ -6,7 +6,7 @@ them. Durations and intervals are counted in images seen (``*_nimg``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from denoiselab.config import ConfigError
@@ -139,7 +139,8 @@ class EvalConfig:
 class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
     image size, channels and class count default to the dataset's. ``model`` is checked at
-    construction (:func:`check_model_section`)."""
+    construction (:func:`check_model_section`). ``objective.noise_scale: auto`` is resolved
+    by :meth:`resolved` (:func:`auto_noise_scale`); a run records the number it used."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "JiT-B/16"})
@@ -171,6 +172,16 @@ class TrainConfig:
                 f"global_batch={self.global_batch} must be divisible by grad_accum={self.grad_accum}"
             )
         _check_device_name(self.device)
+        if (
+            self.objective.noise_scale == "auto"
+            and self.data.name == "latents"
+            and self.data.latent_norm == "none"
+        ):
+            raise ConfigError(
+                "objective.noise_scale='auto' means 1.0 on normalised latents, but "
+                "data.latent_norm='none' keeps the autoencoder's raw scale: set "
+                "objective.noise_scale to a number (or use latent_norm autoencoder/dataset)"
+            )
         for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
@@ -181,6 +192,14 @@ class TrainConfig:
                     f"{list(self.ema.decays)} (or 'auto', 'none')"
                 )
 
+    def resolved(self) -> TrainConfig:
+        """This config with ``objective.noise_scale: auto`` replaced by its number for this
+        data (:func:`auto_noise_scale`); configs with a number are returned unchanged."""
+        if self.objective.noise_scale != "auto":
+            return self
+        objective = replace(self.objective, noise_scale=auto_noise_scale(self.data))
+        return replace(self, objective=objective)
+
     def steps(self) -> int:
         """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
         return -(-self.duration_nimg // self.global_batch)
@@ -188,6 +207,20 @@ class TrainConfig:
     def every(self, nimg: int) -> int:
         """An interval in images, as a whole number of steps (at least 1)."""
         return max(1, round(nimg / self.global_batch))
+
+
+def auto_noise_scale(data: DataConfig) -> float:
+    """What ``objective.noise_scale: auto`` means for ``data``.
+
+    Pixels: JiT's rule (Table 9) ``s = 1.0 × image_size / 256`` — at a higher resolution
+    neighbouring pixels are more redundant, so the same noise destroys less of the image, and
+    the noise is scaled up with the side (0.125 at 32 px, 1.0 at 256, 2.0 at 512).
+    Latents: 1.0, as JLT trains on latents normalised to unit variance per channel
+    (``data.latent_norm``): a compressed latent has no such redundancy to compensate, and its
+    side says nothing about the pixel resolution. (``latent_norm: none`` keeps the raw scale;
+    ``auto`` is refused there.)
+    """
+    return 1.0 if data.name == "latents" else data.image_size / 256
 
 
 def _check_device_name(device: str) -> None:

@@ -106,6 +106,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         quiet: bool = False,
     ) -> None:
+        cfg = cfg.resolved()  # noise_scale "auto" → its number, recorded in config.yaml
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.quiet = quiet
