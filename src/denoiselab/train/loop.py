@@ -48,6 +48,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the first such step."""
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient became NaN or inf while the loss was finite; the message names the step.
+
+    The run stops as for a non-finite loss (the update already applied may have poisoned the
+    weights, so nothing after the last good checkpoint is saved) rather than skipping the step:
+    without loss scaling (fp32/bf16) a non-finite gradient is a bug or a divergence to look at,
+    not an overflow to ride out.
+    """
+
+
 def mix_seed(*values: int) -> int:
     """Hash integers into a 63-bit seed (splitmix64 steps), so nearby tuples decorrelate."""
     h = 0x9E3779B97F4A7C15
@@ -149,6 +159,7 @@ class Trainer:
         # latents → pixels for sample grids (identity for pixel data)
         self.decode = decoder_for(cfg.data, self.device)
         self.start_step = 0
+        self._first_bad_grad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.progress: ProgressBar | None = None
         if resume is not None:
             self._restore(resume)
@@ -225,10 +236,19 @@ class Trainer:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), cfg.optim.grad_clip
             ).detach()
+        self._note_gradient(step, totals.get("grad_norm"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, step)
         return totals
+
+    def _note_gradient(self, step: int, norm: Tensor | None) -> None:
+        """Remember (on device, no host sync) the first step whose gradient is not finite."""
+        if norm is None:
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        bad = self._first_bad_grad
+        self._first_bad_grad = torch.where((bad < 0) & ~torch.isfinite(norm), step + 1, bad)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -261,7 +281,7 @@ class Trainer:
             if step >= total:
                 break
             terms = self.train_step(step, images, labels)
-            finite = torch.isfinite(sum(terms.values()))
+            finite = torch.isfinite(_loss_total(terms))  # the gradient is checked on its own
             first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0) + v
@@ -294,7 +314,15 @@ class Trainer:
         return self.run_dir.root
 
     def _check_finite(self, first_bad: Tensor) -> None:
+        grad_bad = int(self._first_bad_grad.item())
         bad = int(first_bad.item())
+        if grad_bad >= 0 and (bad < 0 or grad_bad < bad):
+            raise NonFiniteGradientError(
+                f"gradient is not finite at step {grad_bad} (after "
+                f"{grad_bad * self.cfg.global_batch} images) while the loss was finite; stopped; "
+                f"the last good checkpoint in {self.run_dir.checkpoints} is kept. Check custom "
+                "loss terms, or try fp32, a lower learning rate or optim.grad_clip."
+            )
         if bad >= 0:
             raise NonFiniteLossError(
                 f"loss is not finite at step {bad} (after {bad * self.cfg.global_batch} images); "
