@@ -65,6 +65,8 @@ def _sample(args: argparse.Namespace) -> int:
     lo, hi = args.cfg_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+    if not args.eta >= 0:
+        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
     device = resolve_device(args.device or "auto")
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
@@ -88,6 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
             solver=args.solver,
             cfg_scale=args.cfg,
             interval=tuple(args.cfg_interval),
+            eta=args.eta,
         )
         save_images(x, out, start=start)
         images.append(x.cpu())
@@ -163,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder or checkpoint file")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    s.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], default="heun")
+    s.add_argument(
+        "--eta", type=float, default=1.0, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s²"
+    )
     s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
     s.add_argument(

@@ -75,7 +75,7 @@ class EvalSpec:
     batch: int = 64
     seed: int = 0
     steps: int | None = None
-    solver: Literal["heun", "euler"] | None = None
+    solver: Literal["heun", "euler", "euler_maruyama"] | None = None
     cfg: float | None = None
     interval: tuple[float, float] | None = None
     ema: Literal["auto", "none"] | float = "auto"

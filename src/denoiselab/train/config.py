@@ -69,18 +69,25 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling (Table 9: Heun, 50 steps, linear grid, CFG interval [0.1, 1])."""
+    """Sampling (Table 9: Heun, 50 steps, linear grid, CFG interval [0.1, 1]).
+
+    ``solver: euler_maruyama`` samples the reverse SDE with the ODE's marginals,
+    ``g(t)² = 2·eta·(1−t)·s²`` (``denoiselab.sampling.solvers``); ``eta`` is unused otherwise.
+    """
 
     steps: int = 50
-    solver: Literal["heun", "euler"] = "heun"
+    solver: Literal["heun", "euler", "euler_maruyama"] = "heun"
     cfg: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
     ema: float | None = None
     num_grid: int = 64
+    eta: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"sample.steps={self.steps!r} must be >= 1")
+        if not self.eta >= 0:
+            raise ConfigError(f"sample.eta={self.eta!r} must be >= 0 (0: the ODE)")
         lo, hi = self.interval
         if not 0 <= lo <= hi <= 1:
             raise ConfigError(f"sample.interval={self.interval!r} must satisfy 0 <= lo <= hi <= 1")

@@ -411,6 +411,7 @@ class Trainer:
             solver=cfg.solver,
             cfg_scale=cfg.cfg,
             interval=cfg.interval,
+            eta=cfg.eta,
         )
         nrow = mc.num_classes if n % mc.num_classes == 0 and mc.num_classes <= 16 else None
         save_grid(images, self.run_dir.root / "samples" / f"step_{step:09d}.png", nrow)

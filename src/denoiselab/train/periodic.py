@@ -35,6 +35,7 @@ def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
             solver=cfg.sample.solver,
             cfg_scale=cfg.sample.cfg if ev.cfg is None else ev.cfg,
             interval=cfg.sample.interval,
+            eta=cfg.sample.eta,
         )
         return to_uint8(x.cpu())
 
