@@ -162,7 +162,7 @@ MALFORMED = [
         {"variants": {"x": {}, "a": {"objective.predicton": "x"}}},
         r"unknown key 'predicton' in objective",
     ),
-    ({"variants": {"x": {}, "a": {"model.widht": 8}}}, r"unknown model key\(s\) \['widht'\]"),
+    ({"variants": {"x": {}, "a": {"model.widht": 8}}}, r"unknown key 'widht' in model; valid keys"),
     (
         {"variants": {"x": {}, "a": {"model.patch_size": 5}}},
         r"image_size=16 is not divisible by patch",

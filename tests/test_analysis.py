@@ -76,13 +76,38 @@ def test_off_manifold_energy() -> None:
     )
 
 
-def test_toy_cells_are_deterministic_and_share_everything_but_the_prediction() -> None:
+def test_toy_cells_are_deterministic_and_share_everything_but_the_prediction(monkeypatch) -> None:
+    """Re-running gives the same cells; within a run the three cells see the same initial
+    weights, data, times, noise and sampling noise, and differ only in the prediction."""
+    from denoiselab.analysis import toy
+    from denoiselab.objectives import DenoisingObjective
+
     cfg = ToyConfig(dims=(4,), train_steps=3, batch=16, num_samples=32, sample_steps=3)
     first, second = run_toy(cfg, log=False), run_toy(cfg, log=False)
     assert [r.prediction for r in first] == ["x", "eps", "v"]
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a.samples_2d, b.samples_2d)
         assert a.sw2 == b.sw2 and np.isfinite(a.sw2)
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    terms, sample = DenoisingObjective.terms, toy.sample
+
+    def spy_terms(self, net, x, y, t, eps, **kw):
+        if self.cfg.prediction not in seen:  # the first step: weights still at initialisation
+            seen[self.cfg.prediction] = [x, t, eps, *(p.detach().clone() for p in net.parameters())]
+        return terms(self, net, x, y, t, eps, **kw)
+
+    noises: list[torch.Tensor] = []
+    monkeypatch.setattr(DenoisingObjective, "terms", spy_terms)
+    monkeypatch.setattr(
+        toy, "sample", lambda fn, noise, **kw: noises.append(noise) or sample(fn, noise, **kw)
+    )
+    third = run_toy(cfg, log=False)
+    assert sorted(seen) == ["eps", "v", "x"] and len(noises) == 3
+    for pred in ("eps", "v"):
+        assert all(torch.equal(a, b) for a, b in zip(seen["x"], seen[pred], strict=True)), pred
+    assert all(torch.equal(noises[0], n) for n in noises[1:])
+    assert not np.array_equal(third[0].samples_2d, third[1].samples_2d)  # the predictions differ
 
 
 # -- Gaussian closed forms vs Monte Carlo ----------------------------------------------------
@@ -243,6 +268,14 @@ def test_analyze_gaussian_from_dataset_patches(tmp_path) -> None:
     assert analyze_main(args) == 0
     table = json.loads((tmp_path / "gaussian.json").read_text())
     assert table["dim"] == 48 and table["rank_k"] == 8
+    # the spectrum is that of the first 16 shapes images' 4×4 patches, computed here by hand
+    from denoiselab.data import ShapesDataset
+
+    ds = ShapesDataset(num_images=16, image_size=16)
+    x = np.stack([ds[i][0].numpy() for i in range(16)]).astype(np.float64)  # [N, 3, 16, 16]
+    patches = x.reshape(16, 3, 4, 4, 4, 4).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 48)
+    expected = np.sort(np.linalg.eigvalsh(np.cov(patches, rowvar=False)))[::-1]
+    np.testing.assert_allclose(table["eigenvalues"], expected, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.slow

@@ -122,7 +122,7 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
 
 def _sampler_setup() -> tuple[nn.Module, DenoisingObjective, Tensor, Tensor]:
     net = _randomize(build_model("JiT-Micro")).eval()
-    objective = DenoisingObjective(ObjectiveConfig(), num_classes=10)
+    objective = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), num_classes=10)
     labels = torch.tensor([0, 3, 7, 9])
     return net, objective, labels, noise_for(0, 4, (3, 16, 16), 1.0, "cpu")
 

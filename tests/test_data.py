@@ -129,9 +129,24 @@ def test_shapes_are_distinguishable_by_their_pixels() -> None:
 
 
 def test_shapes_grey_channel() -> None:
-    ds = ShapesDataset(num_images=16, image_size=32, channels=1)
-    x = ds[3][0]
-    assert x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    """A grey image is the luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) of the colour
+    rendering of its scene, the scene's geometry is the colour dataset's, and the shape
+    stands out from the background in grey too."""
+    from denoiselab.data.shapes import render
+
+    grey, colour = (ShapesDataset(num_images=16, image_size=32, channels=c) for c in (1, 3))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    for i in range(16):
+        x = grey[i][0]
+        assert x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1
+        spec = grey.spec(i)
+        rgb = torch.from_numpy(render(spec, 32, channels=3)) * 2 - 1
+        torch.testing.assert_close(x[0], (rgb * luma).sum(0), atol=1e-5, rtol=0)
+        c = colour.spec(i)
+        assert (spec.shape, spec.cx, spec.cy, spec.radius, spec.angle) == (
+            c.shape, c.cx, c.cy, c.radius, c.angle)  # fmt: skip
+        fg, bg = (float(np.dot(v, luma.flatten().numpy())) for v in (spec.fg_rgb, spec.bg_rgb))
+        assert abs(fg - bg) > 0.2, (i, fg, bg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_export_folder_contents(run, exported):
     config = json.loads((exported / "config.json").read_text())
     assert config["format"] == "denoiselab" and config["weights"]["ema"] == 0.99
     assert config["weights"]["step"] == 8 and config["class_names"] == list(SHAPE_NAMES)
-    assert (config["prediction"], config["loss_space"], config["noise_scale"]) == ("x", "v", 1.0)
+    # noise_scale "auto" at 16 px: 16/256, the number the run recorded
+    assert (config["prediction"], config["loss_space"], config["noise_scale"]) == ("x", "v", 0.0625)
     assert config["sampling"] == {"steps": 3, "solver": "heun", "cfg": 1.5, "interval": [0.1, 1.0]}
     assert config["model"]["depth"] == 2 and config["train_config"]["global_batch"] == 8
     card = (exported / "README.md").read_text()

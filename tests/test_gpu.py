@@ -133,7 +133,7 @@ def test_training_step_never_synchronises_with_the_host(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bf16", [False, True])
 def test_compiled_cuda_sampling_matches_cpu_eager(bf16: bool) -> None:
     net = _randomize(build_model("JiT-Micro")).eval()
-    objective = DenoisingObjective(ObjectiveConfig(), num_classes=10)
+    objective = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), num_classes=10)
     labels = torch.tensor([0, 3, 7, 9])
     noise = noise_for(0, 4, (3, 16, 16), 1.0, "cpu")
     kw = dict(null_class=10, steps=20, cfg_scale=2.0, interval=(0.1, 1.0))

@@ -143,7 +143,7 @@ def test_training_from_cache_equals_encoding_on_the_fly(cache_dir, tiny_ae_dir):
     ae = load_autoencoder(tiny_ae_dir)
     pixels = build_dataset(replace(SHAPES16, hflip=True))
     latents = build_dataset(latents_cfg(cache_dir, hflip=True))
-    objective = DenoisingObjective(ObjectiveConfig(), num_classes=8)
+    objective = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), num_classes=8)
     net = lambda z, t, y: z * 0.5  # noqa: E731 - any fixed function of z_t
     seen_flip = False
     for step in (0, 3):  # step 3 crosses into epoch 1 (batch 7 of 24 images)

@@ -254,8 +254,19 @@ def test_patch_32_differs_from_16_only_in_patch_layers(size: str, d: int, bottle
 
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_every_preset_counts_on_meta(name: str) -> None:
-    n = count_params(name)
-    assert n > 0
+    """The meta-device count equals real CPU modules' parameters: a one-block network plus
+    (depth − 1) real blocks (so even JiT-G is checked without building it)."""
+    from dataclasses import replace
+
+    from denoiselab.models.jit import JiTBlock
+    from denoiselab.models.registry import model_config
+
+    cfg = model_config(name)
+    n = count_params(name)  # built on the meta device
+    one = replace(cfg, depth=1, in_context_start=min(cfg.in_context_start, 1))
+    real_one = sum(p.numel() for p in JiT(one).parameters())
+    real_block = sum(p.numel() for p in JiTBlock(cfg, 0.0).parameters())
+    assert real_block > 0 and n == real_one + (cfg.depth - 1) * real_block
     if name.startswith("JLT-B"):  # B-width trunk, no bottleneck or in-context tokens
         assert 125e6 < n < 135e6
 

@@ -66,7 +66,9 @@ def test_conversions_round_trip_through_every_space(pred):
 
 
 def _loss(pred, loss, out, x, eps, t):
-    obj = DenoisingObjective(ObjectiveConfig(prediction=pred, loss_space=loss, label_drop=0), 10)
+    obj = DenoisingObjective(
+        ObjectiveConfig(prediction=pred, loss_space=loss, label_drop=0, noise_scale=1.0), 10
+    )
     return obj.terms(lambda z, tt, y: out, x, torch.zeros(len(x)), t, eps)["denoise"]
 
 
@@ -123,7 +125,7 @@ def test_preconditioner_limits_and_identities():
 
 def test_preconditioned_objective_uses_wrapped_x():
     x, eps, t = _batch(seed=4)
-    cfg = ObjectiveConfig(preconditioner="linear", label_drop=0)
+    cfg = ObjectiveConfig(preconditioner="linear", label_drop=0, noise_scale=1.0)
     obj = DenoisingObjective(cfg, 10)
     z = interpolate(x, eps, t)
     out = torch.randn_like(x)
@@ -165,7 +167,7 @@ def test_uniform_and_shift():
 
 
 def test_label_drop_rate_and_null_class():
-    obj = DenoisingObjective(ObjectiveConfig(label_drop=0.1), num_classes=7)
+    obj = DenoisingObjective(ObjectiveConfig(label_drop=0.1, noise_scale=1.0), num_classes=7)
     x = torch.zeros(100_000, 1)
     _, _, y = obj.draw(x, torch.zeros(100_000, dtype=torch.long), torch.Generator())
     assert set(y.unique().tolist()) == {0, 7}
@@ -192,7 +194,7 @@ def test_extra_terms_get_hidden_states_and_are_per_sample():
             hidden_out[k] = torch.full((z.shape[0], 2, 5), float(k))
         return z
 
-    obj = DenoisingObjective(ObjectiveConfig(), 10, extra_terms=[Probe()])
+    obj = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), 10, extra_terms=[Probe()])
     x = torch.randn(6, 3, 4, 4)
     terms = obj(net, x, torch.zeros(6, dtype=torch.long), torch.Generator().manual_seed(0))
     assert set(terms) == {"denoise", "probe"}
@@ -210,7 +212,7 @@ def test_contrastive_flow_matching_pushes_away_from_the_next_samples_target(loss
     def net(z, t, y):  # any fixed function of the inputs will do
         return torch.tanh(z * w.mean() + t.view(-1, 1, 1, 1)) + 0.1 * y.view(-1, 1, 1, 1)
 
-    cfg = ObjectiveConfig(loss_space=loss, contrastive=lam, label_drop=0.0)
+    cfg = ObjectiveConfig(loss_space=loss, contrastive=lam, label_drop=0.0, noise_scale=1.0)
     obj = DenoisingObjective(cfg, 10)
     x = torch.randn(4, 3, 2, 2, generator=g)
     eps = torch.randn(4, 3, 2, 2, generator=g)

@@ -25,7 +25,9 @@ from .test_train import tiny
 
 def _module() -> TrainingModule:
     torch.manual_seed(0)
-    return TrainingModule(build_model("JiT-Micro"), DenoisingObjective(ObjectiveConfig(), 10))
+    return TrainingModule(
+        build_model("JiT-Micro"), DenoisingObjective(ObjectiveConfig(noise_scale=1.0), 10)
+    )
 
 
 def test_muon_takes_exactly_the_blocks_hidden_matrices():

@@ -79,7 +79,7 @@ def test_reference_clamp_leaves_a_trace_of_noise_at_the_end():
     reference behaviour, so a change of it is noticed."""
     mean = torch.tensor([2.0], dtype=torch.float64)
     cov = torch.tensor([[1e-6]], dtype=torch.float64)
-    obj = DenoisingObjective(ObjectiveConfig(prediction="x"), 1)
+    obj = DenoisingObjective(ObjectiveConfig(prediction="x", noise_scale=1.0), 1)
     net = _gaussian_oracle(Prediction.X, mean, cov, 1.0)
     fn = ClassifierFreeGuidance(net, obj.velocity, torch.zeros(20_000, dtype=torch.long), 1)
     noise = torch.randn(20_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -102,7 +102,7 @@ class _Affine(torch.nn.Module):
 
 def test_cfg_combines_and_skips_outside_interval():
     net = _Affine()
-    obj = DenoisingObjective(ObjectiveConfig(), num_classes=3)
+    obj = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), num_classes=3)
     y = torch.tensor([0, 1, 2, 1])
     cfg = ClassifierFreeGuidance(net, obj.velocity, y, null_class=3, scale=2.5)
     z = torch.randn(4, 2)
@@ -126,7 +126,7 @@ def test_cfg_interval_saves_the_expected_evaluations():
     times = [grid[i] for i in range(steps)] + [grid[i + 1] for i in range(steps - 1)]
     expected = sum(2 if 0.1 < t < 1.0 else 1 for t in times)
     net = _Affine()
-    obj = DenoisingObjective(ObjectiveConfig(), num_classes=3)
+    obj = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), num_classes=3)
     y = torch.zeros(1, dtype=torch.long)
     with_interval = ClassifierFreeGuidance(net, obj.velocity, y, 3, scale=3.0)
     sample(with_interval, torch.zeros(1, 2), steps, "heun")

@@ -136,7 +136,7 @@ def test_terms_need_distinct_names():
         name = "denoise"
 
     with pytest.raises(ValueError, match=r"distinct names; got \['denoise', 'denoise'\]"):
-        DenoisingObjective(ObjectiveConfig(), 8, extra_terms=[Denoise()])
+        DenoisingObjective(ObjectiveConfig(noise_scale=1.0), 8, extra_terms=[Denoise()])
 
 
 def test_term_gradients_are_clipped_with_the_network(tmp_path, gain_term):

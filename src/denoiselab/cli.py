@@ -6,16 +6,17 @@ Each subcommand imports what it needs lazily, so ``denoiselab info`` stays insta
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from denoiselab.cliutil import ArgumentParser, guarded
+
 
 def _train(args: argparse.Namespace) -> int:
-    from denoiselab.config import apply_overrides, dump_yaml, from_dict, to_dict
+    from denoiselab.config import ConfigError, apply_overrides, dump_yaml, from_dict, to_dict
     from denoiselab.train import checkpoint as ckpt_io
     from denoiselab.train.build import config_from_yaml_text, load_train_config
     from denoiselab.train.config import TrainConfig
@@ -41,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else ck.path.parent.parent
     else:
         if args.config is None:
-            raise SystemExit("denoiselab train: give a CONFIG file (e.g. configs/quickstart.yaml)")
+            raise ConfigError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN")
         cfg = load_train_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         ck = None
@@ -49,8 +50,8 @@ def _train(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, duration_nimg=args.steps * cfg.global_batch)
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
+    if args.dry_run:  # as the run will record it (noise_scale "auto" as its number)
+        print(dump_yaml(cfg.resolved()), end="")
         return 0
     try:
         train(cfg, out, resume=ck)
@@ -75,18 +76,24 @@ def _sample(args: argparse.Namespace) -> int:
     from denoiselab.images import save_grid, save_images
     from denoiselab.sampling.generate import balanced_labels
     from denoiselab.train.build import restore
+    from denoiselab.train.distributed import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for flag, value in (("--num", args.num), ("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+    if not args.eta >= 0:
+        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
+    device = resolve_device(args.device or "auto")
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
         ema = None
     r = restore(args.run, ema=ema, device=device)
     num_classes = r.model_cfg.num_classes
     if args.class_id is not None and not 0 <= args.class_id < num_classes:
-        raise SystemExit(
-            f"denoiselab sample: --class {args.class_id} is out of range; "
-            f"valid: 0 … {num_classes - 1}"
-        )
+        raise ValueError(f"--class {args.class_id} is out of range; valid: 0 … {num_classes - 1}")
     out = Path(args.out)
     images = []
     for start in range(0, args.num, args.batch):
@@ -102,6 +109,7 @@ def _sample(args: argparse.Namespace) -> int:
             solver=args.solver,
             cfg_scale=args.cfg,
             interval=tuple(args.cfg_interval),
+            eta=args.eta,
         )
         save_images(x, out, start=start)
         images.append(x.cpu())
@@ -190,7 +198,7 @@ PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab",
         description="Train, sample, evaluate and ablate diffusion Transformers that predict clean data.",
     )
@@ -218,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder or checkpoint file")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    s.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], default="heun")
+    s.add_argument(
+        "--eta", type=float, default=1.0, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s²"
+    )
     s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
     s.add_argument(
@@ -249,38 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Bad input of any subcommand (passthrough ones included) ends in
+    one line on stderr and exit status 2 (:mod:`denoiselab.cliutil`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
-        return PASSTHROUGH[argv[0]](argv[1:])
+        return guarded(f"denoiselab {argv[0]}", lambda: PASSTHROUGH[argv[0]](argv[1:]))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`train cfg.yaml --steps 5 optim.lr=1e-3`)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
     if bad or (extra and args.command != "train"):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        prog = f"denoiselab {args.command}"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(bad or extra)} (see `{prog} -h`)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from denoiselab.config import ConfigError
-    from denoiselab.train.checkpoint import CheckpointError
-    from denoiselab.train.distributed import DistributedError
-    from denoiselab.train.window import NonFiniteLossError
-
-    try:
-        return args.func(args)
-    except (
-        ConfigError,
-        CheckpointError,
-        FileNotFoundError,
-        NonFiniteLossError,
-        DistributedError,
-    ) as e:
-        print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk while writing metrics, samples or plots
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"denoiselab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return guarded(f"denoiselab {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

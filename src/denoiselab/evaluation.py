@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from denoiselab.cliutil import ArgumentParser
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -29,13 +30,25 @@ _HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
 
 
 def make_generator(
-    r: Restored, *, cfg_scale: float, steps: int, solver: str, interval: tuple[float, float]
+    r: Restored,
+    *,
+    cfg_scale: float,
+    steps: int,
+    solver: str,
+    interval: tuple[float, float],
+    eta: float = 1.0,
 ) -> Callable[[int, Tensor, int], Tensor]:
     """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`."""
 
     def gen(n: int, labels: Tensor, seed: int) -> Tensor:
         x = r.sample(
-            labels[:n], seed, steps=steps, solver=solver, cfg_scale=cfg_scale, interval=interval
+            labels[:n],
+            seed,
+            steps=steps,
+            solver=solver,
+            cfg_scale=cfg_scale,
+            interval=interval,
+            eta=eta,
         )
         return to_uint8(x.cpu())
 
@@ -71,6 +84,19 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     of the batches (``metrics.evaluate``) and every rank returns the same result."""
     from denoiselab.train.distributed import init_distributed
 
+    for flag, value, least in (
+        ("--num", args.num, 2),
+        ("--sweep-num", args.sweep_num, 2),
+        ("--steps", args.steps, 1),
+        ("--batch", args.batch, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be >= {least}")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+    if not args.eta >= 0:
+        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
     info, dev = init_distributed(args.device or "auto")
     device = str(dev)
     main_rank = info.is_main
@@ -95,6 +121,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             steps=args.steps,
             solver=args.solver,
             interval=tuple(args.cfg_interval),
+            eta=args.eta,
         )
         out = evaluate(
             gen,
@@ -132,6 +159,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         run=str(Path(args.run).resolve()),
         step=base.checkpoint.step,
         solver=args.solver,
+        eta=args.eta if args.solver == "euler_maruyama" else None,
         sampling_steps=args.steps,
         cfg_interval=list(args.cfg_interval),
         sweep=sweep,
@@ -142,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument(
         "--metrics",
@@ -168,7 +196,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    p.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], default="heun")
+    p.add_argument(
+        "--eta", type=float, default=1.0, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s²"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

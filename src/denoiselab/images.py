@@ -1,4 +1,8 @@
-"""Writing images: PNG files and grids from ``[-1, 1]`` tensors (PIL; no torchvision)."""
+"""Writing images: PNG files and grids from ``[-1, 1]`` tensors (PIL; no torchvision).
+
+These show whatever a sampler produced, so a batch that happens to be all brighter than
+mid-grey is written as it is (``to_uint8(..., check_range=False)``); NaN/inf still fail.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from denoiselab.metrics.images import to_uint8
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """``[B, C, H, W]`` in ``[-1, 1]`` → one ``uint8 [H', W', 3]`` array, ``nrow`` per row."""
-    u8 = to_uint8(images.detach().float().cpu())
+    u8 = to_uint8(images.detach().float().cpu(), check_range=False)
     if u8.shape[1] == 1:
         u8 = u8.expand(-1, 3, -1, -1)
     b, c, h, w = u8.shape
@@ -42,7 +46,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None
 def save_images(images: Tensor, directory: str | Path, start: int = 0) -> list[Path]:
     """One PNG per image, named ``000000.png``… from index ``start``."""
     directory = Path(directory)
-    u8 = to_uint8(images.detach().float().cpu())
+    u8 = to_uint8(images.detach().float().cpu(), check_range=False)
     if u8.shape[1] == 1:
         u8 = u8.expand(-1, 3, -1, -1)
     paths = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from denoiselab.ablate.files import LockedError
+from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def _log(message: str) -> None:
 
 
 def ablate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab ablate",
         description="Run an ablation suite (a baseline and its variants), then write the "
         "scoreboard and report. Finished variants are skipped; interrupted ones resume.",
@@ -74,7 +75,10 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         ablate_parser().error(f"--threads {args.threads}: must be >= 1")
     try:
+        from denoiselab.ablate.runner import parse_devices
+
         suite = load_suite(args.suite, quick=args.quick, base=args.base, sets=args.sets)
+        parse_devices(args.devices)  # a bad device is named before anything runs
         if args.dry_run:
             print(dump_suite(suite), end="")
             return 0
@@ -121,7 +125,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     from denoiselab.ablate.report import build_report
     from denoiselab.ablate.runs_report import build_runs_report, is_run_folder
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab report",
         description="A suite folder (holds suite.json): rebuild the scoreboard (CSV, JSON, "
         "Markdown) and report.html written by `denoiselab ablate`. One or more run folders "

@@ -51,6 +51,7 @@ class Scorer:
             solver=spec.solver or s.solver,
             cfg_scale=s.cfg if spec.cfg is None else spec.cfg,
             interval=spec.interval or s.interval,
+            eta=s.eta,
         )
 
     def generator(self, spec: EvalSpec, steps: int | None) -> Callable[[int, Tensor, int], Tensor]:

@@ -80,13 +80,16 @@ def parse_devices(text: str) -> list[str]:
 
 
 def check_fingerprint(suite: Suite, name: str, vdir: Path) -> None:
-    """Refuse to continue a variant whose config or evaluation changed since it started."""
+    """Refuse to continue a variant whose config or evaluation changed since it started.
+
+    A setting that did not exist when the variant started and now holds its default is not a
+    change: options are added with defaults that keep the old behaviour."""
     new = suite.fingerprint(name)
     path = vdir / "variant.json"
     if not path.is_file():
         write_json(path, new)
         return
-    diff = _diff(read_json(path), new)  # a key absent on one side counts as None
+    diff = _diff(read_json(path), new, default=_fingerprint_defaults())
     if diff:
         raise ConfigError(
             f"variant {name!r} in {vdir} was started with other settings ({'; '.join(diff[:5])}); "
@@ -94,10 +97,32 @@ def check_fingerprint(suite: Suite, name: str, vdir: Path) -> None:
         )
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+_ABSENT = object()
+
+
+def _fingerprint_defaults() -> dict[str, Any]:
+    from denoiselab.ablate.suite import EvalSpec
+    from denoiselab.config import to_dict
+    from denoiselab.train.config import TrainConfig
+
+    return {"train": to_dict(TrainConfig()), "eval": to_dict(EvalSpec())}
+
+
+def _diff(old: Any, new: Any, prefix: str = "", default: Any = _ABSENT) -> list[str]:
+    """Differences between two fingerprints; a key only in ``new`` at its ``default`` is none."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = list(dict.fromkeys([*old, *new]))
-        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+        defaults = default if isinstance(default, dict) else {}
+        return [
+            d
+            for k in keys
+            for d in _diff(
+                old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}.", defaults.get(k, _ABSENT)
+            )
+        ]
+    if old is _ABSENT and default is not _ABSENT and new == default:
+        return []  # an option added since, at the default that keeps the old behaviour
+    old, new = (None if v is _ABSENT else v for v in (old, new))
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
 
 

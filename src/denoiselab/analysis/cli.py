@@ -15,10 +15,11 @@ from denoiselab.analysis.gaussian_report import DEFAULT_T_GRID, gaussian_analysi
 from denoiselab.analysis.spectra import DEFAULT_SPECTRUM, dataset_spectrum, parse_spectrum
 from denoiselab.analysis.toy import QUICK, ToyConfig, reference_sw2, run_toy
 from denoiselab.analysis.toy_report import markdown_table, ratios_at_largest_dim, write_report
+from denoiselab.cliutil import ArgumentParser
 
 
 def toy_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab toy",
         description="JiT Fig. 2: a 2-D spiral buried in D dims, x/ε/v-prediction with v-loss.",
     )
@@ -62,7 +63,7 @@ def toy_main(args: list[str] | None = None) -> int:
 
 
 def analyze_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="denoiselab analyze", description="Closed-form analyses.")
+    p = ArgumentParser(prog="denoiselab analyze", description="Closed-form analyses.")
     sub = p.add_subparsers(dest="analysis", required=True)
     g = sub.add_parser(
         "gaussian",
@@ -96,7 +97,13 @@ def analyze_parser() -> argparse.ArgumentParser:
 
 def analyze_main(args: list[str] | None = None) -> int:
     """``analyze gaussian …``: print the table and write the plots/tables to ``--out``."""
-    ns = analyze_parser().parse_args(args)
+    parser = analyze_parser()
+    ns = parser.parse_args(args)
+    times = [ns.t, *ns.t_grid]
+    if not all(0 < t < 1 for t in times):
+        parser.error(f"--t and --t-grid must lie in (0, 1); got {times}")
+    if ns.rank < 1 or ns.noise_scale <= 0:
+        parser.error(f"--rank {ns.rank} must be >= 1 and --noise-scale {ns.noise_scale} > 0")
     if ns.data is not None:
         lam = dataset_spectrum(ns.data, ns.image_size, ns.patch, ns.num_images, ns.channels)
         title = f"{ns.data} {ns.image_size}px, {ns.patch}×{ns.patch} patches"

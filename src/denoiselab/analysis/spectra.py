@@ -18,14 +18,24 @@ def parse_spectrum(spec: str) -> np.ndarray:
     """
     kind, _, body = spec.partition(":")
     if kind == "list":
-        lam = np.array([float(v) for v in body.split(",") if v.strip()], dtype=np.float64)
+        try:
+            lam = np.array([float(v) for v in body.split(",") if v.strip()], dtype=np.float64)
+        except ValueError:
+            raise ValueError(
+                f"spectrum {spec!r}: 'list:' takes numbers, e.g. list:4,2,1,0"
+            ) from None
     elif kind == "powerlaw":
         params = {"D": 64.0, "rank": 8.0, "alpha": 1.0, "top": 1.0, "floor": 0.0}
         for item in filter(None, body.split(",")):
             key, _, value = item.partition("=")
             if key.strip() not in params:
                 raise ValueError(f"spectrum {spec!r}: unknown key {key!r}; valid: {list(params)}")
-            params[key.strip()] = float(value)
+            try:
+                params[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"spectrum {spec!r}: {key.strip()}={value!r} is not a number"
+                ) from None
         dim, rank = int(params["D"]), int(params["rank"])
         if not 1 <= rank <= dim:
             raise ValueError(f"spectrum {spec!r}: need 1 <= rank <= D")

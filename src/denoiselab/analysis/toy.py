@@ -51,7 +51,10 @@ class ToyConfig:
     threads: int = 1
     objective: ObjectiveConfig = field(
         default_factory=lambda: ObjectiveConfig(
-            loss_space="v", label_drop=0.0, time=TimeSamplerConfig(kind="uniform")
+            loss_space="v",
+            label_drop=0.0,
+            noise_scale=1.0,
+            time=TimeSamplerConfig(kind="uniform"),
         )
     )
 

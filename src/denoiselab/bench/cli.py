@@ -7,11 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from denoiselab.bench.runner import BenchConfig, prepare, run_bench
+from denoiselab.cliutil import ArgumentParser
 
 
 def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     d = BenchConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog,
         description="Measure training and sampling throughput, peak memory and model FLOP "
         "utilisation against this machine's measured matmul rate; writes OUT/bench.json.",
@@ -54,7 +55,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs
     except ValueError as e:
-        print(f"denoiselab bench: {e}", file=sys.stderr)
+        print(f"denoiselab bench: error: {str(e).removeprefix('bench: ')}", file=sys.stderr)
         return 2
     result = run_bench(cfg, args.out)
     print(f"wrote {args.out}/bench.json", file=sys.stderr)

@@ -85,11 +85,12 @@ class BenchConfig:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"bench: device={name!r} but CUDA is not available")
-    return torch.device(name)
+    from denoiselab.train.distributed import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise ValueError(f"bench: {e}") from None
 
 
 def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:

@@ -108,7 +108,8 @@ class SampleWorkload:
         cls, mc: JiTConfig, device: torch.device, *, batch: int, compile_: bool, **kwargs: object
     ) -> SampleWorkload:
         net = _trained_like(JiT(mc)).to(device).eval()
-        objective = DenoisingObjective(ObjectiveConfig(), mc.num_classes).to(device)
+        objective = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), mc.num_classes)
+        objective = objective.to(device)
         labels = balanced_labels(batch, mc.num_classes).to(device)
         shape = (mc.in_channels, mc.image_size, mc.image_size)
         noise = noise_for(1, batch, shape, objective.cfg.noise_scale, device)

@@ -16,7 +16,7 @@ over ``rank · grad_accum + micro_step``, so resuming and re-sharding are exact.
 from denoiselab.data.base import ImageDataset, flip_decision
 from denoiselab.data.config import DataConfig, DatasetName, build_dataset
 from denoiselab.data.digits import DigitsDataset
-from denoiselab.data.imagefolder import ImageFolderDataset, center_crop_arr
+from denoiselab.data.imagefolder import ImageFolderDataset, ImageFolderError, center_crop_arr
 from denoiselab.data.latents import LatentDataset
 from denoiselab.data.loader import (
     StepBatchSampler,
@@ -34,6 +34,7 @@ __all__ = [
     "DigitsDataset",
     "ImageDataset",
     "ImageFolderDataset",
+    "ImageFolderError",
     "LatentDataset",
     "ShapeSpec",
     "ShapesDataset",

@@ -6,9 +6,15 @@ its ``train/`` folder. Preprocessing follows the reference JiT training pipeline
 centre crop (:func:`center_crop_arr`), a random horizontal flip (here decided by
 ``(seed, index, epoch)``), then ``x / 255 · 2 − 1``.
 
-Unreadable or truncated files never stop an epoch: the sample is replaced by the next
-readable index (deterministically), a warning names the file, and ``skipped`` counts them
-(per process: a DataLoader worker keeps its own count).
+Bad files never stop an epoch. Files in awkward modes are decoded correctly
+(:mod:`denoiselab.data.decode`: 16-bit grey scaled, not clipped; transparency composited on
+white; CMYK, palette, grey converted). Corrupt, truncated, zero-byte or undecodable files are
+skipped: the sample is replaced by the next readable index (a pure function of the files, so
+the batch of step ``s`` stays a pure function of ``(seed, s)`` and resuming stays exact); each
+bad file is logged once (the first ``MAX_WARNINGS`` by name), and ``skipped`` / ``bad_paths``
+count and name them (per process: a DataLoader worker keeps its own). Construction decodes
+files until one is readable, so a folder with no readable image is an
+:class:`ImageFolderError` before training starts.
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ from PIL import Image
 from torch import Tensor
 
 from denoiselab.data.base import ImageDataset, uint8_to_model
+from denoiselab.data.decode import to_8bit
 
 log = logging.getLogger(__name__)
+MAX_WARNINGS = 10  # bad files named in the log; later ones are only counted
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderError(ValueError):
+    """An imagefolder that cannot be trained on (e.g. not one readable image)."""
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
@@ -100,6 +112,8 @@ class ImageFolderDataset(ImageDataset):
         self.image_size, self.channels, self.seed, self.hflip = image_size, channels, seed, hflip
         self.skipped = 0  # unreadable files met so far (in this process)
         self.bad_paths: set[str] = set()
+        self._last_error = ""
+        self._load(0)  # a folder without one readable image fails here, not mid-epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -110,7 +124,10 @@ class ImageFolderDataset(ImageDataset):
             image = self._read(self.samples[j][0])
             if image is not None:
                 return uint8_to_model(image), self.samples[j][1]
-        raise RuntimeError(f"no readable image under imagefolder root {self.root!r}")
+        raise ImageFolderError(
+            f"imagefolder root {self.root!r}: none of its {len(self.samples)} image files could "
+            f"be decoded (last: {self._last_error}); check the data"
+        )
 
     def _read(self, path: str) -> np.ndarray | None:
         """Decoded, cropped ``uint8 [H, W, C]``, or ``None`` (counted, warned) if unreadable."""
@@ -118,11 +135,18 @@ class ImageFolderDataset(ImageDataset):
             return None
         try:
             with Image.open(path) as file:
-                image = file.convert("RGB" if self.channels == 3 else "L")
+                file.load()  # decode now: a truncated file fails here
+                image = to_8bit(file, self.channels)
         except Exception as err:  # any decoder error (PIL raises many types): skip, never crash
             self.bad_paths.add(path)
             self.skipped += 1
-            log.warning("imagefolder: skipping unreadable image %s (%s)", path, err)
+            self._last_error = f"{path}: {err}"
+            if self.skipped <= MAX_WARNINGS:
+                more = "; later ones are only counted (.skipped, .bad_paths)"
+                log.warning(
+                    "imagefolder: skipping unreadable image %s (%s); %d skipped so far%s",
+                    path, err, self.skipped, more if self.skipped == MAX_WARNINGS else "",
+                )  # fmt: skip
             return None
         array = np.asarray(center_crop_arr(image, self.image_size))
         return array if array.ndim == 3 else array[..., None]

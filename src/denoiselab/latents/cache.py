@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
@@ -191,7 +192,7 @@ def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab cache-latents",
         description="Encode a pixel dataset once (with flipped variants) into a latent cache.",
     )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.data.loader import StepLoader
@@ -137,7 +138,7 @@ def _save_recon_grid(net: TinyAE, dataset: Any, path: Path, n: int = 8) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="denoiselab train-ae",
         description="Train the small denoiselab autoencoder (default: shapes 32×32 → 4×8×8).",
     )

@@ -193,6 +193,8 @@ def evaluate(
     compare them.
     """
     start = time.perf_counter()
+    if num < 2 or batch < 1:  # checked before any probe training or reference pass
+        raise ValueError(f"num={num} must be >= 2 (distances need two samples), batch={batch} >= 1")
     specs = _resolve(metrics)
     rank, world = _rank_world()
     files = {k: load_reference_npz(v) for k, v in (reference_files or {}).items()}

@@ -206,23 +206,43 @@ def load_inception(
     """TF-Inception from a local ``weights-inception-2015-12-05-6726825d.pth``, with the
     ``resize`` of :data:`INCEPTION_RESIZE`.
 
-    The file is first opened with ``torch.load(weights_only=True)``, so a file holding
-    anything but tensors is refused before torch-fidelity unpickles it.
+    The file is read once, with ``torch.load(weights_only=True)``
+    (:func:`denoiselab.safeload.load_torch_tensors`): a file holding anything but tensors is
+    refused before torch-fidelity is even imported, and torch-fidelity gets the tensors that
+    were read instead of unpickling the path itself.
     """
+    from denoiselab.safeload import load_torch_tensors, torch_load_returns
+
     path = _require_path("inception", weights_path, must_be_file=True)
+    state = load_torch_tensors(path)
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as err:
         raise MissingExtractorError(
             f"FID needs torch-fidelity ({err}); {EXTRACTOR_SOURCES['inception']}"
         ) from err
-    torch.load(path, map_location="cpu", weights_only=True)
-    net = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
-    )
+    with torch_load_returns(state):
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat",
+            ["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(path),
+        )
     device = torch.device(device)
     weights_id = f"{path.name}:{path.stat().st_size}"
     return InceptionExtractor(net.to(device), weights_id, device, resize)
+
+
+def _from_pretrained(cls: Any, path: Path) -> Any:
+    """A transformers model from local safetensors only (a ``.bin`` is a pickle: refused)."""
+    try:
+        return cls.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32, use_safetensors=True
+        )
+    except OSError as err:
+        raise MissingExtractorError(
+            f"{path}: {err} — denoiselab loads pretrained weights only as safetensors (a "
+            "pickled pytorch_model.bin could run code when loaded); fetch model.safetensors"
+        ) from None
 
 
 def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") -> HFImageEmbedder:
@@ -233,9 +253,7 @@ def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") 
     """
     path = _require_path("clip", model_dir, must_be_file=False)
     transformers = _import_transformers("clip")
-    model = transformers.CLIPVisionModelWithProjection.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32
-    )
+    model = _from_pretrained(transformers.CLIPVisionModelWithProjection, path)
     mean, std = _normalisation(path, CLIP_MEAN, CLIP_STD)
     return HFImageEmbedder(
         model,
@@ -264,9 +282,7 @@ def load_dinov2(
     classes = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov2": "Dinov2Model"}
     if model_type not in classes:
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
-    model = getattr(transformers, classes[model_type]).from_pretrained(
-        path, local_files_only=True, dtype=torch.float32
-    )
+    model = _from_pretrained(getattr(transformers, classes[model_type]), path)
     mean, std = _normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
     return HFImageEmbedder(
         model,

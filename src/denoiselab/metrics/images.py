@@ -8,11 +8,12 @@ the first becomes the second:
 
 Double scaling (``uint8 × 255`` wrapping around, the bug in PRX's FID input) is refused on
 both sides: :func:`to_uint8` rejects integer tensors and floats that look like ``[0, 255]``
-pixels, and :func:`check_uint8_images` rejects any float tensor.
+or ``[0, 1]`` pixels, and NaN/inf; :func:`check_uint8_images` rejects any float tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,29 +33,71 @@ __all__ = [
 # A [-1, 1] sample that overshoots a little is clamped; a non-negative tensor reaching past
 # this value is almost surely a [0, 255] image that was already scaled once.
 _PIXEL_RANGE_GUARD = 2.0
+# From this many images on, "no value below 0 and none above 1" is read as [0, 1] pixels.
+_UNIT_RANGE_MIN_IMAGES = 2
 
 
-def to_uint8(x: Tensor) -> Tensor:
+def _num_images(x: Tensor) -> int:
+    """Images in ``[..., C, H, W]`` (a tensor of fewer than 3 dims counts as one)."""
+    return math.prod(x.shape[:-3]) if x.dim() > 3 else 1
+
+
+def _check_finite(x: Tensor) -> None:
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    per_image = ~finite.reshape(_num_images(x), -1).all(1) if x.dim() > 3 else None
+    where = (
+        f" in {int(per_image.sum())} of {len(per_image)} images" if per_image is not None else ""
+    )
+    raise ValueError(
+        f"to_uint8: {nan} NaN and {inf} inf values{where} (of {x.numel()} values): the "
+        "network or sampler diverged; they would silently become black or white pixels"
+    )
+
+
+def to_uint8(x: Tensor, *, check_range: bool = True) -> Tensor:
     """Convert ``float [..., C, H, W]`` in ``[-1, 1]`` to ``uint8`` in ``[0, 255]``.
 
     ``u = round((clamp(x, −1, 1) + 1) · 127.5)``; ``−1 → 0``, ``0 → 128`` (round half to even
     gives 127.5 → 128), ``1 → 255``.
 
+    What is refused, because it would silently give wrong pixels:
+
+    - integer tensors (converted already) and non-negative floats above 2 (``[0, 255]``
+      pixels: they would saturate to white);
+    - NaN or inf anywhere (they would become black or white); the error counts them;
+    - ``check_range`` (default): floats that all lie in ``[0, 1]`` over at least two images,
+      i.e. ``[0, 1]`` pixels (they would come out as 128–255, washed-out grey). Images in
+      ``[-1, 1]`` with not a single value below mid-grey in a whole batch are implausible;
+      one image can be legitimately bright, so a single image is not judged. Pass
+      ``check_range=False`` where a bright batch is legitimate output (e.g. PNG grids).
+
     Raises:
-        TypeError: ``x`` is not floating point (it was converted already).
-        ValueError: ``x`` is non-negative with values above 2: it looks like a ``[0, 255]``
-            image, which would silently saturate to white.
+        TypeError: ``x`` is not floating point.
+        ValueError: any of the float cases above; the message names the problem.
     """
     if not x.is_floating_point():
         raise TypeError(
             f"to_uint8 expects a float tensor in [-1, 1], got dtype {x.dtype}: "
             "the images are already converted; pass them to the metrics as they are"
         )
-    if x.numel() and x.min() >= 0 and x.max() > _PIXEL_RANGE_GUARD:
-        raise ValueError(
-            f"to_uint8 expects values in [-1, 1], got range [{x.min().item():.3g}, "
-            f"{x.max().item():.3g}]: this looks like [0, 255] pixels already scaled once"
-        )
+    if x.numel():
+        _check_finite(x)
+        lo, hi = x.min().item(), x.max().item()
+        if lo >= 0 and hi > _PIXEL_RANGE_GUARD:
+            raise ValueError(
+                f"to_uint8 expects values in [-1, 1], got range [{lo:.3g}, {hi:.3g}]: "
+                "this looks like [0, 255] pixels already scaled once"
+            )
+        n = _num_images(x)
+        if check_range and lo >= 0 and hi <= 1 and n >= _UNIT_RANGE_MIN_IMAGES:
+            raise ValueError(
+                f"to_uint8: values in [0, 1] (min {lo:.3g}, max {hi:.3g}) over {n} images — "
+                "expected [-1, 1]; pass 2·x − 1 for [0, 1] pixels, or check_range=False if "
+                "these are [-1, 1] images with no pixel darker than mid-grey"
+            )
     return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 

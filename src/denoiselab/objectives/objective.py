@@ -43,16 +43,22 @@ class ObjectiveConfig:
     """Everything that defines the denoising loss (JiT Table 9 defaults).
 
     ``noise_scale`` is ``s`` in ``ε ~ N(0, s²I)``; the paper uses ``1.0 × image_size/256``.
+    ``"auto"`` (the default) stands for that rule and is resolved where the data are known
+    (``TrainConfig.resolved``: ``image_size/256`` for pixels, 1.0 for latents); a
+    :class:`DenoisingObjective` needs the number.
     ``t_eps`` clamps ``1 − t`` (and ``t`` for ε-prediction) wherever it divides.
     ``label_drop`` replaces the class by the null class with this probability (for CFG).
     ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
     seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
+    ``weighting: min_snr``: Min-SNR-γ (Hang et al. 2023, γ = ``min_snr_gamma``), applied so
+    that the effective weight on the x-space error is ``min(SNR, γ)`` in every loss space,
+    ``SNR = t²/((1−t)²s²)`` (``parameterization.min_snr_weight`` derives the conversion).
     """
 
     prediction: str = "x"
     loss_space: str = "v"
     t_eps: float = 0.05
-    noise_scale: float = 1.0
+    noise_scale: float | Literal["auto"] = "auto"
     time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
     preconditioner: Preconditioner = "none"
     sigma_data: float = 0.5
@@ -75,10 +81,15 @@ class ObjectiveConfig:
             )
         if self.weighting not in ("none", "min_snr"):
             raise ValueError(f"objective.weighting={self.weighting!r}; valid: 'none', 'min_snr'")
+        if not self.min_snr_gamma > 0:  # also refuses NaN; inf = plain SNR weighting
+            raise ValueError(f"objective.min_snr_gamma={self.min_snr_gamma!r} must be > 0")
         if not 0 < self.t_eps < 0.5:
             raise ValueError(f"objective.t_eps={self.t_eps!r} must lie in (0, 0.5)")
-        if not (self.noise_scale > 0 and math.isfinite(self.noise_scale)):
-            raise ValueError(f"objective.noise_scale={self.noise_scale!r} must be > 0")
+        s = self.noise_scale
+        if s != "auto" and not (
+            isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 and math.isfinite(s)
+        ):
+            raise ValueError(f"objective.noise_scale={s!r} must be > 0 or 'auto' (image_size/256)")
         if not 0 <= self.label_drop < 1:
             raise ValueError(f"objective.label_drop={self.label_drop!r} must lie in [0, 1)")
         if not 0 <= self.contrastive < 1:
@@ -193,6 +204,12 @@ class DenoisingObjective(nn.Module):
         self, cfg: ObjectiveConfig, num_classes: int, extra_terms: list[LossTerm] | None = None
     ) -> None:
         super().__init__()
+        if cfg.noise_scale == "auto":
+            raise ValueError(
+                "objective.noise_scale='auto' must be resolved from the data before the "
+                "objective is built (TrainConfig.resolved(): image_size/256 for pixels, 1.0 for "
+                "latents), or given as a number"
+            )
         self.cfg = cfg
         self.num_classes = num_classes
         self.extra_terms = list(extra_terms or [])
@@ -240,9 +257,22 @@ class DenoisingObjective(nn.Module):
         return self.complete(net_out, z_t, t).v
 
     def weight(self, t: Tensor) -> Tensor:
-        """Optional explicit per-sample weight ``[B]`` on top of the loss-space reweighting."""
+        """Optional explicit per-sample weight ``[B]`` on top of the loss-space reweighting.
+
+        ``min_snr``: Min-SNR-γ for this loss space and prediction
+        (:func:`~denoiselab.objectives.parameterization.min_snr_weight`): the effective
+        weight on the x-space error is ``min(SNR, γ)`` whatever the loss space.
+        """
         if self.cfg.weighting == "min_snr":
-            return min_snr_weight(t, self.cfg.min_snr_gamma, self.cfg.noise_scale)
+            cfg = self.cfg
+            return min_snr_weight(
+                t,
+                cfg.min_snr_gamma,
+                cfg.noise_scale,
+                prediction=cfg.pred,
+                loss_space=cfg.loss,
+                t_eps=cfg.t_eps,
+            )
         return torch.ones_like(t)
 
     # -- randomness --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ Every division clamps its denominator at ``t_eps`` (JiT §4.3, default 0.05).
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import NamedTuple
 
@@ -101,11 +100,68 @@ def preconditioner_coefficients(
 
 
 def snr(t: Tensor, noise_scale: float = 1.0) -> Tensor:
-    """Signal-to-noise ratio of ``z_t``: ``t² / ((1−t)²·s²)`` (data variance taken as 1)."""
+    """Signal-to-noise ratio of ``z_t = t·x + (1−t)·ε``, ``ε ~ N(0, s²I)``, for data of unit
+    variance per dimension: ``SNR(t) = t² / ((1−t)²·s²)`` (``1 − t`` floored at 1e-12)."""
     return t**2 / ((1 - t).clamp_min(1e-12) ** 2 * noise_scale**2)
 
 
-def min_snr_weight(t: Tensor, gamma: float, noise_scale: float = 1.0) -> Tensor:
-    """Min-SNR-γ weight (Hang et al. 2023) on an x-space loss: ``min(SNR, γ)/SNR``."""
+def error_gain(space: LossSpace | Prediction, prediction: Prediction, t: Tensor, t_eps: float):
+    """``a(t) [B]`` with ``ŝ − s = a(t)·(P̂ − P)``: how an error in the prediction space ``P``
+    shows in the quantity ``s`` of ``space``, through :func:`convert` (clamps included).
+
+    From Table 1 with the clamped denominators ``m = max(1−t, t_eps)``, ``n = max(t, t_eps)``:
+
+        P = x:  a_x = 1,          a_ε = −t/m,   a_v = 1/m
+        P = ε:  a_x = −(1−t)/n,   a_ε = 1,      a_v = −1/n
+        P = v:  a_x = 1 − t,      a_ε = −t,     a_v = 1
+    """
+    space = Prediction(str(getattr(space, "value", space)))
+    one = t.new_ones(t.shape)
+    if prediction is Prediction.X:
+        m = (1 - t).clamp_min(t_eps)
+        gains = {Prediction.X: one, Prediction.EPS: -t / m, Prediction.V: 1 / m}
+    elif prediction is Prediction.EPS:
+        n = t.clamp_min(t_eps)
+        gains = {Prediction.X: -(1 - t) / n, Prediction.EPS: one, Prediction.V: -1 / n}
+    else:
+        gains = {Prediction.X: 1 - t, Prediction.EPS: -t, Prediction.V: one}
+    return gains[space]
+
+
+def min_snr_weight(
+    t: Tensor,
+    gamma: float,
+    noise_scale: float = 1.0,
+    *,
+    prediction: Prediction = Prediction.X,
+    loss_space: LossSpace = LossSpace.X,
+    t_eps: float = 0.05,
+) -> Tensor:
+    """Min-SNR-γ weight ``[B]`` (Hang et al. 2023) for a loss measured in ``loss_space``.
+
+    Hang et al. weight the *x-space* error by ``w_x(t) = min(SNR, γ)``; their ε- and v-loss
+    forms are that same weight divided by the factor by which the loss space scales the
+    x-error. Here ``SNR = t²/((1−t)²s²)`` (:func:`snr`) and, by :func:`error_gain`,
+
+        ‖L̂ − L‖² = (a_L/a_x)² · ‖x̂ − x‖²,   so   w_L(t) = min(SNR, γ) · (a_x/a_L)².
+
+    Away from the clamps (``t_eps < t < 1 − t_eps``) the factor does not depend on the
+    prediction: ``(a_ε/a_x)² = t²/(1−t)² = s²·SNR`` and ``(a_v/a_x)² = 1/(1−t)²``, so
+
+        x-loss:  w = min(SNR, γ)
+        ε-loss:  w = min(SNR, γ) / (s²·SNR)     (the paper's min(SNR, γ)/SNR for s = 1)
+        v-loss:  w = min(SNR, γ) · (1−t)²
+
+    The paper's v-form ``min(SNR, γ)/(SNR + 1)`` belongs to the variance-preserving
+    ``v = α·ε − σ·x``, whose error is ``(SNR + 1)`` times the x-error; our ``v = x − ε``
+    scales it by ``1/(1−t)² = (1 + s·√SNR)²`` instead, so dividing by ``SNR + 1`` would not give
+    the paper's x-space weight. Inside the clamps the same identity holds with the clamped
+    gains, so the effective weight on the x-error (``pred.x − target.x``, both converted with
+    the same clamps) is ``min(SNR, γ)`` at every ``t``. Where a gain vanishes (``a_L = 0``:
+    the loss is identically zero) the clamped division only keeps the weight finite.
+    """
     s = snr(t, noise_scale)
-    return s.clamp_max(gamma) / s.clamp_min(1e-12) if math.isfinite(gamma) else t.new_ones(t.shape)
+    a_x = error_gain(Prediction.X, prediction, t, t_eps)
+    a_l = error_gain(loss_space, prediction, t, t_eps)
+    ratio = a_x.abs() / a_l.abs().clamp_min(1e-12)
+    return s.clamp_max(gamma) * ratio**2

@@ -25,13 +25,18 @@ def generate(
     solver: str = "heun",
     cfg_scale: float = 1.0,
     interval: tuple[float, float] = (0.1, 1.0),
+    eta: float = 1.0,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Samples ``[B, C, H, W]`` for class ``labels [B]`` from ``noise`` (already × noise_scale).
 
-    ``noise`` fixes the randomness: the same noise and labels give the same images.
+    ``noise`` fixes the randomness of the ODE solvers: the same noise and labels give the same
+    images; ``solver="euler_maruyama"`` also draws from ``generator`` (``eta``,
+    ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`).
     """
     fn = ClassifierFreeGuidance(net, to_velocity, labels, null_class, cfg_scale, interval)
-    return sample(fn, noise, steps, solver)
+    return sample(fn, noise, steps, solver, eta=eta, noise_scale=noise_scale, generator=generator)
 
 
 @dataclass
@@ -72,10 +77,13 @@ class Sampler:
         solver: str = "heun",
         cfg_scale: float = 1.0,
         interval: tuple[float, float] = (0.1, 1.0),
+        eta: float = 1.0,
     ) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (on ``device``) for
-        ``labels [n]``; the initial noise is a function of ``seed`` alone."""
+        ``labels [n]``; the initial noise (and the SDE's noise, ``solver="euler_maruyama"``
+        with ``eta``) is a function of ``seed`` alone."""
         noise = noise_for(seed, len(labels), self.shape, self.noise_scale, self.device)
+        sde_noise = torch.Generator().manual_seed(sde_seed(seed))
         with self.autocast():
             x = generate(
                 self.net,
@@ -87,6 +95,9 @@ class Sampler:
                 solver=solver,
                 cfg_scale=cfg_scale,
                 interval=interval,
+                eta=eta,
+                noise_scale=self.noise_scale,
+                generator=sde_noise,
             )
         return self.decode(x.float()).float()
 
@@ -105,6 +116,11 @@ def noise_for(
     so the same seed gives the same images on every device)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, *shape, generator=g) * noise_scale).to(device)
+
+
+def sde_seed(seed: int) -> int:
+    """The SDE noise stream of sample seed ``seed``: apart from the initial noise's stream."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x5DE) % 2**63
 
 
 def balanced_labels(n: int, num_classes: int, offset: int = 0) -> Tensor:

@@ -138,7 +138,7 @@ def restore(
     and step (the raw weights if it keeps no EMA), ``None`` the raw weights.
     """
     ckpt = load_checkpoint(path, with_state=False)
-    cfg = config_from_yaml_text(ckpt.config_yaml)
+    cfg = config_from_yaml_text(ckpt.config_yaml).resolved()  # runs record a number already
     model_cfg = _model_cfg_from_checkpoint(ckpt, cfg)
     net = JiT(model_cfg)
     if ema == "auto":

@@ -6,7 +6,7 @@ them. Durations and intervals are counted in images seen (``*_nimg``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from denoiselab.config import ConfigError
@@ -112,20 +112,27 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling (Table 9: Heun, 50 steps, linear grid, CFG interval [0.1, 1])."""
+    """Sampling (Table 9: Heun, 50 steps, linear grid, CFG interval [0.1, 1]).
+
+    ``solver: euler_maruyama`` samples the reverse SDE with the ODE's marginals,
+    ``g(t)² = 2·eta·(1−t)·s²`` (``denoiselab.sampling.solvers``); ``eta`` is unused otherwise.
+    """
 
     steps: int = 50
-    solver: Literal["heun", "euler"] = "heun"
+    solver: Literal["heun", "euler", "euler_maruyama"] = "heun"
     cfg: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
     ema: float | None = None
     num_grid: int = 64
+    eta: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"sample.steps={self.steps!r} must be >= 1")
         if self.num_grid < 1:
             raise ConfigError(f"sample.num_grid={self.num_grid!r} must be >= 1")
+        if not self.eta >= 0:
+            raise ConfigError(f"sample.eta={self.eta!r} must be >= 0 (0: the ODE)")
         lo, hi = self.interval
         if not 0 <= lo <= hi <= 1:
             raise ConfigError(f"sample.interval={self.interval!r} must satisfy 0 <= lo <= hi <= 1")
@@ -183,7 +190,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole run. ``model`` is a preset name plus any ``JiTConfig`` field overrides; the
-    image size, channels and class count default to the dataset's. ``terms`` adds training
+    image size, channels and class count default to the dataset's; ``model`` is checked at
+    construction (:func:`check_model_section`). ``objective.noise_scale: auto`` is resolved
+    by :meth:`resolved` (:func:`auto_noise_scale`); a run records the number it used.
+    ``terms`` adds training
     techniques as loss terms: ``{name: fields}`` with names from
     ``denoiselab.algorithms.TERMS`` (validated here, held as their config dataclasses).
 
@@ -225,11 +235,21 @@ class TrainConfig:
         from denoiselab.algorithms import parse_terms
 
         object.__setattr__(self, "terms", parse_terms(self.terms))
-        if "name" not in self.model:
-            raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info`)")
+        check_model_section(self.model, self.data)
         for key in ("global_batch", "grad_accum", "duration_nimg", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        _check_device_name(self.device)
+        if (
+            self.objective.noise_scale == "auto"
+            and self.data.name == "latents"
+            and self.data.latent_norm == "none"
+        ):
+            raise ConfigError(
+                "objective.noise_scale='auto' means 1.0 on normalised latents, but "
+                "data.latent_norm='none' keeps the autoencoder's raw scale: set "
+                "objective.noise_scale to a number (or use latent_norm autoencoder/dataset)"
+            )
         for key in ("log_every_nimg", "sample_every_nimg", "ckpt_every_nimg"):
             if getattr(self, key) < 0:
                 raise ConfigError(
@@ -251,6 +271,87 @@ class TrainConfig:
                     f"{list(self.ema.decays)} (or 'auto', 'none')"
                 )
 
+    def resolved(self) -> TrainConfig:
+        """This config with ``objective.noise_scale: auto`` replaced by its number for this
+        data (:func:`auto_noise_scale`); configs with a number are returned unchanged."""
+        if self.objective.noise_scale != "auto":
+            return self
+        objective = replace(self.objective, noise_scale=auto_noise_scale(self.data))
+        return replace(self, objective=objective)
+
     def steps(self) -> int:
         """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
         return -(-self.duration_nimg // self.global_batch)
+
+
+def auto_noise_scale(data: DataConfig) -> float:
+    """What ``objective.noise_scale: auto`` means for ``data``.
+
+    Pixels: JiT's rule (Table 9) ``s = 1.0 × image_size / 256`` — at a higher resolution
+    neighbouring pixels are more redundant, so the same noise destroys less of the image, and
+    the noise is scaled up with the side (0.125 at 32 px, 1.0 at 256, 2.0 at 512).
+    Latents: 1.0, as JLT trains on latents normalised to unit variance per channel
+    (``data.latent_norm``): a compressed latent has no such redundancy to compensate, and its
+    side says nothing about the pixel resolution. (``latent_norm: none`` keeps the raw scale;
+    ``auto`` is refused there.)
+    """
+    return 1.0 if data.name == "latents" else data.image_size / 256
+
+
+def _check_device_name(device: str) -> None:
+    """The spelling of ``device`` (whether CUDA exists is checked when the run starts, so a
+    GPU config can be dry-run on a machine without one)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:N"
+        ) from None
+
+
+PIXEL_DATASETS = ("shapes", "digits", "imagefolder")
+
+
+def check_model_section(model: dict[str, Any], data: DataConfig) -> None:
+    """Validate the ``model:`` section now, not when the run starts: ``name`` must be a preset
+    (``denoiselab info all``), every other key a ``JiTConfig`` field of the right type, and
+    for pixel data the resulting network must be valid at ``data.image_size`` and
+    ``data.channels`` (what the run will give it). For latent data the latent side and
+    channels come from the cache, so values that depend on them are checked at run time.
+    """
+    import typing
+
+    from denoiselab.config import _coerce
+    from denoiselab.models import JiTConfig
+    from denoiselab.models.registry import MODEL_PRESETS
+
+    if not isinstance(model, dict) or "name" not in model:
+        raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info all`)")
+    name = model["name"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.name={name!r} is not a preset; valid: {', '.join(MODEL_PRESETS)}")
+    hints = typing.get_type_hints(JiTConfig)
+    unknown = sorted(set(model) - {"name"} - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {', '.join(map(repr, unknown))} in model; valid keys: name, "
+            + ", ".join(hints)
+        )
+    fields = {k: _coerce(v, hints[k], f"model.{k}") for k, v in model.items() if k != "name"}
+    if data.name not in PIXEL_DATASETS:
+        return
+    from_data = {"image_size": data.image_size, "in_channels": data.channels}
+    for key, value in from_data.items():
+        if key in fields and fields[key] != value:
+            raise ConfigError(
+                f"model.{key}={fields[key]!r} but the data gives {key}={value!r}; "
+                f"remove model.{key} or change data"
+            )
+    try:
+        JiTConfig(**{**MODEL_PRESETS[name], **fields, **from_data})
+    except ValueError as e:
+        raise ConfigError(f"model ({name} at {data.image_size}px): {e}") from None

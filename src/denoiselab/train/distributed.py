@@ -31,6 +31,33 @@ class DistributedError(RuntimeError):
     """This rank lost the others (one died or hung); the message says what to do."""
 
 
+def parse_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a
+    ``torch.device``; a name torch does not know, or CUDA on a machine without it, is a
+    :class:`ConfigError` naming the valid choices."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return dev
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """:func:`parse_device` for one process (no process group): ``"cuda"`` → ``cuda:0``."""
+    dev = parse_device(device)
+    return torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev
+
+
 def init_distributed(
     device: str = "auto", timeout_s: float | None = None
 ) -> tuple[DistInfo, torch.device]:
@@ -43,12 +70,8 @@ def init_distributed(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
         if dev.index is None and local >= torch.cuda.device_count():
             raise ConfigError(
                 f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are "

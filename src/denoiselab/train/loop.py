@@ -50,9 +50,20 @@ from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 from denoiselab.train.schedule import Schedule
 from denoiselab.train.tracking import require_backends
-from denoiselab.train.window import LossWindow, NonFiniteLossError, loss_total
+from denoiselab.train.window import (
+    LossWindow,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    loss_total,
+)
 
-__all__ = ["NonFiniteLossError", "Trainer", "UnusedTermParametersError", "train"]
+__all__ = [
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "Trainer",
+    "UnusedTermParametersError",
+    "train",
+]
 
 PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
 
@@ -108,6 +119,7 @@ class Trainer:
         quiet: bool = False,
     ) -> None:
         require_backends(cfg.log)  # a missing tracker package fails now, not after set-up
+        cfg = cfg.resolved()  # noise_scale "auto" → its number, recorded in config.yaml
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.quiet = quiet
@@ -213,10 +225,19 @@ class Trainer:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.module.trainable(), cfg.optim.grad_clip
             ).detach()
+        self._note_gradient(step, totals.get("grad_norm"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, step)
         return totals
+
+    def _note_gradient(self, step: int, norm: Tensor | None) -> None:
+        """Remember (on device, no host sync) the first step whose gradient is not finite
+        (the clipping norm when clipping, else one norm over all trained gradients)."""
+        if norm is None:
+            grads = [p.grad for p in self.module.trainable() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+        self.window.note_gradient(step, norm)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:

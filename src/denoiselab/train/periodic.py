@@ -63,6 +63,7 @@ def evaluate_network(
             solver=cfg.sample.solver,
             cfg_scale=cfg.sample.cfg if ev.cfg is None else ev.cfg,
             interval=cfg.sample.interval,
+            eta=cfg.sample.eta,
         )
         return to_uint8(x.cpu())
 
@@ -135,6 +136,7 @@ def draw_grid(trainer: Any, step: int) -> None:
         solver=cfg.solver,
         cfg_scale=cfg.cfg,
         interval=cfg.interval,
+        eta=cfg.eta,
     )
     square = cfg.num_grid % mc.num_classes == 0 and mc.num_classes <= 16
     path = trainer.run_dir.root / "samples" / f"step_{step:09d}.png"

@@ -21,6 +21,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the first such step."""
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient became NaN or inf while the loss was finite; the message names the step.
+
+    The run stops as for a non-finite loss (the update already applied may have poisoned the
+    weights, so nothing after the last good checkpoint is saved) rather than skipping the step:
+    without loss scaling (fp32/bf16) a non-finite gradient is a bug or a divergence to look at,
+    not an overflow to ride out.
+    """
+
+
 class LossWindow:
     """``add(step, terms)`` after each step; ``means()`` at a log row, then ``reset()``."""
 
@@ -28,12 +38,14 @@ class LossWindow:
         self.device = device
         self.sums: dict[str, Tensor] = {}
         self.count = 0
-        # 1-based number of the first step whose loss was not finite, -1 while all were
+        # 1-based number of the first step whose loss (gradient) was not finite, -1 while
+        # all were
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_bad_grad = torch.full((), -1, dtype=torch.long, device=device)
 
     def add(self, step: int, terms: dict[str, Tensor]) -> None:
         """Add the per-term means ``terms`` of step ``step`` (0-based)."""
-        finite = torch.isfinite(sum(terms.values()))
+        finite = torch.isfinite(loss_total(terms))  # the gradient is checked on its own
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, step + 1, self.first_bad)
         for name, v in terms.items():
             self.sums[name] = self.sums.get(name, 0) + v
@@ -50,9 +62,15 @@ class LossWindow:
     def reset(self) -> None:
         self.sums, self.count = {}, 0
 
-    def first_non_finite(self, dist: DistInfo) -> int:
-        """The first step (1-based) whose loss was not finite on any rank, or -1."""
-        bad = self.first_bad
+    def note_gradient(self, step: int, norm: Tensor) -> None:
+        """Remember (on device, no host sync) whether step ``step``'s gradient norm is finite."""
+        bad = self.first_bad_grad
+        self.first_bad_grad = torch.where((bad < 0) & ~torch.isfinite(norm), step + 1, bad)
+
+    def first_non_finite(self, dist: DistInfo, bad: Tensor | None = None) -> int:
+        """The first step (1-based) whose loss (or ``bad``'s record) was not finite on any
+        rank, or -1."""
+        bad = self.first_bad if bad is None else bad
         if dist.enabled:
             big = torch.iinfo(torch.long).max
             bad = torch.where(bad < 0, big, bad)
@@ -61,9 +79,18 @@ class LossWindow:
         return int(bad.item())
 
     def check_finite(self, dist: DistInfo, global_batch: int, kept: object) -> None:
-        """Raise :class:`NonFiniteLossError` if a loss so far was not finite on any rank
-        (a collective under DDP; ``kept``: where the last good checkpoint is)."""
+        """Raise :class:`NonFiniteLossError` if a loss so far was not finite on any rank, or
+        :class:`NonFiniteGradientError` if a gradient was first (a collective under DDP;
+        ``kept``: where the last good checkpoint is)."""
         bad = self.first_non_finite(dist)
+        grad_bad = self.first_non_finite(dist, self.first_bad_grad)
+        if grad_bad >= 0 and (bad < 0 or grad_bad < bad):
+            raise NonFiniteGradientError(
+                f"gradient is not finite at step {grad_bad} (after {grad_bad * global_batch} "
+                f"images) while the loss was finite; stopped; the last good checkpoint in "
+                f"{kept} is kept. Check custom loss terms, or try fp32, a lower learning rate "
+                "or optim.grad_clip."
+            )
         if bad >= 0:
             raise NonFiniteLossError(
                 f"loss is not finite at step {bad} (after {bad * global_batch} images); "

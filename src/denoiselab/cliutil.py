@@ -1,0 +1,80 @@
+"""What every ``denoiselab`` subcommand shares: bad input → one line on stderr, exit status 2.
+
+- :class:`ArgumentParser` prints an argument error as one line (argparse's default prints the
+  whole usage block first) and exits with status 2.
+- :func:`guarded` runs a subcommand and turns the errors a user's input causes (a bad config
+  value, a missing or unreadable file, a refused checkpoint, …) into
+  ``denoiselab <command>: error: <message>`` and status 2. Anything else is a bug and keeps its
+  traceback. ``DENOISELAB_TRACEBACK=1`` shows the traceback of a user error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line: ``PROG: error: MSG (see PROG -h)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is bad", not "the code is broken"."""
+    from safetensors import SafetensorError
+
+    from denoiselab.ablate.files import LockedError
+    from denoiselab.train.checkpoint import CheckpointError
+    from denoiselab.train.distributed import DistributedError
+    from denoiselab.train.window import NonFiniteLossError
+
+    return (
+        ValueError,  # ConfigError, LatentCacheError, JSON decode errors, our validation
+        FileNotFoundError,  # also MissingExtractorError
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        FileExistsError,
+        ModuleNotFoundError,  # an optional extra (diffusers, torch-fidelity, …) not installed
+        CheckpointError,
+        LockedError,
+        SafetensorError,  # a checkpoint, cache or weights file that is not safetensors
+        NonFiniteLossError,  # a diverged run (also a non-finite gradient): stopped, named
+        DistributedError,  # a lost rank
+    )
+
+
+def _disk_full(error: BaseException) -> bool:
+    """A full disk or quota while writing checkpoints, metrics, samples or plots."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (multi-line messages joined with ``; ``)."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, ModuleNotFoundError):
+        text += " (an optional dependency: see the README's install extras)"
+    if type(error).__name__ == "SafetensorError":
+        text = f"not a readable safetensors file: {text}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
+def guarded(prog: str, run: Callable[[], int]) -> int:
+    """``run()``, with user errors reported as one line on stderr and exit status 2."""
+    try:
+        return run()
+    except Exception as e:
+        user = isinstance(e, user_error_types()) or _disk_full(e)
+        if os.environ.get("DENOISELAB_TRACEBACK") or not user:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
