@@ -31,7 +31,7 @@ def test_info_unknown_model_lists_valid():
 
 def test_unknown_override_syntax_is_rejected(capsys):
     with pytest.raises(SystemExit):
-        main(["train", "configs/quickstart.yaml", "--bogus"])
+        main(["train", "quickstart", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 

@@ -34,9 +34,14 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else weights.parent.parent
     else:
         if args.config is None:
-            raise SystemExit("denoiselab train: give a CONFIG file (e.g. configs/quickstart.yaml)")
+            from denoiselab.config import shipped_configs
+
+            raise SystemExit(
+                "denoiselab train: give a CONFIG: a YAML file or a shipped config "
+                f"({', '.join(shipped_configs())})"
+            )
         cfg = load_train_config(args.config, overrides)
-        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem.split(".")[0]
         weights = None
     if args.steps is not None:
         from dataclasses import replace
@@ -49,9 +54,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def class_label(value: str, names: list[str] | None, num_classes: int) -> int:
+    """The label ``--class VALUE`` asks for: a number ``0 … num_classes-1`` or, where the run's
+    data set has them, a class name (``denoiselab sample runs/quickstart --class star``)."""
+    from denoiselab.config import ConfigError
+
+    valid = f"0 … {num_classes - 1}"
+    if names:
+        valid = f"{', '.join(names)} (or {valid})"
+    if value.strip().lstrip("-").isdigit():
+        label = int(value)
+        if 0 <= label < num_classes:
+            return label
+        raise ConfigError(f"--class {value} is out of range; valid: {valid}")
+    if names and value in names:
+        return names.index(value)
+    if not names:
+        valid += "; the run's data set has no class names on this machine"
+    raise ConfigError(f"--class {value!r} is not a class of this run; valid: {valid}")
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from denoiselab.data.config import class_names
     from denoiselab.images import save_grid, save_images
     from denoiselab.sampling.generate import balanced_labels
     from denoiselab.train.build import restore
@@ -60,29 +86,21 @@ def _sample(args: argparse.Namespace) -> int:
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
         ema = None
-    r = restore(args.run, ema=ema, device=device)
+    r = restore(args.run, ema=ema, device=device, compile=args.compile)
     num_classes = r.model_cfg.num_classes
-    if args.class_id is not None and not 0 <= args.class_id < num_classes:
-        raise SystemExit(
-            f"denoiselab sample: --class {args.class_id} is out of range; "
-            f"valid: 0 … {num_classes - 1}"
-        )
+    label = None
+    if args.class_id is not None:
+        label = class_label(args.class_id, class_names(r.cfg.data), num_classes)
     out = Path(args.out)
+    settings = r.settings(args.steps, args.solver, args.cfg, args.cfg_interval)
     images = []
     for start in range(0, args.num, args.batch):
         n = min(args.batch, args.num - start)
-        if args.class_id is not None:
-            labels = torch.full((n,), args.class_id, dtype=torch.long)
+        if label is not None:
+            labels = torch.full((n,), label, dtype=torch.long)
         else:
             labels = balanced_labels(n, num_classes, offset=start)
-        x = r.sample(
-            labels,
-            args.seed + start,
-            steps=args.steps,
-            solver=args.solver,
-            cfg_scale=args.cfg,
-            interval=tuple(args.cfg_interval),
-        )
+        x = r.sample(labels, args.seed + start, **settings)
         save_images(x, out, start=start)
         images.append(x.cpu())
     save_grid(torch.cat(images)[:256], out / "grid.png")
@@ -145,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/quickstart.yaml)")
+    t.add_argument(
+        "config", nargs="?", help="a shipped config's name (e.g. quickstart) or a YAML file"
+    )
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     t.add_argument("--out", help="run folder (default runs/<config name>)")
     t.add_argument("--steps", type=int, help="total optimizer steps (overrides duration_nimg)")
@@ -156,10 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate images from a run or checkpoint")
     s.add_argument("run", help="run folder or checkpoint file")
     s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--solver", choices=["heun", "euler"], default="heun")
-    s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
-    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    own = "(default: the run's own, its config's sample.%s)"
+    s.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
+    s.add_argument("--solver", choices=["heun", "euler"], help=own % "solver")
+    s.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
+    s.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guidance interval " + own % "interval",
+    )
     s.add_argument(
         "--ema",
         type=float,
@@ -167,10 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the run, else the fastest)",
     )
     s.add_argument("--no-ema", action="store_true", help="use the raw weights")
-    s.add_argument("--class", dest="class_id", type=int, help="only this class")
+    s.add_argument(
+        "--class",
+        dest="class_id",
+        metavar="CLASS",
+        help="only this class: its number or, where the data has them, its name (e.g. star)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--device")
+    s.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (pays off for many)"
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=_sample)
 

@@ -3,7 +3,8 @@
 The JiT protocol (App. A): choose the CFG scale ω and the EMA decay on a small sample count
 (8K in the paper), then evaluate the full count (50K) with the best pair. Here
 ``--sweep-cfg LO:HI:STEP --sweep-num M`` does the first part, over every EMA decay of the
-checkpoint unless ``--ema`` fixes one.
+checkpoint unless ``--ema`` fixes one. Sampling (steps, solver, CFG scale and interval)
+defaults to the run's own ``sample`` settings, those of its grids and periodic evaluation.
 """
 
 from __future__ import annotations
@@ -84,17 +85,18 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if v
     }
     probe_cfg = ProbeConfig(steps=args.probe_steps) if args.probe_steps else None
-    base = restore(args.run, ema=None, device=device)
+    base = restore(args.run, ema=None, device=device, compile=args.compile)
+    own = base.settings(args.steps, args.solver, args.cfg, args.cfg_interval)  # run's defaults
     decays = [args.ema] if args.ema is not None else sorted(base.checkpoint.ema) or [None]
 
     def score(ema: float | None, scale: float, num: int, seed: int) -> dict[str, Any]:
-        r = restore(args.run, ema=ema, device=device) if ema is not None else base
+        r = (
+            restore(args.run, ema=ema, device=device, compile=args.compile)
+            if ema is not None
+            else base
+        )
         gen = make_generator(
-            r,
-            cfg_scale=scale,
-            steps=args.steps,
-            solver=args.solver,
-            interval=tuple(args.cfg_interval),
+            r, cfg_scale=scale, steps=own["steps"], solver=own["solver"], interval=own["interval"]
         )
         out = evaluate(
             gen,
@@ -115,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     sweep: list[dict[str, Any]] = []
     ckpt = base.checkpoint
     auto = auto_decay(tuple(ckpt.ema), ckpt.step) if ckpt.ema else None
-    ema, scale = (args.ema if args.ema is not None else auto), args.cfg
+    ema, scale = (args.ema if args.ema is not None else auto), own["cfg_scale"]
     if args.sweep_cfg:
         for d in decays:
             for s in parse_range(args.sweep_cfg):
@@ -129,9 +131,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     final.update(
         run=str(Path(args.run).resolve()),
         step=base.checkpoint.step,
-        solver=args.solver,
-        sampling_steps=args.steps,
-        cfg_interval=list(args.cfg_interval),
+        solver=own["solver"],
+        sampling_steps=own["steps"],
+        cfg_interval=list(own["interval"]),
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
         rank=info.rank,
@@ -156,8 +158,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="samples to score; under torchrun spell it --num-samples (torchrun reads --num "
         "as an abbreviation of its own --numa-binding)",
     )
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    own = "(default: the run's own, its config's sample.%s)"
+    p.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guidance interval " + own % "interval",
+    )
     p.add_argument(
         "--ema",
         type=float,
@@ -165,11 +174,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    p.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
+    p.add_argument("--solver", choices=["heun", "euler"], help=own % "solver")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling")
     p.add_argument("--cache-dir", help="probe/reference cache (default ~/.cache/denoiselab)")
     p.add_argument("--inception", help="pt_inception-2015-12-05 weights file (for fid/kid/is/pr)")
     p.add_argument(
@@ -199,5 +209,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, out / "eval.json")
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    if result.get("probe_real_accuracy") is not None:
+        summary += f" (the probe on held-out real images: {result['probe_real_accuracy']:.4g})"
     print(f"eval ({result['num']} samples, ema={result['ema']}, cfg={result['cfg']}): {summary}")
     return 0

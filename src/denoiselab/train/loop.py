@@ -41,7 +41,7 @@ from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import all_reduce_mean, barrier, init_distributed
 from denoiselab.train.ema import EMA, auto_decay
 from denoiselab.train.progress import ProgressBar, format_duration
-from denoiselab.train.run import RunFolder, plot_loss
+from denoiselab.train.run import RunFolder, plot_eval, plot_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -354,6 +354,9 @@ class Trainer:
         row.update({f"eval/{k}": v for k, v in values.items()})
         row["eval_seconds"] = time.perf_counter() - tic
         self.run_dir.log(row)  # rank 0 only
+        if self.dist.is_main:
+            chance = 1 / self.model_cfg.num_classes if "acc_probe" in values else None
+            plot_eval(self.run_dir.metrics_path, self.run_dir.root / "eval.png", chance)
         shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
         self.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
         return values

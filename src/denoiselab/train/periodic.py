@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
-    """``cfg.eval`` metrics of ``net`` (a copy of the trainer's network) -> ``{name: value}``."""
+    """``cfg.eval`` metrics of ``net`` (a copy of the trainer's network) -> ``{name: value}``,
+    with ``probe_real_accuracy`` (the probe on held-out real images) when a probe scored."""
     from denoiselab.latents import pixel_data_config
 
     cfg, ev = trainer.cfg, trainer.cfg.eval
@@ -50,4 +51,7 @@ def evaluate_network(trainer: Trainer, net: nn.Module) -> dict[str, float]:
         probe_config=ev.probe_config(),
         device=trainer.device,
     )
-    return {k: float(v) for k, v in result["metrics"].items()}
+    values = {k: float(v) for k, v in result["metrics"].items()}
+    if result["probe_real_accuracy"] is not None:  # the judge's own accuracy on real images
+        values["probe_real_accuracy"] = result["probe_real_accuracy"]
+    return values
