@@ -30,7 +30,9 @@ def test_shipped_configs_are_found_by_name_and_unknown_names_list_them(tmp_path)
     own = tmp_path / "quickstart.yaml"  # a file of that name wins over the shipped one
     own.write_text("seed: 3\n")
     assert find_config(own) == own
-    with pytest.raises(ConfigError, match=r"config 'quikstart' is neither a file nor a shipped"):
+    with pytest.raises(
+        ConfigError, match=r"config 'quikstart' not found: neither a file nor a shipped"
+    ):
         find_config("quikstart")
     with pytest.raises(ConfigError, match=r"shipped: .*latent_quickstart, quickstart, quick"):
         find_config("configs/quickstart.yaml")  # a missing path is not guessed at
@@ -45,7 +47,7 @@ def test_train_by_name_dry_run_and_unknown_name(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["data"]["difficulty"] == "hard"
     assert main(["train", "no_such_config", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("denoiselab train: error: config 'no_such_config' is neither")
+    assert err.startswith("denoiselab train: error: config 'no_such_config' not found: neither")
     assert "quickstart" in err and len(err.splitlines()) == 1
 
 
@@ -54,7 +56,7 @@ def test_other_commands_take_config_names(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["data"]["difficulty"] == "easy"
     base = resolve_base("quickstart_hard", ROOT, "suite")
     assert base["data"]["difficulty"] == "hard" and base["duration_nimg"] == 172800
-    with pytest.raises(ConfigError, match=r"suite: base config 'nope' is neither a file"):
+    with pytest.raises(ConfigError, match=r"suite: base config 'nope' not found: neither a file"):
         resolve_base("nope", ROOT, "suite")
 
 

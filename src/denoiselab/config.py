@@ -172,7 +172,7 @@ def find_config(name: str | Path) -> Path:
     if len(p.parts) == 1 and shipped.is_file():
         return shipped
     raise ConfigError(
-        f"config {str(name)!r} is neither a file nor a shipped config; shipped: "
+        f"config {str(name)!r} not found: neither a file nor a shipped config; shipped: "
         f"{', '.join(shipped_configs())}"
     )
 

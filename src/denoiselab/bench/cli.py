@@ -19,7 +19,9 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help=f"preset name (default {d.model})")
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--batch", type=int, default=d.batch, help=f"training batch ({d.batch})")
-    p.add_argument("--sample-batch", type=int, default=None, help="default: --batch")
+    p.add_argument(
+        "--sample-batch", type=int, default=d.sample_batch, help=f"({d.sample_batch}; 0: --batch)"
+    )
     p.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16"),
@@ -56,6 +58,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k != "out"}
     fields["interval"] = tuple(fields["interval"])
+    fields["sample_batch"] = fields["sample_batch"] or None  # 0: the training batch
     try:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs

@@ -50,7 +50,7 @@ class BenchConfig:
     model: str = "JiT-T/4"
     image_size: int | None = None
     batch: int = 64
-    sample_batch: int | None = None  # None: same as batch
+    sample_batch: int | None = 16  # None: same as batch; 16 keeps a CPU run short
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     what: Literal["train", "sample", "all"] = "all"
