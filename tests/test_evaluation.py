@@ -83,7 +83,9 @@ def test_eval_compile_scores_like_eager(tmp_path):
                 "2", "--cfg", "2", "--probe-steps", "20", "--batch", "8", "--cache-dir",
                 str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
         assert main([*argv, *flags]) == 0
-        results.append(json.loads((out / "eval.json").read_text())["metrics"])
+        result = json.loads((out / "eval.json").read_text())
+        assert result["compile"] is bool(flags)
+        results.append(result["metrics"])
     eager, compiled = results
     assert compiled["acc_probe"] == eager["acc_probe"]
     assert compiled["fd_probe"] == pytest.approx(eager["fd_probe"], rel=1e-3)

@@ -262,6 +262,8 @@ def test_sample_compile_draws_the_eager_images(tmp_path):
         assert main([*argv, *flags]) == 0
         grids.append(np.asarray(Image.open(out / "grid.png")).astype(int))
     assert grids[0].std() > 0 and np.abs(grids[0] - grids[1]).max() <= 2  # 8-bit rounding
+    compiled = restore(run, compile=True).sampler.net
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # not eager again
 
 
 def test_restore_picks_weights(tmp_path):

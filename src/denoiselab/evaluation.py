@@ -133,6 +133,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         step=base.checkpoint.step,
         solver=own["solver"],
         sampling_steps=own["steps"],
+        compile=bool(args.compile),
         cfg_interval=list(own["interval"]),
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
