@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"({', '.join(shipped_configs())})"
             )
         cfg = load_train_config(args.config, overrides)
-        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem.split(".")[0]
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         weights = None
     if args.steps is not None:
         from dataclasses import replace
@@ -62,13 +62,13 @@ def class_label(value: str, names: list[str] | None, num_classes: int) -> int:
     valid = f"0 … {num_classes - 1}"
     if names:
         valid = f"{', '.join(names)} (or {valid})"
+    if names and value in names:  # a name first: image folders may be named "001", "002", …
+        return names.index(value)
     if value.strip().lstrip("-").isdigit():
         label = int(value)
         if 0 <= label < num_classes:
             return label
         raise ConfigError(f"--class {value} is out of range; valid: {valid}")
-    if names and value in names:
-        return names.index(value)
     if not names:
         valid += "; the run's data set has no class names on this machine"
     raise ConfigError(f"--class {value!r} is not a class of this run; valid: {valid}")
