@@ -195,7 +195,10 @@ def test_bench_all_writes_bench_json(tmp_path: Path, capsys: pytest.CaptureFixtu
             "--sample-repeats", "1", "--matmul-max-size", "256", "--out", str(tmp_path)]  # fmt: skip
     assert bench_main(argv) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert set(result) == {"config", "machine", "model", "ceiling", "train", "sample", "summary"}
+    assert set(result) == {
+        "config", "dtype_choice", "machine", "model", "ceiling", "train", "sample", "summary"
+    }  # fmt: skip
+    assert result["dtype_choice"] == "fp32: as requested"
     for key in ("date", "torch", "torch_threads", "cpu", "load_average", "load_average_end"):
         assert key in result["machine"], key
     assert {"model", "logical_cpus", "isa_flags"} <= set(result["machine"]["cpu"])
@@ -223,3 +226,38 @@ def test_bench_rejects_bad_arguments(argv, message, tmp_path, capsys) -> None:
     assert bench_main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "native", "why"),
+    [
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, False, "neither AMX nor AVX512"),
+        ({"avx2": True, "avx512_bf16": True, "amx_bf16": False}, True, "AVX512-BF16"),
+        ({"avx2": True, "avx512_bf16": True, "amx_bf16": True}, True, "AMX"),
+        ({"avx2": False, "avx512_bf16": False, "amx_bf16": False}, False, "unreadable"),
+    ],
+)
+def test_native_bf16_reads_the_cpu_flags(flags, native, why) -> None:
+    from denoiselab.bench.machine import native_bf16
+
+    got, reason = native_bf16(torch.device("cpu"), flags)
+    assert got is native and why in reason
+
+
+def test_bench_dtype_auto_follows_this_machine_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No --dtype: bf16 exactly where this machine's CPU flags promise native bf16, and the
+    choice with its reason is printed and recorded."""
+    from denoiselab.bench.machine import cpu_facts
+
+    flags = cpu_facts()["isa_flags"]
+    expected = "bf16" if flags["amx_bf16"] or flags["avx512_bf16"] else "fp32"
+    argv = ["--model", "JiT-Micro", "--batch", "2", "--what", "train", "--threads", "1",
+            "--warmup", "0", "--repeats", "1", "--matmul-max-size", "128", "--out", str(tmp_path)]  # fmt: skip
+    assert bench_main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    torch_name = {"bf16": "bfloat16", "fp32": "float32"}[expected]
+    assert result["config"]["dtype"] == expected and result["ceiling"]["dtype"] == torch_name
+    assert result["dtype_choice"].startswith(f"auto → {expected}: ")
+    assert f"dtype auto → {expected}: " in capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_info_unknown_model_lists_valid(capsys):
 
 
 def test_unknown_override_syntax_is_rejected(capsys):
-    assert main(["train", "configs/quickstart.yaml", "--bogus"]) == 2
+    assert main(["train", "quickstart", "--bogus"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
 

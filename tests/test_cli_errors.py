@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from denoiselab.cli import main
+from denoiselab.config import CONFIG_DIR as CONFIGS  # the shipped configs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = str(CONFIGS / "quickstart.yaml")
 TINY = {
     "data": {"name": "shapes", "image_size": 16, "num_images": 16},
@@ -56,8 +55,8 @@ BAD = [
     (["info", "JiT-B/16", "--image-size", "100"], "image_size=100 is not divisible"),
     (["info", "JiT-B/16", "--image-size", "abc"], "invalid int value: 'abc'"),
     # train: config files, overrides, values
-    (["train"], "give a CONFIG file"),
-    (["train", "{out}/nope.yaml"], "does not exist"),
+    (["train"], "give a CONFIG: a YAML file or a shipped config"),
+    (["train", "{out}/nope.yaml"], "nope.yaml' not found: neither a file nor a shipped config"),
     (["train", "{bad}", "--dry-run"], "is not valid YAML"),
     (["train", "{list}", "--dry-run"], "mapping at the top level"),
     (["train", QUICK, "--dry-run", "model.widht=3"], "unknown key 'widht' in model; valid keys"),
@@ -131,7 +130,7 @@ BAD = [
         "not divisible by patch=5",
     ),
     # latents
-    (["train-ae", "{out}/nope.yaml", "--out", "{out}/ae"], "does not exist"),
+    (["train-ae", "{out}/nope.yaml", "--out", "{out}/ae"], "not found: neither a file nor a shipped config"),
     (["train-ae", "{bad}", "--out", "{out}/ae"], "is not valid YAML"),
     (["train-ae", "{cfg}", "--out", "{out}/ae", "--steps", "0"], "steps=0 must be >= 1"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),

@@ -61,5 +61,46 @@ def test_eval_sweep_then_final(tmp_path, capsys):
     assert set(result["metrics"]) >= {"fd_probe", "acc_probe"}
     assert 0.0 <= result["metrics"]["acc_probe"] <= 1.0
     assert "generation_images_per_s" in result
+    from denoiselab.metrics.probe import load_probe
+    from denoiselab.metrics.probe_train import ProbeConfig
+
+    probe = load_probe(tiny().data, config=ProbeConfig(steps=20), cache_dir=tmp_path / "cache")
+    real = probe.meta["val_accuracy"]
+    assert 0 < real <= 1 and result["probe_real_accuracy"] == real
+    shown = capsys.readouterr().out
+    assert f"(the probe on held-out real images: {real:.4g})" in shown
     assert main(["eval", str(run), "--metrics", "fid_typo", "--out", str(out)]) == 2
     assert "unknown metric(s) ['fid_typo']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_compile_scores_like_eager(tmp_path):
+    run = train(replace(tiny(), duration_nimg=16), tmp_path / "run", quiet=True)
+    results = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"eval{len(flags)}"
+        argv = ["eval", str(run), "--metrics", "fd_probe,acc_probe", "--num", "16", "--steps",
+                "2", "--cfg", "2", "--probe-steps", "20", "--batch", "8", "--cache-dir",
+                str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+        assert main([*argv, *flags]) == 0
+        result = json.loads((out / "eval.json").read_text())
+        assert result["compile"] is bool(flags)
+        results.append(result["metrics"])
+    eager, compiled = results
+    assert compiled["acc_probe"] == eager["acc_probe"]
+    assert compiled["fd_probe"] == pytest.approx(eager["fd_probe"], rel=1e-3)
+
+
+def test_eval_samples_with_the_runs_own_settings_by_default(tmp_path):
+    run = train(replace(tiny(), duration_nimg=16), tmp_path / "run", quiet=True)
+    out = tmp_path / "eval"
+    argv = ["eval", str(run), "--metrics", "acc_probe", "--num", "8", "--probe-steps", "5",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    own = tiny().sample  # Heun-3, CFG 1.5 on [0.1, 1]
+    assert (result["cfg"], result["sampling_steps"], result["solver"]) == (1.5, 3, "heun")
+    assert result["cfg_interval"] == list(own.interval)
+    assert main([*argv[:-2], "--cfg", "2", "--steps", "4", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (result["cfg"], result["sampling_steps"]) == (2.0, 4)

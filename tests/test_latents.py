@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from denoiselab.cli import main as cli_main
-from denoiselab.config import ConfigError, from_dict, to_dict
+from denoiselab.config import CONFIG_DIR, ConfigError, from_dict, to_dict
 from denoiselab.data import DataConfig, LatentDataset, build_dataset
 from denoiselab.data.loader import StepLoader
 from denoiselab.latents import (
@@ -42,7 +42,7 @@ from denoiselab.train.build import load_train_config, resolve_model_config
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.loop import Trainer, train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the shipped configs, inside the package
 SHAPES16 = DataConfig(name="shapes", image_size=16, num_images=24, seed=3)
 
 

@@ -3,14 +3,13 @@ latents, resolved from the data and recorded in the run, so sampling uses the sa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 
 from denoiselab.ablate.suite import builtin_suites, load_suite
 from denoiselab.cli import main
+from denoiselab.config import CONFIG_DIR as CONFIGS  # the shipped configs
 from denoiselab.config import ConfigError, from_dict, load_yaml
 from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
 from denoiselab.sampling.generate import balanced_labels, generate
@@ -18,8 +17,6 @@ from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import restore
 from denoiselab.train.config import TrainConfig, auto_noise_scale
 from denoiselab.train.loop import Trainer, train
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cfg(**top) -> TrainConfig:

@@ -64,13 +64,14 @@ def _fd_sqrtm(mu1, s1, mu2, s2):
 
 def _independent_features(run, num, batch, steps, seed):
     """The evaluation's samples, regenerated here: labels i mod C, batch seeds from
-    SeedSequence([seed, batch index]) (the documented protocol), EMA 'auto'."""
+    SeedSequence([seed, batch index]) (the documented protocol), EMA 'auto', the run's own
+    sampler settings but ``steps``."""
     r = restore(run, ema="auto")
     labels = torch.arange(num) % r.model_cfg.num_classes
     feats, fake = [], FakeInception()
     for i, start in enumerate(range(0, num, batch)):
         s = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        x = r.sample(labels[start : start + batch], s, steps=steps, cfg_scale=1.0)
+        x = r.sample(labels[start : start + batch], s, **r.settings(steps))
         feats.append(fake(to_uint8(x)))
     return torch.cat(feats).double().numpy()
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from denoiselab.cli import main
-from denoiselab.config import ConfigError, apply_overrides, from_dict
+from denoiselab.config import CONFIG_DIR, ConfigError, apply_overrides, from_dict
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config, restore
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.loop import NonFiniteLossError, Trainer, train
 from denoiselab.train.run import read_metrics
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the shipped configs, inside the package
 
 TINY = {
     "data": {"name": "shapes", "image_size": 16, "num_images": 64},
@@ -235,12 +235,68 @@ def test_cli_train_resume_sample(tmp_path, capsys):
     assert len(list(samples.glob("0*.png"))) == 3 and (samples / "grid.png").is_file()
 
 
-def test_sample_class_out_of_range(tmp_path, capsys):
-    run = train(replace(tiny(), duration_nimg=8), tmp_path / "r", quiet=True)
-    assert (
-        main(["sample", str(run), "--num", "1", "--class", "8", "--out", str(tmp_path / "s")]) == 2
+def test_sample_class_by_number_or_name(tmp_path, capsys):
+    from PIL import Image
+
+    from denoiselab.data import SHAPE_NAMES
+
+    run = train(tiny(), tmp_path / "r", quiet=True)  # 8 steps: the class embedding has moved
+    args = ["sample", str(run), "--num", "2", "--steps", "2", "--cfg", "3", "--no-ema"]
+
+    def draw(cls: str) -> np.ndarray:
+        out = tmp_path / f"class_{cls}"
+        assert main([*args, "--class", cls, "--out", str(out)]) == 0
+        return np.asarray(Image.open(out / "grid.png"))
+
+    star = SHAPE_NAMES.index("star")
+    assert np.array_equal(draw("star"), draw(str(star)))
+    assert not np.array_equal(draw("star"), draw("circle"))  # the label reaches the net
+    names = ", ".join(SHAPE_NAMES)
+    capsys.readouterr()
+    assert main([*args, "--class", "8", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"--class 8 is out of range; valid: {names} (or 0 … 7)" in err
+    assert main([*args, "--class", "hexagon", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"denoiselab sample: error: --class 'hexagon' is not a class of this run; valid: "
+        f"{names} (or 0 … 7)"
     )
-    assert "--class 8 is out of range; valid: 0 … 7" in capsys.readouterr().err
+
+
+def test_sample_defaults_to_the_runs_own_sampler_settings(tmp_path):
+    from PIL import Image
+
+    run = train(tiny(), tmp_path / "r", quiet=True)  # sample: Heun-3, CFG 1.5 on [0.1, 1]
+
+    def grid(*flags: str) -> np.ndarray:
+        out = tmp_path / "_".join(flags or ("own",))
+        assert main(["sample", str(run), "--num", "4", *flags, "--out", str(out)]) == 0
+        return np.asarray(Image.open(out / "grid.png"))
+
+    own = grid()
+    explicit = grid(
+        "--steps", "3", "--solver", "heun", "--cfg", "1.5", "--cfg-interval", "0.1", "1"
+    )
+    assert np.array_equal(own, explicit)
+    assert not np.array_equal(own, grid("--cfg", "1"))
+    assert not np.array_equal(own, grid("--steps", "50"))
+
+
+@pytest.mark.slow
+def test_sample_compile_draws_the_eager_images(tmp_path):
+    from PIL import Image
+
+    run = train(replace(tiny(), duration_nimg=16), tmp_path / "r", quiet=True)
+    grids = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"s{len(flags)}"
+        argv = ["sample", str(run), "--num", "4", "--steps", "3", "--cfg", "2", "--out", str(out)]
+        assert main([*argv, *flags]) == 0
+        grids.append(np.asarray(Image.open(out / "grid.png")).astype(int))
+    assert grids[0].std() > 0 and np.abs(grids[0] - grids[1]).max() <= 2  # 8-bit rounding
+    compiled = restore(run, compile=True).sampler.net
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # not eager again
 
 
 def test_restore_picks_weights(tmp_path):
@@ -342,6 +398,11 @@ def test_periodic_eval_logs_probe_metrics_that_match_an_independent_evaluation(t
                    probe_config=from_dict(ProbeConfig, probe))["metrics"]  # fmt: skip
     assert rows[-1]["eval/fd_probe"] == pytest.approx(ref["fd_probe"], rel=1e-5)
     assert rows[-1]["eval/acc_probe"] == ref["acc_probe"]
+    from denoiselab.metrics.probe import load_probe
+
+    judge = load_probe(cfg.data, config=from_dict(ProbeConfig, probe), cache_dir=tmp_path / "cache")
+    assert all(r["eval/probe_real_accuracy"] == judge.meta["val_accuracy"] for r in rows)
+    assert (run / "eval.png").stat().st_size > 1000  # the curve, redrawn at each evaluation
 
     plain = train(tiny(), tmp_path / "plain", quiet=True)
     a, b = _weights(run), _weights(plain)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from denoiselab.cliutil import ArgumentParser, guarded
+from denoiselab.cliutil import ArgumentParser, check_sampler_flags, guarded
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -42,7 +42,12 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else ck.path.parent.parent
     else:
         if args.config is None:
-            raise ConfigError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN")
+            from denoiselab.config import shipped_configs
+
+            raise ConfigError(
+                "give a CONFIG: a YAML file or a shipped config "
+                f"({', '.join(shipped_configs())}), or --resume RUN"
+            )
         cfg = load_train_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         ck = None
@@ -70,47 +75,57 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def class_label(value: str, names: list[str] | None, num_classes: int) -> int:
+    """The label ``--class VALUE`` asks for: a number ``0 … num_classes-1`` or, where the run's
+    data set has them, a class name (``denoiselab sample runs/quickstart --class star``)."""
+    from denoiselab.config import ConfigError
+
+    valid = f"0 … {num_classes - 1}"
+    if names:
+        valid = f"{', '.join(names)} (or {valid})"
+    if names and value in names:  # a name first: image folders may be named "001", "002", …
+        return names.index(value)
+    if value.strip().lstrip("-").isdigit():
+        label = int(value)
+        if 0 <= label < num_classes:
+            return label
+        raise ConfigError(f"--class {value} is out of range; valid: {valid}")
+    if not names:
+        valid += "; the run's data set has no class names on this machine"
+    raise ConfigError(f"--class {value!r} is not a class of this run; valid: {valid}")
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from denoiselab.data.config import class_names
     from denoiselab.images import save_grid, save_images
     from denoiselab.sampling.generate import balanced_labels
     from denoiselab.train.build import restore
     from denoiselab.train.distributed import resolve_device
 
-    for flag, value in (("--num", args.num), ("--steps", args.steps), ("--batch", args.batch)):
-        if value < 1:
-            raise ValueError(f"{flag} {value} must be >= 1")
-    lo, hi = args.cfg_interval
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
-    if not args.eta >= 0:
-        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} must be >= 1")
+    check_sampler_flags(args)
     device = resolve_device(args.device or "auto")
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
         ema = None
-    r = restore(args.run, ema=ema, device=device)
+    r = restore(args.run, ema=ema, device=device, compile=args.compile)
     num_classes = r.model_cfg.num_classes
-    if args.class_id is not None and not 0 <= args.class_id < num_classes:
-        raise ValueError(f"--class {args.class_id} is out of range; valid: 0 … {num_classes - 1}")
+    label = None
+    if args.class_id is not None:
+        label = class_label(args.class_id, class_names(r.cfg.data), num_classes)
     out = Path(args.out)
+    settings = r.settings(args.steps, args.solver, args.cfg, args.cfg_interval, args.eta)
     images = []
     for start in range(0, args.num, args.batch):
         n = min(args.batch, args.num - start)
-        if args.class_id is not None:
-            labels = torch.full((n,), args.class_id, dtype=torch.long)
+        if label is not None:
+            labels = torch.full((n,), label, dtype=torch.long)
         else:
             labels = balanced_labels(n, num_classes, offset=start)
-        x = r.sample(
-            labels,
-            args.seed + start,
-            steps=args.steps,
-            solver=args.solver,
-            cfg_scale=args.cfg,
-            interval=tuple(args.cfg_interval),
-            eta=args.eta,
-        )
+        x = r.sample(labels, args.seed + start, **settings)
         save_images(x, out, start=start)
         images.append(x.cpu())
     save_grid(torch.cat(images)[:256], out / "grid.png")
@@ -205,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/quickstart.yaml)")
+    t.add_argument(
+        "config", nargs="?", help="a shipped config's name (e.g. quickstart) or a YAML file"
+    )
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     t.add_argument("--out", help="run folder (default runs/<config name>)")
     t.add_argument("--steps", type=int, help="total optimizer steps (overrides duration_nimg)")
@@ -225,13 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate images from a run or checkpoint")
     s.add_argument("run", help="run folder or checkpoint file")
     s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], default="heun")
+    own = "(default: the run's own, its config's sample.%s)"
+    s.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
+    s.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], help=own % "solver")
     s.add_argument(
-        "--eta", type=float, default=1.0, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s²"
+        "--eta", type=float, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s² " + own % "eta"
     )
-    s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
-    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    s.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
+    s.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guidance interval " + own % "interval",
+    )
     s.add_argument(
         "--ema",
         type=float,
@@ -239,10 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the run, else the fastest)",
     )
     s.add_argument("--no-ema", action="store_true", help="use the raw weights")
-    s.add_argument("--class", dest="class_id", type=int, help="only this class")
+    s.add_argument(
+        "--class",
+        dest="class_id",
+        metavar="CLASS",
+        help="only this class: its number or, where the data has them, its name (e.g. star)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--device")
+    s.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (pays off for many)"
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=_sample)
 

@@ -78,3 +78,17 @@ def guarded(prog: str, run: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def check_sampler_flags(args: argparse.Namespace) -> None:
+    """Sampler flags of ``sample``/``eval`` that were given (``None``: the run's own setting,
+    validated with its config): ``ValueError`` naming the flag, the value and what is valid."""
+    for flag, value in (("--num", getattr(args, "num", None)), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if args.cfg_interval is not None:
+        lo, hi = args.cfg_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+    if args.eta is not None and not args.eta >= 0:
+        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")

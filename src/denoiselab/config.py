@@ -158,6 +158,29 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs (package data)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``denoiselab train NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """The config file ``name`` names: a YAML path, else a shipped config's name (``quickstart``
+    or ``quickstart.yaml``: ``denoiselab/configs/quickstart.yaml`` inside the package)."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if len(p.parts) == 1 and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"config {str(name)!r} not found: neither a file nor a shipped config; shipped: "
+        f"{', '.join(shipped_configs())}"
+    )
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -3,7 +3,8 @@
 The JiT protocol (App. A): choose the CFG scale ω and the EMA decay on a small sample count
 (8K in the paper), then evaluate the full count (50K) with the best pair. Here
 ``--sweep-cfg LO:HI:STEP --sweep-num M`` does the first part, over every EMA decay of the
-checkpoint unless ``--ema`` fixes one.
+checkpoint unless ``--ema`` fixes one. Sampling (steps, solver, CFG scale and interval)
+defaults to the run's own ``sample`` settings, those of its grids and periodic evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from denoiselab.cliutil import ArgumentParser
+from denoiselab.cliutil import ArgumentParser, check_sampler_flags
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -87,16 +88,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     for flag, value, least in (
         ("--num", args.num, 2),
         ("--sweep-num", args.sweep_num, 2),
-        ("--steps", args.steps, 1),
         ("--batch", args.batch, 1),
     ):
         if value < least:
             raise ValueError(f"{flag} {value} must be >= {least}")
-    lo, hi = args.cfg_interval
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
-    if not args.eta >= 0:
-        raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
+    check_sampler_flags(args)
     info, dev = init_distributed(args.device or "auto")
     device = str(dev)
     main_rank = info.is_main
@@ -110,18 +106,23 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if v
     }
     probe_cfg = ProbeConfig(steps=args.probe_steps) if args.probe_steps else None
-    base = restore(args.run, ema=None, device=device)
+    base = restore(args.run, ema=None, device=device, compile=args.compile)
+    own = base.settings(args.steps, args.solver, args.cfg, args.cfg_interval, args.eta)
     decays = [args.ema] if args.ema is not None else sorted(base.checkpoint.ema) or [None]
 
     def score(ema: float | None, scale: float, num: int, seed: int) -> dict[str, Any]:
-        r = restore(args.run, ema=ema, device=device) if ema is not None else base
+        r = (
+            restore(args.run, ema=ema, device=device, compile=args.compile)
+            if ema is not None
+            else base
+        )
         gen = make_generator(
             r,
             cfg_scale=scale,
-            steps=args.steps,
-            solver=args.solver,
-            interval=tuple(args.cfg_interval),
-            eta=args.eta,
+            steps=own["steps"],
+            solver=own["solver"],
+            interval=own["interval"],
+            eta=own["eta"],
         )
         out = evaluate(
             gen,
@@ -144,7 +145,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     sweep: list[dict[str, Any]] = []
     ckpt = base.checkpoint
     auto = auto_decay(tuple(ckpt.ema), ckpt.step) if ckpt.ema else None
-    ema, scale = (args.ema if args.ema is not None else auto), args.cfg
+    ema, scale = (args.ema if args.ema is not None else auto), own["cfg_scale"]
     if args.sweep_cfg:
         for d in decays:
             for s in parse_range(args.sweep_cfg):
@@ -158,10 +159,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     final.update(
         run=str(Path(args.run).resolve()),
         step=base.checkpoint.step,
-        solver=args.solver,
-        eta=args.eta if args.solver == "euler_maruyama" else None,
-        sampling_steps=args.steps,
-        cfg_interval=list(args.cfg_interval),
+        solver=own["solver"],
+        eta=own["eta"] if own["solver"] == "euler_maruyama" else None,
+        sampling_steps=own["steps"],
+        compile=bool(args.compile),
+        cfg_interval=list(own["interval"]),
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
         rank=info.rank,
@@ -186,8 +188,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="samples to score; under torchrun spell it --num-samples (torchrun reads --num "
         "as an abbreviation of its own --numa-binding)",
     )
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    own = "(default: the run's own, its config's sample.%s)"
+    p.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guidance interval " + own % "interval",
+    )
     p.add_argument(
         "--ema",
         type=float,
@@ -195,14 +204,15 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], default="heun")
+    p.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
+    p.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], help=own % "solver")
     p.add_argument(
-        "--eta", type=float, default=1.0, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s²"
+        "--eta", type=float, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s² " + own % "eta"
     )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling")
     p.add_argument("--cache-dir", help="probe/reference cache (default ~/.cache/denoiselab)")
     p.add_argument("--inception", help="pt_inception-2015-12-05 weights file (for fid/kid/is/pr)")
     p.add_argument(
@@ -249,5 +259,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, out / "eval.json")
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    if result.get("probe_real_accuracy") is not None:
+        summary += f" (the probe on held-out real images: {result['probe_real_accuracy']:.4g})"
     print(f"eval ({result['num']} samples, ema={result['ema']}, cfg={result['cfg']}): {summary}")
     return 0

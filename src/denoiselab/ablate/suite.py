@@ -4,9 +4,9 @@ A suite file (YAML)::
 
     name: prediction_targets          # default: the file name
     description: JiT Table 2 ...
-    base: configs/quickstart.yaml     # a config path (relative to the suite file, the
-                                      # current directory, the repository or its configs/),
-                                      # or an inline mapping of TrainConfig fields
+    base: quickstart                  # a shipped config's name, a config path (relative to
+                                      # the suite file, the current directory or the
+                                      # repository), or an inline mapping of TrainConfig fields
     baseline: x_v                     # default: the first variant
     variants:                         # name -> {dotted.key: value}; {} = the base itself
       x_v: {objective.prediction: x, objective.loss_space: v}
@@ -33,7 +33,14 @@ from typing import Any, Literal
 import yaml
 
 from denoiselab.ablate.dotted import flatten, lookup, set_dotted, split_eval
-from denoiselab.config import ConfigError, from_dict, load_yaml, parse_override, to_dict
+from denoiselab.config import (
+    ConfigError,
+    find_config,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
 from denoiselab.metrics.evaluate import METRICS
 from denoiselab.metrics.probe_train import ProbeConfig
 from denoiselab.train.config import TrainConfig
@@ -304,18 +311,21 @@ def metric_columns(spec: EvalSpec) -> list[str]:
 
 
 def resolve_base(base: Any, suite_dir: Path, where: str) -> dict[str, Any]:
-    """An inline mapping, or a config file found beside the suite, in cwd or the repository."""
+    """An inline mapping, or a config file found beside the suite, in cwd or the repository, or
+    a shipped config's name (:func:`denoiselab.config.find_config`)."""
     if isinstance(base, Mapping):
         return json.loads(json.dumps(dict(base)))  # deep copy of plain data
     if not isinstance(base, (str, Path)):
         raise ConfigError(f"{where}: base={base!r} must be a config path or a mapping")
     p = Path(base).expanduser()
     tried = [p] if p.is_absolute() else [suite_dir / p, Path.cwd() / p, REPO_ROOT / p]
-    tried += [] if p.is_absolute() else [REPO_ROOT / "configs" / p]
     for candidate in tried:
         if candidate.is_file():
             return load_yaml(candidate)
-    raise ConfigError(f"{where}: base config {str(base)!r} not found; looked in {tried}")
+    try:
+        return load_yaml(find_config(p))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: base {e}; looked in {[str(t) for t in tried]}") from None
 
 
 def group_value(suite: Suite, variant: str, key: str) -> str:

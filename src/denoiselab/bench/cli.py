@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from denoiselab.bench.runner import BenchConfig, prepare, run_bench
+from denoiselab.bench.runner import BenchConfig, choose_dtype, prepare, run_bench
 from denoiselab.cliutil import ArgumentParser
 
 
@@ -20,8 +20,16 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help=f"preset name (default {d.model})")
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--batch", type=int, default=d.batch, help=f"training batch ({d.batch})")
-    p.add_argument("--sample-batch", type=int, default=None, help="default: --batch")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype)
+    p.add_argument(
+        "--sample-batch", type=int, default=d.sample_batch, help=f"({d.sample_batch}; 0: --batch)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default=d.dtype,
+        help="auto (default): bf16 where the hardware has native bf16 (CUDA ≥ 8.0, a CPU "
+        "with AMX or AVX512-BF16), else fp32",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile training and sampling")
     p.add_argument("--what", choices=("train", "sample", "all"), default=d.what)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -41,7 +49,7 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--matmul-max-size", type=int, default=None, help="cap on the ceiling's n")
     p.add_argument("--profile", action="store_true", help="write profile_{train,sample}.txt")
-    p.add_argument("--out", required=True, help="output folder for bench.json")
+    p.add_argument("--out", default="runs/bench", help="output folder for bench.json (runs/bench)")
     return p
 
 
@@ -51,12 +59,15 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k != "out"}
     fields["interval"] = tuple(fields["interval"])
+    fields["sample_batch"] = fields["sample_batch"] or None  # 0: the training batch
     try:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs
+        _, reason = choose_dtype(cfg)
     except ValueError as e:
         print(f"denoiselab bench: error: {str(e).removeprefix('bench: ')}", file=sys.stderr)
         return 2
+    print(f"dtype {reason}", file=sys.stderr, flush=True)
     result = run_bench(cfg, args.out)
     print(f"wrote {args.out}/bench.json", file=sys.stderr)
     print(result["summary"], flush=True)

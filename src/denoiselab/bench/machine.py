@@ -42,6 +42,31 @@ def cpu_facts() -> dict[str, Any]:
     }
 
 
+def native_bf16(device: torch.device, flags: dict[str, bool] | None = None) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 natively, and why (one phrase).
+
+    CUDA from capability 8.0 (Ampere) on; a CPU with AMX tiles (``amx_bf16``) or AVX512-BF16
+    dot products (``avx512_bf16``). Elsewhere bf16 matmuls are emulated and run several times
+    slower than fp32 (BENCHMARKS.md: 18× on an AVX2 machine). ``flags``: the CPU's
+    ``ISA_FLAGS`` (default: read from ``/proc/cpuinfo``).
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return True, f"CUDA device of capability {major}.{minor} (≥ 8.0: native bf16)"
+        return False, f"CUDA device of capability {major}.{minor} (< 8.0: bf16 is emulated)"
+    if device.type != "cpu":
+        return False, f"device {device.type!r}: native bf16 unknown"
+    flags = cpu_facts()["isa_flags"] if flags is None else flags
+    if not any(flags.values()):
+        return False, "CPU flags unreadable (no /proc/cpuinfo): bf16 support unknown"
+    if flags.get("amx_bf16"):
+        return True, "CPU has AMX (amx_bf16: native bf16 tiles)"
+    if flags.get("avx512_bf16"):
+        return True, "CPU has AVX512-BF16 (native bf16 dot products)"
+    return False, "CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated)"
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages (``uptime``), or None where unavailable."""
     try:

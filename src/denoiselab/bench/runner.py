@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from denoiselab.bench.ceiling import matmul_ceiling
-from denoiselab.bench.machine import load_average, machine_facts
+from denoiselab.bench.machine import load_average, machine_facts, native_bf16
 from denoiselab.bench.profiling import top_ops_table
 from denoiselab.bench.timing import measure, peak_memory, reset_peak_memory, time_once
 from denoiselab.bench.workloads import (
@@ -40,7 +40,8 @@ FLOPS_NOTE = (
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to measure. Defaults: the CPU reference configuration (JiT-T/4, batch 64, bf16).
+    """What to measure. Defaults: the CPU reference configuration (JiT-T/4, batch 64) in
+    ``dtype="auto"``: bf16 where the device has native bf16 (:func:`native_bf16`), else fp32.
 
     ``warmup``/``repeats``: untimed and timed training steps. Sampling warms up with one
     2-step run (it compiles both batch shapes) and times ``sample_repeats`` full runs.
@@ -49,8 +50,8 @@ class BenchConfig:
     model: str = "JiT-T/4"
     image_size: int | None = None
     batch: int = 64
-    sample_batch: int | None = None  # None: same as batch
-    dtype: Literal["fp32", "bf16"] = "bf16"
+    sample_batch: int | None = 16  # None: same as batch; 16 keeps a CPU run short
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     what: Literal["train", "sample", "all"] = "all"
     device: str = "auto"
@@ -72,8 +73,8 @@ class BenchConfig:
             raise ValueError(f"bench: sample_batch={self.sample_batch!r} must be >= 1")
         if self.warmup < 0:
             raise ValueError(f"bench: warmup={self.warmup!r} must be >= 0")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"bench: dtype={self.dtype!r}; valid: 'fp32', 'bf16'")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"bench: dtype={self.dtype!r}; valid: 'auto', 'fp32', 'bf16'")
         if self.what not in ("train", "sample", "all"):
             raise ValueError(f"bench: what={self.what!r}; valid: 'train', 'sample', 'all'")
         if self.cfg_scale == 1.0:
@@ -81,7 +82,19 @@ class BenchConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("bench: dtype 'auto' is resolved by choose_dtype() first")
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+
+
+def choose_dtype(bc: BenchConfig) -> tuple[BenchConfig, str]:
+    """``bc`` with ``dtype="auto"`` resolved (bf16 where the device has native bf16, else fp32)
+    and the reason, e.g. ``"auto → fp32: CPU has neither AMX nor AVX512-BF16 …"``."""
+    if bc.dtype != "auto":
+        return bc, f"{bc.dtype}: as requested"
+    native, why = native_bf16(_device(bc.device))
+    dtype = "bf16" if native else "fp32"
+    return dataclasses.replace(bc, dtype=dtype), f"auto → {dtype}: {why}"
 
 
 def _device(name: str) -> torch.device:
@@ -96,6 +109,7 @@ def _device(name: str) -> torch.device:
 def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:
     """Resolve and validate the device, training config and network (raises ValueError)."""
     device = _device(bc.device)
+    bc, _ = choose_dtype(bc)
     tc = bench_train_config(bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device))
     return device, tc, resolved_model_config(tc)
 
@@ -223,6 +237,7 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
     """Measure what ``bc`` asks for, write ``out_dir/bench.json`` and return its content."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bc, dtype_reason = choose_dtype(bc)
     device, tc, mc = prepare(bc)
     threads = torch.get_num_threads()
     if bc.threads is not None:
@@ -230,6 +245,7 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
     try:
         result: dict[str, Any] = {
             "config": dataclasses.asdict(bc),
+            "dtype_choice": dtype_reason,
             "machine": machine_facts(device),
             "model": model_facts(bc.model, mc),
         }

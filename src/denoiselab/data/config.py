@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 from denoiselab.data.base import ImageDataset
 from denoiselab.data.digits import DigitsDataset
-from denoiselab.data.imagefolder import ImageFolderDataset
+from denoiselab.data.imagefolder import ImageFolderDataset, class_folders
 from denoiselab.data.latents import LatentDataset
 from denoiselab.data.shapes import ShapesDataset
 
 DatasetName = Literal["shapes", "digits", "imagefolder", "latents"]
+Difficulty = Literal["hard", "easy"]
 LatentNormName = Literal["autoencoder", "dataset", "none"]
 NEEDS_ROOT = ("imagefolder", "latents")
 IMAGE_SIZE_RANGE = (8, 1024)
@@ -50,6 +52,9 @@ class DataConfig:
         textures: ``shapes`` only: the background textures drawn (default all of
             ``plain, stripes, checker, dots, gradient``); a subset makes an easier data set
             with the same shapes, colours and labels.
+        difficulty: ``shapes`` only: ``"hard"`` (the default: 8 classes at random angles,
+            sizes and places on five textures) or ``"easy"`` (5 distinct classes, upright,
+            large, centred, on plain or gradient backgrounds; ``denoiselab.data.shapes``).
         autoencoder: ``latents`` only: where the autoencoder recorded in the cache lives now,
             for decoding (default: the path recorded at caching; its fingerprint must match).
     """
@@ -66,6 +71,7 @@ class DataConfig:
     latent_norm: LatentNormName = "autoencoder"
     autoencoder: str | None = None
     textures: tuple[str, ...] | None = None
+    difficulty: Difficulty = "hard"
 
     def __post_init__(self) -> None:
         names = get_args(DatasetName)
@@ -83,6 +89,7 @@ class DataConfig:
                 f"not {self.name!r}"
             )
         self._check_latent_fields()
+        self._check_shapes_fields()
         if not (_is_int(self.num_images) and self.num_images >= 1):
             raise ValueError(f"data.num_images={self.num_images!r}; valid: integers ≥ 1")
         if not (_is_int(self.seed) and self.seed >= 0):
@@ -113,11 +120,45 @@ class DataConfig:
                 f"are only used by 'latents', not {self.name!r}"
             )
 
+    def _check_shapes_fields(self) -> None:
+        levels = get_args(Difficulty)
+        if self.difficulty not in levels:
+            raise ValueError(
+                f"data.difficulty={self.difficulty!r}; valid: {', '.join(map(repr, levels))}"
+            )
+        if self.name != "shapes" and (self.difficulty != "hard" or self.textures):
+            raise ValueError(
+                f"data.difficulty={self.difficulty!r}, data.textures={self.textures!r} are "
+                f"only used by 'shapes', not {self.name!r}"
+            )
+        if self.difficulty == "easy" and self.textures:
+            raise ValueError(
+                f"data.textures={list(self.textures)!r} applies to difficulty 'hard'; "
+                "'easy' draws its own plain or gradient backgrounds"
+            )
+
     @property
     def resolved_hflip(self) -> bool:
         """``hflip`` with ``None`` replaced by the dataset's default (``latents``: the
         dataset resolves ``None`` from its cache; this property then says ``False``)."""
         return DEFAULT_HFLIP.get(self.name, False) if self.hflip is None else self.hflip
+
+
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """``class_names[label]`` of the data ``cfg`` describes, without loading any image, or
+    ``None`` where they cannot be read here (an image folder or cache that is not on this
+    machine)."""
+    if cfg.name in ("shapes", "digits"):
+        return list(_build_dataset(cfg).class_names)  # both are cheap to construct
+    root = Path(cfg.root or "")
+    if cfg.name == "latents":
+        from denoiselab.latents.manifest import LatentCacheError, read_manifest
+
+        try:
+            return list(read_manifest(root).class_names)
+        except LatentCacheError:
+            return None
+    return class_folders(root) if root.is_dir() else None
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
@@ -131,7 +172,11 @@ def _build_dataset(cfg: DataConfig) -> ImageDataset:
     common = {"image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed}
     if cfg.name == "shapes":
         return ShapesDataset(
-            num_images=cfg.num_images, hflip=cfg.resolved_hflip, textures=cfg.textures, **common
+            num_images=cfg.num_images,
+            hflip=cfg.resolved_hflip,
+            textures=cfg.textures,
+            difficulty=cfg.difficulty,
+            **common,
         )
     if cfg.name == "digits":
         return DigitsDataset(hflip=cfg.resolved_hflip, **common)

@@ -59,6 +59,12 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+def class_folders(root: str | os.PathLike[str]) -> list[str]:
+    """The class names of an ImageNet-style tree: its sub-folders, sorted; hidden folders
+    (``.ipynb_checkpoints``, …) are not classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+
+
 def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
     """``(class_names, [(path, label), …])`` for an ImageNet-style tree; clear errors if empty."""
     root_path = Path(root)
@@ -66,8 +72,7 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str
     if not root_path.is_dir():
         problem = "is not a directory" if root_path.exists() else "does not exist"
         raise FileNotFoundError(f"imagefolder root {str(root)!r} {problem}; expected {expected}")
-    # Hidden folders (".ipynb_checkpoints", …) are not classes.
-    classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and e.name[0] != ".")
+    classes = class_folders(root_path)
     if not classes:
         raise ValueError(
             f"imagefolder root {str(root)!r} has no class sub-folders; expected {expected}"

@@ -3,7 +3,15 @@
 Image ``i`` of a dataset with seed ``s`` is a pure function of ``(s, i)``: a per-index numpy
 ``Generator`` draws a resolution-free :class:`ShapeSpec` (positions and sizes are fractions of
 the image side), which is then rasterised at any resolution. Hence the same ``(s, i)`` shows
-the same scene at 32 and at 256 pixels. Labels are balanced exactly: ``label = i mod 8``.
+the same scene at 32 and at 256 pixels. Labels are balanced exactly: ``label = i mod C``.
+
+Two difficulties (``DIFFICULTIES``), each its own sequence of draws:
+
+- ``hard`` (the default; every result in docs/claims.md): 8 classes, shapes at random angles,
+  diameters of 45–80 % of the side anywhere in the image, five background textures.
+- ``easy`` (the quickstart): the 5 most distinct classes (``EASY_SHAPES``), upright, larger
+  (diameters of 64–84 %), near the centre, on plain or two-tone (gradient) backgrounds.
+  Colours are drawn as in ``hard``, independently of the class: only the shape tells it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ MIN_CONTRAST = {3: 0.5, 1: 0.25}  # RGB distance (colour) / luma difference (gre
 _SHAPES_STREAM = 0x5BA9E5  # stream tag: keeps these draws apart from other (seed, i) users
 _TEXTURE_SUBSET_STREAM = 0x7E7  # the background draw when ``textures`` is a subset
 _PAIRS = {ch: contrasting_pairs(ch, m) for ch, m in MIN_CONTRAST.items()}  # bg -> valid fgs
+DIFFICULTIES = ("hard", "easy")
+EASY_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+EASY_RADIUS_RANGE = (0.32, 0.42)
+EASY_CENTRE_JITTER = 0.06  # centre within ±this (fraction of the side) of the image centre
+EASY_TEXTURES = ("plain", "gradient")
+EASY_ANGLE = {"square": math.pi / 4}  # upright: the square's SDF has a vertex up; others 0
+_EASY_STREAM = 0xEA5E  # the easy draws: a stream of their own, so ``hard`` stays as it was
 _TEXTURE_PHRASE = {
     "plain": "plain {} background",
     "stripes": "striped {} background",
@@ -67,11 +82,12 @@ class ShapeSpec:
     bg_rgb: tuple[float, float, float]
     texture: str
     texture_params: tuple[float, float, float, float]
+    radius_range: tuple[float, float] = RADIUS_RANGE  # of its difficulty: sets ``size_word``
 
     @property
     def size_word(self) -> str:
         """``small`` / ``medium`` / ``large`` by thirds of the radius range."""
-        lo, hi = RADIUS_RANGE
+        lo, hi = self.radius_range
         third = (self.radius - lo) / (hi - lo) * 3
         return ("small", "medium", "large")[min(int(third), 2)]
 
@@ -120,6 +136,28 @@ def draw_spec(
     return ShapeSpec(label, shape, cx, cy, radius, angle, fg, bg, fg_rgb, bg_rgb, texture, params)
 
 
+def draw_easy_spec(seed: int, index: int, channels: int = 3) -> ShapeSpec:
+    """The ``easy`` scene of image ``index``: one of ``EASY_SHAPES``, upright, large, near the
+    centre, on a plain or gradient background; colours as :func:`draw_spec` (any class can
+    take any contrasting pair, so colour says nothing of the class)."""
+    rng = np.random.default_rng((_SHAPES_STREAM, _EASY_STREAM, seed, index))
+    label = index % len(EASY_SHAPES)
+    shape = EASY_SHAPES[label]
+    radius = float(rng.uniform(*EASY_RADIUS_RANGE))
+    cx, cy = (float(v) for v in 0.5 + rng.uniform(-1, 1, 2) * EASY_CENTRE_JITTER)
+    pairs = _PAIRS[channels]
+    bg = list(PALETTE)[rng.integers(len(PALETTE))]
+    fg = pairs[bg][rng.integers(len(pairs[bg]))]
+    texture = EASY_TEXTURES[rng.integers(len(EASY_TEXTURES))]
+    p = rng.random(4)
+    params = (float(p[0]), float(p[1]), float(p[2]), float(p[3]))
+    fg_rgb, bg_rgb = _jitter(rng, fg), _jitter(rng, bg)
+    return ShapeSpec(
+        label, shape, cx, cy, radius, EASY_ANGLE.get(shape, 0.0), fg, bg, fg_rgb, bg_rgb, texture, params,
+        EASY_RADIUS_RANGE,
+    )  # fmt: skip
+
+
 def render(spec: ShapeSpec, size: int, channels: int = 3) -> np.ndarray:
     """Rasterise ``spec`` to ``float32 [channels, size, size]`` in ``[0, 1]``."""
     bg = np.array(spec.bg_rgb, dtype=np.float32)
@@ -136,7 +174,8 @@ def render(spec: ShapeSpec, size: int, channels: int = 3) -> np.ndarray:
 
 
 class ShapesDataset(ImageDataset):
-    """``num_images`` shapes images of side ``image_size``; 8 classes named in ``SHAPE_NAMES``."""
+    """``num_images`` shapes images of side ``image_size``; ``difficulty`` ``"hard"`` (8 classes
+    named in ``SHAPE_NAMES``) or ``"easy"`` (the 5 of ``EASY_SHAPES``; module docstring)."""
 
     def __init__(
         self,
@@ -146,27 +185,41 @@ class ShapesDataset(ImageDataset):
         channels: int = 3,
         hflip: bool = False,
         textures: tuple[str, ...] | None = None,
+        difficulty: str = "hard",
     ) -> None:
         if channels not in MIN_CONTRAST:
             raise ValueError(f"channels={channels!r}; valid: 1, 3")
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"shapes difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
+        if difficulty == "easy" and textures:
+            raise ValueError(
+                f"shapes textures {list(textures)!r} apply to difficulty 'hard'; 'easy' draws "
+                f"its own backgrounds ({', '.join(EASY_TEXTURES)})"
+            )
+        self.difficulty = difficulty
         self.textures = tuple(textures) if textures else TEXTURES
         bad = [t for t in self.textures if t not in TEXTURES]
         if bad:
             raise ValueError(f"shapes textures {bad!r}; valid: {', '.join(TEXTURES)}")
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         self.channels, self.hflip = channels, hflip
-        self.num_classes = len(SHAPE_NAMES)
-        self.class_names = list(SHAPE_NAMES)
+        self.class_names = list(EASY_SHAPES if difficulty == "easy" else SHAPE_NAMES)
+        self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return self.num_images
 
     def spec(self, index: SupportsIndex) -> ShapeSpec:
         """The resolution-free description of image ``index``."""
-        return draw_spec(self.seed, self._check_index(index), self.channels, self.textures)
+        return self._spec(self._check_index(index))
+
+    def _spec(self, index: int) -> ShapeSpec:
+        if self.difficulty == "easy":
+            return draw_easy_spec(self.seed, index, self.channels)
+        return draw_spec(self.seed, index, self.channels, self.textures)
 
     def _load(self, index: int) -> tuple[Tensor, int]:
-        spec = draw_spec(self.seed, index, self.channels, self.textures)
+        spec = self._spec(index)
         image = render(spec, self.image_size, self.channels)
         return torch.from_numpy(image * 2 - 1), spec.label
 

@@ -27,7 +27,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from denoiselab.cliutil import ArgumentParser
-from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from denoiselab.config import (
+    ConfigError,
+    apply_overrides,
+    find_config,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
@@ -198,8 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "config",
-        help="YAML with a pixel `data:` section (any training config works) "
-        "and optionally `autoencoder: PATH`",
+        help="YAML (or shipped config name) with a pixel `data:` section (any training "
+        "config works) and optionally `autoencoder: PATH`",
     )
     p.add_argument("overrides", nargs="*", help="data.key=value overrides")
     p.add_argument("--out", required=True, help="cache directory")
@@ -225,7 +232,7 @@ def cache_latents_main(argv: list[str] | None = None) -> int:
     """Entry point of ``denoiselab cache-latents`` (returns the exit status)."""
     args = _parser().parse_args(argv)
     try:
-        raw = load_yaml(args.config)
+        raw = load_yaml(find_config(args.config))
         ae_path = args.autoencoder or raw.get("autoencoder")
         if not ae_path:
             raise ConfigError(

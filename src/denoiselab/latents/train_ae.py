@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from denoiselab.cliutil import ArgumentParser
-from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from denoiselab.config import (
+    ConfigError,
+    apply_overrides,
+    find_config,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.data.loader import StepLoader
 from denoiselab.images import save_grid
@@ -145,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "config",
         nargs="?",
-        help="optional YAML; only its `data:` section is read (e.g. configs/quickstart.yaml)",
+        help="optional YAML or shipped config name; only its `data:` section is read "
+        "(e.g. quickstart)",
     )
     p.add_argument("overrides", nargs="*", help="data.key=value / arch.key=value overrides")
     p.add_argument("--out", required=True, help="output directory (safetensors + config.json)")
@@ -162,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 def load_ae_train_config(args: argparse.Namespace) -> AETrainConfig:
     data: dict[str, Any] = {}
     if args.config:
-        data = {"data": load_yaml(args.config).get("data", {})}
+        data = {"data": load_yaml(find_config(args.config)).get("data", {})}
     flags = {
         "steps": args.steps,
         "batch": args.batch,

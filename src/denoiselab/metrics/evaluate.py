@@ -190,7 +190,9 @@ def evaluate(
     statistics (:func:`~.reference.load_reference_npz`: ``mu``, ``sigma``) used instead of
     statistics of ``dataset``; the dataset is then not needed unless another metric needs it.
     Returns the metric values under ``"metrics"`` plus everything needed to reproduce and
-    compare them.
+    compare them, among which ``"probe_real_accuracy"``: the probe's accuracy on held-out real
+    images (``None`` without probe metrics), which tells generation errors from the judge's
+    own errors.
     """
     start = time.perf_counter()
     if num < 2 or batch < 1:  # checked before any probe training or reference pass
@@ -261,6 +263,7 @@ def evaluate(
         "world_size": world,
         "batch_seeds": run.seeds,
         "image_shape": run.image_shape,
+        "probe_real_accuracy": _probe_accuracy(extractors.get("probe")),
         "extractors": {kind: _describe(ex) for kind, ex in extractors.items()},
         "reference": {kind: _describe_reference(ref) for kind, ref in references.items()},
         "generation_time_s": run.seconds,
@@ -364,6 +367,12 @@ def _build_extractor(
     if kind == "inception":
         return load_inception(path, device, resize=inception_resize)
     return {"clip": load_clip, "dinov2": load_dinov2}[kind](path, device)
+
+
+def _probe_accuracy(probe: Extractor | None) -> float | None:
+    """The probe's accuracy on the held-out real images of its training split."""
+    value = getattr(probe, "meta", {}).get("val_accuracy") if probe is not None else None
+    return None if value is None else float(value)
 
 
 def _describe(extractor: Extractor) -> dict[str, Any]:

@@ -13,18 +13,26 @@ import yaml
 from torch import Tensor, nn
 
 from denoiselab.algorithms import TermContext, build_terms
-from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from denoiselab.config import (
+    ConfigError,
+    apply_overrides,
+    find_config,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from denoiselab.models import JiT, JiTConfig, model_config
 from denoiselab.objectives import DenoisingObjective
-from denoiselab.sampling.generate import Sampler
+from denoiselab.sampling.generate import Sampler, compile_for_sampling
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A YAML file (or nothing: the defaults) plus ``key.sub=value`` overrides."""
-    data = load_yaml(path) if path else {}
+    """A YAML file or a shipped config's name (or nothing: the defaults) plus
+    ``key.sub=value`` overrides."""
+    data = load_yaml(find_config(path)) if path else {}
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
 
 
@@ -107,6 +115,7 @@ class Restored:
     checkpoint: Checkpoint
     weights: str  # "model" or "ema:<decay>"
     device: torch.device | str = "cpu"
+    compile: bool = False  # sample through torch.compile (static shapes per batch size)
 
     @property
     def sampler(self) -> Sampler:
@@ -115,27 +124,52 @@ class Restored:
             from denoiselab.latents import decoder_for
 
             decode = decoder_for(self.cfg.data, self.device)
+            net = compile_for_sampling(self.net) if self.compile else self.net
             self._sampler = run_sampler(
-                self.net, self.objective, self.cfg, self.model_cfg, decode, self.device
+                net, self.objective, self.cfg, self.model_cfg, decode, self.device
             )
         return self._sampler
+
+    def settings(
+        self,
+        steps: int | None = None,
+        solver: str | None = None,
+        cfg_scale: float | None = None,
+        interval: tuple[float, float] | list[float] | None = None,
+        eta: float | None = None,
+    ) -> dict[str, Any]:
+        """Sampler settings for :meth:`sample`: those given, the rest from the run's own
+        ``sample`` config (what its training grids and periodic evaluation used)."""
+        own = self.cfg.sample
+        return {
+            "steps": own.steps if steps is None else steps,
+            "solver": own.solver if solver is None else solver,
+            "cfg_scale": own.cfg if cfg_scale is None else cfg_scale,
+            "interval": tuple(own.interval if interval is None else interval),
+            "eta": own.eta if eta is None else eta,
+        }
 
     def sample(self, labels: Tensor, seed: int, **settings: Any) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (pixels, also for latent runs)
         for ``labels [n]``; ``settings`` as :class:`~denoiselab.sampling.generate.Sampler`
-        (``steps``, ``solver``, ``cfg_scale``, ``interval``)."""
+        (``steps``, ``solver``, ``cfg_scale``, ``interval``, ``eta``)."""
         return self.sampler(labels, seed, **settings)
 
     _sampler: Sampler | None = None
 
 
 def restore(
-    path: str | Path, *, ema: float | str | None = "auto", device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    ema: float | str | None = "auto",
+    device: str | torch.device = "cpu",
+    compile: bool = False,
 ) -> Restored:
     """Load a run folder or checkpoint for sampling/evaluation.
 
     ``ema="auto"`` picks :func:`~denoiselab.train.ema.auto_decay` of the checkpoint's decays
-    and step (the raw weights if it keeps no EMA), ``None`` the raw weights.
+    and step (the raw weights if it keeps no EMA), ``None`` the raw weights. ``compile``:
+    sample through ``torch.compile`` (:func:`~denoiselab.sampling.generate.compile_for_sampling`).
     """
     ckpt = load_checkpoint(path, with_state=False)
     cfg = config_from_yaml_text(ckpt.config_yaml).resolved()  # runs record a number already
@@ -156,7 +190,7 @@ def restore(
         which = f"ema:{decay!r}"
     net.to(device).eval()
     objective = build_objective(cfg, model_cfg.num_classes)
-    return Restored(cfg, model_cfg, net, objective, ckpt, which, device)
+    return Restored(cfg, model_cfg, net, objective, ckpt, which, device, compile)
 
 
 def _model_cfg_from_checkpoint(ckpt: Checkpoint, cfg: TrainConfig) -> JiTConfig:

@@ -1,7 +1,8 @@
 """The training configuration: one frozen dataclass per concern, composed into ``TrainConfig``.
 
-Defaults are the JiT paper's Table 9 (ImageNet 256, JiT-B/16); ``configs/*.yaml`` override
-them. Durations and intervals are counted in images seen (``*_nimg``).
+Defaults are the JiT paper's Table 9 (ImageNet 256, JiT-B/16); the shipped configs
+(``denoiselab/configs/*.yaml``) override them. Durations and intervals are counted in images
+seen (``*_nimg``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from denoiselab.metrics.images import to_uint8
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
+from denoiselab.train.run import plot_eval
 
 
 def check_eval_ready(cfg: TrainConfig) -> None:
@@ -50,7 +51,8 @@ def check_eval_ready(cfg: TrainConfig) -> None:
 def evaluate_network(
     sampler: Sampler, cfg: TrainConfig, num_classes: int, device: torch.device | str
 ) -> dict[str, float]:
-    """``cfg.eval`` metrics of the network behind ``sampler`` -> ``{name: value}``."""
+    """``cfg.eval`` metrics of the network behind ``sampler`` -> ``{name: value}``, with
+    ``probe_real_accuracy`` (the probe on held-out real images) when a probe scored."""
     from denoiselab.latents import pixel_data_config
 
     ev = cfg.eval
@@ -79,7 +81,10 @@ def evaluate_network(
         probe_config=ev.probe_config(),
         device=device,
     )
-    return {k: float(v) for k, v in result["metrics"].items()}
+    values = {k: float(v) for k, v in result["metrics"].items()}
+    if result["probe_real_accuracy"] is not None:  # the judge's own accuracy on real images
+        values["probe_real_accuracy"] = result["probe_real_accuracy"]
+    return values
 
 
 def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:
@@ -115,6 +120,9 @@ def evaluate_run(trainer: Any, step: int) -> dict[str, float]:
     row.update({f"eval/{k}": v for k, v in values.items()})
     row["eval_seconds"] = time.perf_counter() - tic
     trainer.run_dir.log(row)  # rank 0 only
+    if trainer.dist.is_main:
+        chance = 1 / trainer.model_cfg.num_classes if "acc_probe" in values else None
+        plot_eval(trainer.run_dir.metrics_path, trainer.run_dir.root / "eval.png", chance)
     shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
     trainer.log(f"eval step {step} | {shown} | {row['eval_seconds']:.1f}s")
     return values
