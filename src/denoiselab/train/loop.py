@@ -195,10 +195,12 @@ class Trainer:
         barrier(self.dist)
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, step: int, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def train_step(
+        self, step: int, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Forward/backward over ``grad_accum`` micro-batches, then one AdamW step.
-
-        Returns the detached per-term means (on device; no host synchronisation).
+        ``extras``: the batch's per-sample side data, split like the images and handed to
+        the loss terms. Returns the detached per-term means (on device; no host sync).
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
@@ -206,6 +208,7 @@ class Trainer:
                 step, self.lr, self.warmup_steps, self.total_steps, self.cooldown_steps
             )
         micro = images.shape[0] // cfg.grad_accum
+        extras = extras or {}
         totals: dict[str, Tensor] = {}
         for k in range(cfg.grad_accum):
             shard = self.dist.rank * cfg.grad_accum + k
@@ -214,6 +217,7 @@ class Trainer:
             gen = torch.Generator(self.device).manual_seed(seed)
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
+            side = {n: v[k * micro : (k + 1) * micro].to(self.device) for n, v in extras.items()}
             last = k == cfg.grad_accum - 1
             sync = (
                 contextlib.nullcontext()
@@ -222,7 +226,7 @@ class Trainer:
             )
             with sync:
                 with self.autocast():
-                    terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch)
+                    terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch, extras=side)
                 means = {name: t.mean() for name, t in terms.items()}
                 loss = sum(means.values()) / cfg.grad_accum
                 loss.backward()
@@ -264,10 +268,10 @@ class Trainer:
         t_start = t_last
         if self.dist.is_main and not self.quiet:
             self.progress = ProgressBar(total, self.start_step, cfg.global_batch, sys.stderr)
-        for step, images, labels in loader:
+        for step, images, labels, extras in loader.iter_with_extras():
             if step >= total:
                 break
-            terms = self.train_step(step, images, labels)
+            terms = self.train_step(step, images, labels, extras)
             finite = torch.isfinite(sum(terms.values()))
             first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
             for name, v in terms.items():
