@@ -131,6 +131,7 @@ def _materialize(dataset: Any, indices: list[int]) -> tuple[Tensor, Tensor]:
 def _read(path: Path) -> OfflineEncoder:
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    net = TinyViT(SSLConfig(**meta["config"]), int(meta["image_size"]))
+    with torch.random.fork_rng(devices=[]):  # its throw-away init must not move the global RNG
+        net = TinyViT(SSLConfig(**meta["config"]), int(meta["image_size"]))
     net.load_state_dict(safetensors.torch.load_file(str(path)))
     return OfflineEncoder(net, meta, path.stem.removeprefix("ssl-vit-"))
