@@ -72,7 +72,7 @@ class ImageEncoder(nn.Module):
         """``[-1, 1]`` images ``[B, 1|3, H, W]`` → the network's input ``[B, 3, r, r]``."""
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"{self.kind} encoder expects [B, 1|3, H, W], got {tuple(x.shape)}")
-        u = (x.float().expand(-1, 3, -1, -1) + 1.0) / 2.0
+        u = (x.to(self.mean.device).float().expand(-1, 3, -1, -1) + 1.0) / 2.0
         if tuple(u.shape[-2:]) != (self.resolution, self.resolution):
             size = (self.resolution, self.resolution)
             u = F.interpolate(u, size=size, mode="bicubic", align_corners=False, antialias=True)
