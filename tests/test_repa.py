@@ -241,3 +241,40 @@ def test_repa_trains_through_the_loop_resumes_exactly_and_logs_lambda(tmp_path):
     # the row at nimg covers the step that began at nimg − 8: λ = 0 from the step at 40 on
     assert all(r["loss/repa"] != 0 for r in rows if r["nimg"] <= 40)
     assert all(r["loss/repa"] == 0 for r in rows if r["nimg"] > 40)
+
+
+def _ddp_worker(rank: int, port: int, out: str, cache: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = with_repa(cache, schedule="stop", until_nimg=32)
+    try:
+        train(replace(cfg, device="cpu"), out, quiet=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ddp_with_repa_equals_one_process_also_after_lambda_reaches_zero(tmp_path):
+    """2 gloo ranks (the offline teacher is trained by rank 0 while rank 1 waits) == one
+    process with grad_accum 2; λ drops to 0 mid-run, where the projector gets exact zero
+    gradients instead of none (without them DDP would fail the next reduction)."""
+    from .test_terms import _free_port
+
+    cache = tmp_path / "cache"
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(_free_port(), str(tmp_path / "ddp"), str(cache)), nprocs=2, join=True
+    )
+    cfg = replace(with_repa(cache, schedule="stop", until_nimg=32), device="cpu")
+    one = train(replace(cfg, grad_accum=2), tmp_path / "one", quiet=True)
+    a, b = ckpt_io.load_checkpoint(tmp_path / "ddp"), ckpt_io.load_checkpoint(one)
+    assert any("projector" in k for k in a.objective)
+    for k in a.objective:
+        torch.testing.assert_close(a.objective[k], b.objective[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in a.model:
+        torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["repa/lambda"] == 0.0 and rows[0]["loss/repa"] != 0

@@ -75,7 +75,7 @@ def _ctx(data):
 
 def test_repa_on_latents_uses_the_cached_features_and_checks_the_teacher(setup):
     tcfg = {"offline": TINY_SSL, "cache_dir": setup["tcfg"].cache_dir}
-    mc, ctx = _ctx(_latent_data(setup["cache"]))
+    _, ctx = _ctx(_latent_data(setup["cache"]))
     (term,) = build_terms(parse_terms({"repa": {"block": 1, "teacher": tcfg}}), ctx)
     assert term.teacher is None and ctx.dataset.extras == ("teacher",)
     assert term.teacher_grid == (4, 4) and term.grid == (4, 4)
