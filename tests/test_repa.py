@@ -278,3 +278,40 @@ def test_ddp_with_repa_equals_one_process_also_after_lambda_reaches_zero(tmp_pat
         torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-4, atol=1e-5, msg=k)
     rows = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["repa/lambda"] == 0.0 and rows[0]["loss/repa"] != 0
+
+
+@pytest.mark.slow
+def test_bench_times_training_with_and_without_repa_in_one_run(tmp_path, capsys):
+    import json
+
+    from denoiselab.bench.cli import bench_main
+
+    ssl = ",".join(f"teacher.offline.{k}={v}" for k, v in TINY_SSL.items())
+    spec = f"repa:block=1,{ssl},teacher.cache_dir={tmp_path / 'cache'}"
+    args = ["--model", "JiT-Micro", "--batch", "8", "--what", "train", "--warmup", "1",
+            "--repeats", "2", "--matmul-max-size", "64", "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+    assert bench_main([*args, "--repa", spec, "irepa:wieght=1", "--out", str(tmp_path)]) == 2
+    assert "--repa 'irepa:wieght=1': unknown key 'wieght' in terms.irepa" in capsys.readouterr().err
+    assert bench_main([*args, "--repa", spec, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    base, repa = result["terms"]["rows"]
+    assert base["term_params"] == 0 and repa["term_params"] > 0
+    assert len(repa["steps_s"]) == 2 and repa["cost"] > 0 and base["images_per_s"] > 0
+    assert "train img/s without terms" in capsys.readouterr().out
+
+
+def test_info_counts_the_projector_parameters_of_a_config(capsys):
+    from pathlib import Path
+
+    from denoiselab.cli import main
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    assert main(["info", quickstart, "terms.repa.projector_dim=32"]) == 0
+    out = capsys.readouterr().out
+    d, h, t = 128, 32, 64  # quickstart width, projector width, offline teacher width
+    mlp = d * h + h + h * h + h + h * t + t
+    assert f"terms.repa: tokens after block 2/4 → offline teacher (64-d); projector {mlp:,}" in out
+    assert main(["info", quickstart, "terms.irepa.block=4"]) == 0
+    assert f"after block 4/4 → offline teacher (64-d); projector {9 * d * t + t:,}" in (
+        capsys.readouterr().out
+    )

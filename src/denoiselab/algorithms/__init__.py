@@ -41,23 +41,28 @@ class TermContext:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """A registered technique: its config class, builder and a one-line summary."""
+    """A registered technique: its config class, builder and a one-line summary;
+    ``describe(config, model_cfg) -> str`` (optional) says what the term adds to a given
+    network, e.g. its parameter count (``denoiselab info CONFIG``)."""
 
     config: type
     build: Callable[[Any, TermContext], LossTerm]
     summary: str
+    describe: Callable[[Any, Any], str] | None = None
 
 
 TERMS: dict[str, TermSpec] = {}
 
 
-def register(name: str, config: type, summary: str) -> Callable:
+def register(
+    name: str, config: type, summary: str, describe: Callable[[Any, Any], str] | None = None
+) -> Callable:
     """Decorator for a builder ``(config, TermContext) -> LossTerm`` under ``terms.<name>``."""
 
     def wrap(build: Callable[[Any, TermContext], LossTerm]) -> Callable:
         if name in TERMS:
             raise ValueError(f"loss term {name!r} is registered twice")
-        TERMS[name] = TermSpec(config, build, summary)
+        TERMS[name] = TermSpec(config, build, summary, describe)
         return build
 
     return wrap

@@ -28,7 +28,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from denoiselab.algorithms import TermContext, register
-from denoiselab.algorithms.repa import REPA, AlignConfig, build_alignment
+from denoiselab.algorithms.repa import REPA, AlignConfig, build_alignment, describe_alignment
 from denoiselab.config import ConfigError
 from denoiselab.objectives import StepContext
 
@@ -83,6 +83,11 @@ class IREPA(REPA):
         return spatial_norm(super().targets(ctx).float(), cfg.spatial_norm, cfg.gamma)
 
 
-@register("irepa", IREPAConfig, "iREPA: REPA with a 3×3 conv projector + spatial norm")
+@register(
+    "irepa",
+    IREPAConfig,
+    "iREPA: REPA with a 3×3 conv projector + spatial norm",
+    lambda cfg, mc: describe_alignment(IREPA, cfg, mc, "terms.irepa"),
+)
 def _build(cfg: IREPAConfig, ctx: TermContext) -> IREPA:
     return build_alignment(IREPA, cfg, ctx, "terms.irepa")  # type: ignore[return-value]

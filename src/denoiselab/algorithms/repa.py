@@ -43,7 +43,13 @@ from torch import Tensor, nn
 
 from denoiselab.algorithms import TermContext, register
 from denoiselab.config import ConfigError
-from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher, teacher_weights_id
+from denoiselab.encoders import (
+    ImageEncoder,
+    TeacherConfig,
+    build_teacher,
+    teacher_dim,
+    teacher_weights_id,
+)
 from denoiselab.objectives import LossTerm, StepContext
 
 Schedule = Literal["constant", "stop", "linear"]
@@ -268,6 +274,27 @@ def _cached_teacher(cfg: TeacherConfig, ctx: TermContext, key: str) -> dict[str,
     return record
 
 
-@register("repa", REPAConfig, "REPA: align block-k tokens to a frozen teacher (λ 0.5, PRX)")
+def describe_alignment(cls: type[REPA], cfg: AlignConfig, model_cfg: Any, key: str) -> str:
+    """Block, projector and its parameter count for a network (``denoiselab info CONFIG``),
+    from the teacher's width alone (nothing is loaded or trained)."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, block=resolve_block(cfg, model_cfg.depth, key))
+    dim = teacher_dim(cfg.teacher, f"{key}.teacher")
+    grid = (model_cfg.grid_size, model_cfg.grid_size)
+    term = cls(cfg, model_cfg.hidden_size, model_cfg.grid_size, None, grid, dim)
+    params = sum(p.numel() for p in term.parameters())
+    return (
+        f"{key}: tokens after block {cfg.block}/{model_cfg.depth} → {cfg.teacher.kind} "
+        f"teacher ({dim}-d); projector {params:,} params (trained, checkpointed)"
+    )
+
+
+@register(
+    "repa",
+    REPAConfig,
+    "REPA: align block-k tokens to a frozen teacher (λ 0.5, PRX)",
+    lambda cfg, mc: describe_alignment(REPA, cfg, mc, "terms.repa"),
+)
 def _build(cfg: REPAConfig, ctx: TermContext) -> REPA:
     return build_alignment(REPA, cfg, ctx, "terms.repa")

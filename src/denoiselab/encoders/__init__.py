@@ -14,6 +14,7 @@ Kinds (``teacher.kind``):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -114,6 +115,15 @@ def build_teacher(
     return load_hf_encoder(cfg.kind, path, cfg.resolution, key, ConfigError, grid).to(device)
 
 
+def teacher_dim(cfg: TeacherConfig, key: str = "teacher") -> int:
+    """``D_t`` of the teacher of ``cfg``, read without loading weights (offline: its width;
+    transformers: ``hidden_size`` of its (vision) config)."""
+    if cfg.kind == "offline":
+        return cfg.ssl_config().width
+    config = json.loads((_require_dir(cfg, key) / "config.json").read_text())
+    return int(config.get("vision_config", config)["hidden_size"])
+
+
 def teacher_weights_id(cfg: TeacherConfig, pixel_data: Any, key: str = "teacher") -> str:
     """The ``weights_id`` :func:`build_teacher` would give, without loading or training it."""
     if cfg.kind == "offline":
@@ -127,5 +137,6 @@ __all__ = [
     "SSLConfig",
     "TeacherConfig",
     "build_teacher",
+    "teacher_dim",
     "teacher_weights_id",
 ]
