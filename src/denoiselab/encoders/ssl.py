@@ -14,9 +14,10 @@ SimCLR (Chen et al. 2020), for a batch of B images and two random views of each:
     L = mean_i −log( exp(s_{i,p(i)}) / Σ_{j≠i} exp(s_ij) )         p(i) = the other view of i
 
 Views (all drawn from one seeded generator, see :func:`two_views`): a random resized crop
-(area 35–100 %, aspect 3/4–4/3) with a random mirror, brightness/contrast/saturation jitter
-of ±40 %, grey with probability 0.2 and Gaussian noise σ ≤ 0.1. Colours and crops change,
-the shape stays: the features learn what a shape is, which the class labels also encode.
+(area 35–100 %, aspect 3/4–4/3) with a random mirror; a strong colour distortion (random
+channel permutation, per-channel gains 0.5–1.5, inversion with probability 1/4, contrast
+±40 %, grey with probability 0.2); Gaussian noise σ ≤ 0.1. Colours and crops change, the
+shape stays: the features learn what a shape is, which the class labels also encode.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class SSLConfig:
     weight_decay: float = 0.05
     temperature: float = 0.2
     num_train: int = 8192  # images materialised once for training
+    max_epochs: float = 30.0  # at most this many passes over them (caps tiny data sets)
     num_val: int = 512  # held-out images for the recorded k-NN accuracy
     seed: int = 0
 
@@ -58,8 +60,8 @@ class SSLConfig:
             raise ValueError(
                 f"offline teacher: width={self.width} is not divisible by heads={self.heads}"
             )
-        if self.batch < 2 or not self.temperature > 0 or not self.lr > 0:
-            raise ValueError("offline teacher: need batch >= 2, temperature > 0 and lr > 0")
+        if self.batch < 2 or not self.temperature > 0 or not self.lr > 0 or not self.max_epochs > 0:
+            raise ValueError("offline teacher: need batch >= 2, temperature, lr and max_epochs > 0")
 
 
 class TinyViT(nn.Module):
@@ -92,7 +94,7 @@ def two_views(x: Tensor, gen: torch.Generator) -> Tensor:
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     b = x.shape[0]
-    r = torch.rand(10, b, generator=gen)
+    r = torch.rand(11, b, generator=gen)
     area = 0.35 + 0.65 * r[0]
     aspect = torch.exp(math.log(4 / 3) * (2 * r[1] - 1))
     sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
@@ -102,13 +104,17 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # strong colour distortion (SimCLR's most important augmentation): without it the two
+    # views are matched by their colours, a shortcut around the shape
+    perm = torch.stack([torch.randperm(3, generator=gen) for _ in range(b)])
+    v = v.gather(1, perm.view(b, 3, 1, 1).expand_as(v))
+    v = v * (0.5 + torch.rand(b, 3, 1, 1, generator=gen))  # per-channel gain 0.5–1.5
+    v = torch.where((r[5] < 0.25).view(b, 1, 1, 1), 1 - v, v)  # invert
+    mean = v.mean((1, 2, 3), keepdim=True)
+    v = (v - mean) * (0.6 + 0.8 * r[6]).view(b, 1, 1, 1) + mean  # contrast ±40 %
     grey = v.mean(1, keepdim=True)
-    jitter = lambda u: (1 + 0.8 * (u - 0.5)).view(b, 1, 1, 1)  # noqa: E731 - ±40 %
-    v = v * jitter(r[5])  # brightness
-    v = (v - v.mean((1, 2, 3), keepdim=True)) * jitter(r[6]) + v.mean((1, 2, 3), keepdim=True)
-    v = grey + (v - grey) * jitter(r[7])  # saturation
-    v = torch.where((r[8] < 0.2).view(b, 1, 1, 1), v.mean(1, keepdim=True).expand_as(v), v)
-    v = v + 0.1 * r[9].view(b, 1, 1, 1) * torch.randn(v.shape, generator=gen)
+    v = torch.where((r[7] < 0.2).view(b, 1, 1, 1), grey.expand_as(v), v)
+    v = v + 0.1 * r[8].view(b, 1, 1, 1) * torch.randn(v.shape, generator=gen)
     return v.clamp(0, 1)
 
 
@@ -132,11 +138,12 @@ def train_ssl(x: Tensor, cfg: SSLConfig, mean: Tensor, std: Tensor, log=None) ->
         head = nn.Sequential(
             nn.Linear(cfg.width, 2 * cfg.width), nn.GELU(), nn.Linear(2 * cfg.width, cfg.head_dim)
         )
+    steps = min(cfg.steps, max(1, math.ceil(cfg.max_epochs * x.shape[0] / cfg.batch)))
     params = [*net.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.steps // 20)
-    for step in range(cfg.steps):
-        factor = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    warm = max(1, steps // 20)
+    for step in range(steps):
+        factor = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * factor
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=gen)
@@ -145,8 +152,8 @@ def train_ssl(x: Tensor, cfg: SSLConfig, mean: Tensor, std: Tensor, log=None) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if log and ((step + 1) % max(1, cfg.steps // 10) == 0):
-            log(f"offline teacher: step {step + 1}/{cfg.steps} | SimCLR loss {loss.item():.3f}")
+        if log and ((step + 1) % max(1, steps // 10) == 0):
+            log(f"offline teacher: step {step + 1}/{steps} | SimCLR loss {loss.item():.3f}")
     return net.eval().requires_grad_(False)
 
 
