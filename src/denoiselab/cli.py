@@ -171,6 +171,11 @@ PASSTHROUGH_SPECS = {
     "analyze": ("denoiselab.analysis.cli", "analyze_main", "JLT local Gaussian analysis"),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
+    "repa-e": (
+        "denoiselab.latents.repa_e",
+        "repa_e_main",
+        "tune the small autoencoder end to end with a latent model (REPA-E)",
+    ),
 }
 PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
     name: _passthrough(module, func) for name, (module, func, _) in PASSTHROUGH_SPECS.items()
