@@ -101,3 +101,22 @@ def test_repa_e_cli_saves_a_tiny_autoencoder_that_cache_latents_accepts(tmp_path
     )
     assert repa_e_main(["--out", str(tmp_path / "x")]) == 2
     assert "autoencoder: give the train-ae directory" in capsys.readouterr().err
+
+
+def test_suites_may_vary_only_the_tokenizer_of_latent_data(tmp_path):
+    import pytest
+    import yaml
+
+    from denoiselab.ablate import load_suite
+    from denoiselab.config import ConfigError, to_dict
+
+    suite = load_suite("latent_tokenizers")
+    a, b = (suite.config(n) for n in suite.names)
+    da, db = to_dict(a.data), to_dict(b.data)
+    assert {k for k in da if da[k] != db[k]} == {"root"}
+    assert to_dict(a) | {"data": None} == to_dict(b) | {"data": None}
+    raw = {"base": {"data": {"name": "shapes", "image_size": 16}, "model": {"name": "JiT-Micro"}},
+           "variants": {"a": {}, "b": {"data.latent_norm": "none"}}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"only latent data \(data.name: latents\) may vary"):
+        load_suite(tmp_path / "s.yaml")
