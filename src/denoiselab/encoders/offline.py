@@ -10,6 +10,7 @@ minutes on 2 CPU cores; under DDP rank 0 trains it while the others wait.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from dataclasses import replace
@@ -74,12 +75,18 @@ def load_offline_teacher(
     """The cached offline teacher of pixel data ``data_cfg``; trained first if absent.
 
     Under ``torch.distributed`` only rank 0 trains; the other ranks wait at a barrier.
+    Separate processes (ablation variants run side by side) wait on a file lock, so the
+    teacher is trained once.
     """
     cfg = cfg or SSLConfig()
     path = teacher_path(data_cfg, cfg, cache_dir)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not path.is_file() and (not dist or torch.distributed.get_rank() == 0):
-        _fit_and_save(data_cfg, cfg, path, log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # other processes (ablation variants) wait
+            if not path.is_file():
+                _fit_and_save(data_cfg, cfg, path, log)
     if dist:
         torch.distributed.barrier()
     return _read(path).to(device)
