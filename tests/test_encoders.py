@@ -19,7 +19,7 @@ from denoiselab.encoders import TeacherConfig, build_teacher, teacher_weights_id
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers missing")
 DATA = DataConfig(name="shapes", image_size=16, num_images=96)
-TINY_SSL = {"steps": 4, "num_train": 64, "num_val": 16, "batch": 8, "width": 16, "depth": 1,
+TINY_SSL = {"patch": 4, "steps": 4, "num_train": 64, "num_val": 16, "batch": 8, "width": 16, "depth": 1,
             "heads": 2, "head_dim": 8}  # fmt: skip
 
 

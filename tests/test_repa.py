@@ -28,7 +28,7 @@ from denoiselab.train.run import read_metrics
 
 from .test_train import tiny
 
-TINY_SSL = {"steps": 3, "num_train": 48, "num_val": 16, "batch": 8, "width": 16, "depth": 1,
+TINY_SSL = {"patch": 4, "steps": 3, "num_train": 48, "num_val": 16, "batch": 8, "width": 16, "depth": 1,
             "heads": 2, "head_dim": 8}  # fmt: skip
 
 

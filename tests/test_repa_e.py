@@ -10,7 +10,7 @@ from denoiselab.config import from_dict
 from denoiselab.latents import TinyAE, TinyAEConfig, load_autoencoder, save_tiny_ae
 from denoiselab.latents.repa_e import REPAE, REPAEConfig, repa_e_main
 
-TINY_SSL = {"steps": 2, "num_train": 16, "num_val": 4, "batch": 8, "width": 16, "depth": 1,
+TINY_SSL = {"patch": 4, "steps": 2, "num_train": 16, "num_val": 4, "batch": 8, "width": 16, "depth": 1,
             "heads": 2, "head_dim": 8}  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
 
 SHAPES16 = DataConfig(name="shapes", image_size=16, num_images=24, seed=3)
-TINY_SSL = {"steps": 3, "num_train": 16, "num_val": 4, "batch": 8, "width": 16, "depth": 1,
+TINY_SSL = {"patch": 4, "steps": 3, "num_train": 16, "num_val": 4, "batch": 8, "width": 16, "depth": 1,
             "heads": 2, "head_dim": 8}  # fmt: skip
 
 
