@@ -130,7 +130,10 @@ BAD = [
         "not divisible by patch=5",
     ),
     # latents
-    (["train-ae", "{out}/nope.yaml", "--out", "{out}/ae"], "not found: neither a file nor a shipped config"),
+    (
+        ["train-ae", "{out}/nope.yaml", "--out", "{out}/ae"],
+        "not found: neither a file nor a shipped config",
+    ),
     (["train-ae", "{bad}", "--out", "{out}/ae"], "is not valid YAML"),
     (["train-ae", "{cfg}", "--out", "{out}/ae", "--steps", "0"], "steps=0 must be >= 1"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),

@@ -175,6 +175,9 @@ def test_push_to_hub_sends_nothing_offline_or_without_token(run, tmp_path, monke
     assert "not pushed: the Hugging Face Hub is offline" in capsys.readouterr().err
     assert (tmp_path / "a" / "model.safetensors").is_file()
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    # the library reads the variable once, at import: an earlier test may have imported it
+    # offline (the encoder tests do)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert main([*argv[:3], str(tmp_path / "b"), *argv[4:]]) == 0
     assert "not pushed: no Hugging Face token" in capsys.readouterr().err

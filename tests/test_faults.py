@@ -277,8 +277,9 @@ def test_sigterm_and_sigusr1_checkpoint_and_exit_75_then_resume(fault_run, tmp_p
         seen = {}
         real_step = Trainer.train_step
 
-        def step(self, s, images, labels, sig=sig, at=at, seen=seen, real_step=real_step):
-            out = real_step(self, s, images, labels)
+        def step(self, s, images, labels, extras=None, sig=sig, at=at, seen=seen,
+                 real_step=real_step):  # fmt: skip
+            out = real_step(self, s, images, labels, extras)
             if s == at:  # the signal arrives (twice: Slurm and torchrun) during step at + 1
                 os.kill(os.getpid(), sig)
                 os.kill(os.getpid(), sig)

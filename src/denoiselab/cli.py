@@ -140,12 +140,37 @@ def _info(args: argparse.Namespace) -> int:
     if args.model in ("terms", "optimizers"):
         print(_registry_listing(args.model))
         return 0
+    from denoiselab.config import shipped_configs
+
+    is_config = args.model.endswith((".yaml", ".yml")) or args.model in shipped_configs()
+    if is_config and args.model not in MODEL_PRESETS:
+        print(_describe_run(args.model, args.overrides))
+        return 0
     names = list(MODEL_PRESETS) if args.model == "all" else [args.model]
     for name in names:
         if len(names) > 1:
             print(f"== {name}")
         print(describe(name, image_size=args.image_size))
     return 0
+
+
+def _describe_run(path: str, overrides: list[str]) -> str:
+    """The network a training config builds and what its loss terms add (projector params)."""
+    from denoiselab.algorithms import TERMS
+    from denoiselab.data import build_dataset
+    from denoiselab.models.flops import describe_config
+    from denoiselab.train.build import load_train_config, resolve_model_config
+
+    cfg = load_train_config(path, overrides)
+    ds = build_dataset(cfg.data)
+    mc = resolve_model_config(
+        cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
+    )
+    lines = [describe_config(cfg.model["name"], mc)]
+    for name, term_cfg in cfg.terms.items():
+        describe = TERMS[name].describe
+        lines.append(describe(term_cfg, mc) if describe else f"terms.{name}: no parameters")
+    return "\n".join(lines)
 
 
 def _registry_listing(kind: str) -> str:
@@ -206,6 +231,11 @@ PASSTHROUGH_SPECS = {
     ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
+    "repa-e": (
+        "denoiselab.latents.repa_e",
+        "repa_e_main",
+        "tune the small autoencoder end to end with a latent model (REPA-E)",
+    ),
 }
 PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
     name: _passthrough(module, func) for name, (module, func, _) in PASSTHROUGH_SPECS.items()
@@ -281,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters and forward cost of a model preset")
     i.add_argument(
         "model",
-        help="preset name (e.g. JiT-B/16), 'all', or 'terms' / 'optimizers' (the registries)",
+        help="preset name (e.g. JiT-B/16), 'all', 'terms' / 'optimizers' (the registries), or "
+        "a training config (a .yaml file or a shipped name such as quickstart): its network "
+        "and what its loss terms add",
     )
+    i.add_argument("overrides", nargs="*", help="key=value overrides of a training config")
     i.add_argument("--image-size", type=int)
     i.set_defaults(func=_info)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from denoiselab import __version__
+from denoiselab.ablate.equal_time import equal_time_rows
+from denoiselab.ablate.equal_time import markdown as equal_time_markdown
 from denoiselab.ablate.files import atomic_write_text, read_json, read_jsonl, write_json
 from denoiselab.ablate.suite import Suite, group_value
 
@@ -195,6 +197,7 @@ def write_scoreboard(suite: Suite, out: str | Path) -> dict[str, Any]:
         "lower_is_better": {m: lower_is_better(m) for m in metrics},
         "rows": rows,
         "verdict": verdict(suite, rows),
+        "equal_time": equal_time_rows(out, rows, suite.baseline),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "denoiselab": __version__,
     }
@@ -210,6 +213,10 @@ def scoreboard_markdown(result: dict[str, Any]) -> str:
         parts.append(result["description"].strip() + "\n")
     parts.append(markdown_table(result["rows"], result["metrics"]))
     parts.append(f"\nΔ against the baseline `{result['baseline']}`; ↓ lower is better, ↑ higher.\n")
+    if result.get("equal_time"):
+        base = next((r for r in result["rows"] if r["baseline"]), {})
+        seconds = base["nimg"] / base["img_per_s"] if base.get("img_per_s") else None
+        parts.append(equal_time_markdown(result["equal_time"], seconds))
     if result["verdict"]:
         parts.append(f"\n**Verdict:** {result['verdict']['text']}\n")
     parts.append(f"\n_denoiselab {result['denoiselab']}, {result['generated']}_\n")

@@ -16,7 +16,9 @@ A suite file (YAML)::
     quick: {duration_nimg: 64, eval.num: 16}            # applied with --quick
 
 Every variant shares the base's seeds, data, data order and step budget: a variant may not
-override ``seed``, ``global_batch``, ``duration_nimg``, ``device`` or ``data.*``. Overrides
+override ``seed``, ``global_batch``, ``duration_nimg``, ``device`` or ``data.*`` — except, on
+latent data, the tokenizer (``data.root``, ``data.autoencoder``, ``data.latent_norm``: caches
+of the same source images, compared in pixels). Overrides
 are applied in the order base → ``quick`` (with ``--quick``) → command-line ``--set`` →
 variant. Everything is validated when the suite loads, before any training.
 """
@@ -49,6 +51,7 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TOP_KEYS = ("name", "description", "base", "baseline", "variants", "eval", "verdict", "quick")
 SHARED_KEYS = ("seed", "global_batch", "duration_nimg", "device")  # and every data.* key
+TOKENIZER_KEYS = ("data.root", "data.autoencoder", "data.latent_norm")  # latents may vary these
 PROBE_METRICS = ("fd_probe", "mmd_probe", "acc_probe", "pr_probe")
 PROBE_COLUMNS = ("fd_probe", "mmd_probe", "acc_probe", "precision_probe", "recall_probe")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a folder name
@@ -261,6 +264,8 @@ def _variants(raw: Any, where: str) -> dict[str, dict[str, Any]]:
             )
         flat = flatten(_mapping(overrides or {}, f"variant {name!r}", where))
         for key in flat:
+            if key in TOKENIZER_KEYS:
+                continue  # checked in _validate: latent data only, same source images
             if key in SHARED_KEYS or key.startswith("data.") or key.startswith("eval."):
                 raise ConfigError(
                     f"{where}: variant {name!r} overrides {key!r}; every variant shares seeds, "
@@ -270,7 +275,31 @@ def _variants(raw: Any, where: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _check_tokenizers(suite: Suite, where: str) -> None:
+    """Variants that change the latent cache: latent data only, and (where the caches exist)
+    caches of the same source images in the same order."""
+    varying = [n for n, v in suite.variants.items() if set(v) & set(TOKENIZER_KEYS)]
+    if not varying:
+        return
+    if suite.base.get("data", {}).get("name") != "latents":
+        raise ConfigError(
+            f"{where}: variants {varying} change {list(TOKENIZER_KEYS)}, which only latent "
+            "data (data.name: latents) may vary between variants"
+        )
+    from denoiselab.latents.manifest import MANIFEST, read_manifest
+
+    roots = {suite.config(n).data.root for n in suite.names}
+    found = {r: read_manifest(r) for r in roots if r and (Path(r) / MANIFEST).is_file()}
+    sources = {json.dumps([m.source, m.num_images], sort_keys=True) for m in found.values()}
+    if len(sources) > 1:
+        raise ConfigError(
+            f"{where}: the latent caches {sorted(found)} encode different source images; a "
+            "tokenizer comparison needs caches of the same data"
+        )
+
+
 def _validate(suite: Suite, where: str) -> None:
+    _check_tokenizers(suite, where)
     if suite.baseline not in suite.variants:
         raise ConfigError(
             f"{where}: baseline {suite.baseline!r} is not a variant; valid: {suite.names}"

@@ -41,23 +41,28 @@ class TermContext:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """A registered technique: its config class, builder and a one-line summary."""
+    """A registered technique: its config class, builder and a one-line summary;
+    ``describe(config, model_cfg) -> str`` (optional) says what the term adds to a given
+    network, e.g. its parameter count (``denoiselab info CONFIG``)."""
 
     config: type
     build: Callable[[Any, TermContext], LossTerm]
     summary: str
+    describe: Callable[[Any, Any], str] | None = None
 
 
 TERMS: dict[str, TermSpec] = {}
 
 
-def register(name: str, config: type, summary: str) -> Callable:
+def register(
+    name: str, config: type, summary: str, describe: Callable[[Any, Any], str] | None = None
+) -> Callable:
     """Decorator for a builder ``(config, TermContext) -> LossTerm`` under ``terms.<name>``."""
 
     def wrap(build: Callable[[Any, TermContext], LossTerm]) -> Callable:
         if name in TERMS:
             raise ValueError(f"loss term {name!r} is registered twice")
-        TERMS[name] = TermSpec(config, build, summary)
+        TERMS[name] = TermSpec(config, build, summary, describe)
         return build
 
     return wrap
@@ -93,6 +98,8 @@ def build_terms(configs: Mapping[str, Any], ctx: TermContext) -> list[LossTerm]:
 def _load_builtin() -> None:
     """Import the modules that register the built-in techniques (once)."""
     # Each import registers its technique; the import order is the registry order.
+    import denoiselab.algorithms.repa  # noqa: I001 - registers "repa"
+    import denoiselab.algorithms.irepa  # noqa: F401 - registers "irepa"
 
 
 __all__ = ["TERMS", "TermContext", "TermSpec", "build_terms", "parse_terms", "register"]

@@ -49,6 +49,14 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--matmul-max-size", type=int, default=None, help="cap on the ceiling's n")
     p.add_argument("--profile", action="store_true", help="write profile_{train,sample}.txt")
+    p.add_argument(
+        "--repa",
+        nargs="+",
+        default=[],
+        metavar="NAME[:KEY=VALUE,...]",
+        help="also time training with a loss term (teacher forward included) against the "
+        "step without terms, e.g. repa, irepa, repa:block=2,teacher.kind=dinov2,teacher.path=DIR",
+    )
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (runs/bench)")
     return p
 
@@ -60,6 +68,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     fields = {k: v for k, v in vars(args).items() if k != "out"}
     fields["interval"] = tuple(fields["interval"])
     fields["sample_batch"] = fields["sample_batch"] or None  # 0: the training batch
+    fields["repa"] = tuple(fields["repa"])
     try:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs

@@ -21,6 +21,8 @@ import torch
 from denoiselab.bench.ceiling import matmul_ceiling
 from denoiselab.bench.machine import load_average, machine_facts, native_bf16
 from denoiselab.bench.profiling import top_ops_table
+from denoiselab.bench.terms import bench_terms, parse_term_spec
+from denoiselab.bench.terms import summary_part as terms_summary
 from denoiselab.bench.timing import measure, peak_memory, reset_peak_memory, time_once
 from denoiselab.bench.workloads import (
     SampleWorkload,
@@ -64,6 +66,7 @@ class BenchConfig:
     interval: tuple[float, float] = (0.1, 1.0)
     matmul_max_size: int | None = None
     profile: bool = False
+    repa: tuple[str, ...] = ()  # loss-term SPECs timed against the step without terms
 
     def __post_init__(self) -> None:
         for name in ("batch", "repeats", "sample_steps", "sample_repeats"):
@@ -111,6 +114,8 @@ def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:
     device = _device(bc.device)
     bc, _ = choose_dtype(bc)
     tc = bench_train_config(bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device))
+    for spec in bc.repa:
+        parse_term_spec(spec)
     return device, tc, resolved_model_config(tc)
 
 
@@ -227,6 +232,8 @@ def summary_line(result: dict[str, Any]) -> str:
             f"sample heun-{c['sample_steps']}+cfg {r['images_per_s']:.2f} img/s "
             f"(MFU {100 * r['mfu']:.0f}%)"
         )
+    if "terms" in result:
+        parts.append(terms_summary(result["terms"]))
     ceiling = result["ceiling"]
     parts.append(f"matmul {ceiling['dtype']} {ceiling['gflops_per_s']:.1f} GFLOP/s")
     parts.append(f"load {m['load_average']} → {m['load_average_end']}")
@@ -254,6 +261,8 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
         gflops = result["model"]["forward_gflops_per_image"]
         if bc.what in ("train", "all"):
             result["train"] = bench_train(tc, bc, gflops, ceiling, out)
+        if bc.repa:
+            result["terms"] = bench_terms(tc, list(bc.repa), bc.warmup, bc.repeats)
         if bc.what in ("sample", "all"):
             result["sample"] = bench_sample(mc, bc, device, ceiling, out)
     finally:

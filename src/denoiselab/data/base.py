@@ -4,6 +4,11 @@ A dataset is map-style: ``ds[i] -> (image, label)`` with ``image: float32 [C, H,
 ``[-1, 1]`` and ``label: int`` in ``[0, num_classes)``. Randomness that depends on the epoch
 (horizontal flips) goes through :meth:`ImageDataset.get_item`, so that the training loader
 can pass the epoch in and a resumed run sees exactly the same pixels.
+
+Per-sample side data ("extras", e.g. a teacher's features stored beside cached latents) is
+opt-in: after ``ds.request_extras(("teacher",))`` items are ``(image, label, {name: tensor})``
+(the loader collates the dict; the loop hands it to the loss terms as ``StepContext.extras``).
+Without a request every dataset returns pairs, as before.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from denoiselab.config import ConfigError
 
 # Stream tag that keeps flip draws independent of every other use of (seed, index, ...).
 _FLIP_STREAM = 0x0F11B
@@ -53,6 +60,21 @@ class ImageDataset(Dataset):
     seed: int = 0
     hflip: bool = False
     cache: bool = False
+    extras: tuple[str, ...] = ()
+
+    def available_extras(self) -> tuple[str, ...]:
+        """Names of the per-sample side data this dataset can return (none by default)."""
+        return ()
+
+    def request_extras(self, names: tuple[str, ...]) -> None:
+        """Return ``(image, label, {name: tensor})`` items from now on (module doc)."""
+        missing = [n for n in names if n not in self.available_extras()]
+        if missing:
+            have = ", ".join(self.available_extras()) or "none"
+            raise ConfigError(
+                f"{type(self).__name__} cannot provide {missing} per sample (it provides: {have})"
+            )
+        self.extras = tuple(dict.fromkeys((*self.extras, *names)))
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -8,6 +8,10 @@ and ``data.channels``. With ``hflip`` the stored encoding of the mirrored image 
 (mirroring a latent is not the latent of the mirrored image), decided by ``(seed, i, epoch)``
 exactly like the pixel datasets, so index ``i`` in epoch ``e`` is the encoding of what the
 pixel dataset would have returned.
+
+A cache written with ``--teacher`` also stores a frozen teacher's patch features of the
+original pixels (and of the mirror); after ``request_extras(("teacher",))`` items are
+``(latent, label, {"teacher": float32 [N_t, D_t]})``, the features of the same flip variant.
 """
 
 from __future__ import annotations
@@ -91,22 +95,30 @@ class LatentDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self._labels)
 
-    def raw(self, index: int, flipped: bool = False) -> Tensor:
-        """The stored (un-normalised) latent ``float32 [c, h, w]`` of sample ``index``."""
+    def raw(self, index: int, flipped: bool = False, what: str = "latents") -> Tensor:
+        """The stored (un-normalised) latent ``float32 [c, h, w]`` of sample ``index``
+        (``what="teacher"``: its teacher features ``[N_t, D_t]``)."""
         k = bisect.bisect_right(self._starts, index) - 1
         if k not in self._handles:
             self._handles[k] = self._open(k, self.manifest.shards[k].file)
-        name = "latents_flip" if flipped else "latents"
+        name = f"{what}_flip" if flipped else what
         return self._handles[k].get_slice(name)[index - self._starts[k]].float()
+
+    def available_extras(self) -> tuple[str, ...]:
+        return ("teacher",) if self.manifest.teacher is not None else ()
 
     def _load(self, index: int) -> tuple[Tensor, int]:
         return self.norm.normalize(self.raw(index)), self._labels[index]
 
-    def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Tensor, int]:
-        """Normalised latent of sample ``index`` as seen in ``epoch`` (flip variant chosen)."""
+    def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Any, ...]:
+        """Normalised latent of sample ``index`` as seen in ``epoch`` (flip variant chosen),
+        its label and, if requested, the extras of the same variant."""
         i = self._check_index(index)
         flipped = self.hflip and flip_decision(self.seed, i, epoch)
-        return self.norm.normalize(self.raw(i, flipped)), self._labels[i]
+        item = self.norm.normalize(self.raw(i, flipped)), self._labels[i]
+        if not self.extras:
+            return item
+        return (*item, {name: self.raw(i, flipped, name) for name in self.extras})
 
     def labels(self) -> torch.Tensor:
         """All labels ``int64 [N]``."""

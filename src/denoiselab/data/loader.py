@@ -115,7 +115,7 @@ class _EpochView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
         index, epoch = key
         if isinstance(self.dataset, ImageDataset):
             return self.dataset.get_item(index, epoch)
@@ -131,7 +131,8 @@ def _init_worker(worker_id: int) -> None:
 
 
 class StepLoader:
-    """Iterates ``(step, images [b, C, H, W], labels int64 [b])`` from ``start_step`` on.
+    """Iterates ``(step, images [b, C, H, W], labels int64 [b])`` from ``start_step`` on
+    (:meth:`iter_with_extras` also yields the batch's extras, ``{name: [b, ...]}``).
 
     ``b = global_batch // num_shards``; this shard gets the slice
     ``[shard_index·b, (shard_index + 1)·b)`` of the step's global batch. ``end_step=None``
@@ -176,8 +177,15 @@ class StepLoader:
         )
 
     def __iter__(self) -> Iterator[tuple[int, Tensor, Tensor]]:
-        for step, (images, labels) in zip(itertools.count(self.start_step), self._loader):
+        for step, images, labels, _ in self.iter_with_extras():
             yield step, images, labels
+
+    def iter_with_extras(self) -> Iterator[tuple[int, Tensor, Tensor, dict[str, Tensor]]]:
+        """``(step, images, labels, extras)``; ``extras`` is empty unless the dataset was
+        asked for side data (:meth:`~denoiselab.data.base.ImageDataset.request_extras`)."""
+        for step, batch in zip(itertools.count(self.start_step), self._loader):
+            images, labels, *rest = batch
+            yield step, images, labels, (rest[0] if rest else {})
 
     def __len__(self) -> int:
         return len(self.sampler)

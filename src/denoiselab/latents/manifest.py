@@ -3,6 +3,7 @@
 ```
 <cache>/manifest.json             written last (atomically): its presence means complete
 <cache>/shard_00000.safetensors   latents [n, c, h, w], latents_flip [n, c, h, w], labels int64 [n]
+                                  (optional) teacher [n, N_t, D_t], teacher_flip [n, N_t, D_t]
 ```
 
 Latents are stored **raw** (un-normalised; ``latents_flip`` is the encoding of the mirrored
@@ -10,6 +11,9 @@ image). The manifest records the encoder's identity (kind, path, fingerprint of 
 both candidate normalisations (``autoencoder``: the AE's own; ``dataset``: per-channel
 statistics of this cache over both flip variants) and the source data, so that training
 chooses the normalisation at load time and sampling decodes with the same autoencoder.
+``teacher`` (optional) identifies the frozen image encoder whose patch features of the
+original pixels (and of their mirror) are stored beside the latents, for REPA on latents
+(``kind``, ``weights_id``, ``resolution``, ``grid``, ``dim``, ``name``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class CacheManifest:
     shards: list[ShardRecord]
     dtype: str
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] | None = None
 
     def norm(self, name: str) -> LatentNorm:
         """The normalisation called ``name`` (``"none"`` = identity)."""

@@ -18,14 +18,15 @@ pooling) and gives different FIDs: it is deliberately not offered.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
 
 from .cache import cache_root
 from .images import check_uint8_images, resize_uint8
@@ -64,10 +65,6 @@ DEFAULT_NAMES = {  # looked up under <cache root>/extractors/ when no path is gi
     "clip": "clip-vit-large-patch14-336",
     "dinov2": "dinov2-with-registers-large",
 }
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MissingExtractorError(FileNotFoundError):
@@ -232,19 +229,6 @@ def load_inception(
     return InceptionExtractor(net.to(device), weights_id, device, resize)
 
 
-def _from_pretrained(cls: Any, path: Path) -> Any:
-    """A transformers model from local safetensors only (a ``.bin`` is a pickle: refused)."""
-    try:
-        return cls.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, use_safetensors=True
-        )
-    except OSError as err:
-        raise MissingExtractorError(
-            f"{path}: {err} — denoiselab loads pretrained weights only as safetensors (a "
-            "pickled pytorch_model.bin could run code when loaded); fetch model.safetensors"
-        ) from None
-
-
 def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") -> HFImageEmbedder:
     """CLIP image embeddings (``CLIPVisionModelWithProjection.image_embeds``) from a local dir.
 
@@ -252,13 +236,12 @@ def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") 
     the checkpoint's ``preprocessor_config.json`` mean/std when present, else CLIP's.
     """
     path = _require_path("clip", model_dir, must_be_file=False)
-    transformers = _import_transformers("clip")
-    model = _from_pretrained(transformers.CLIPVisionModelWithProjection, path)
-    mean, std = _normalisation(path, CLIP_MEAN, CLIP_STD)
+    model = _load("clip", path, "CLIPVisionModelWithProjection")
+    mean, std = normalisation(path, CLIP_MEAN, CLIP_STD)
     return HFImageEmbedder(
         model,
         name=f"clip:{path.name}",
-        weights_id=_dir_id(path),
+        weights_id=dir_id(path),
         size=int(model.config.image_size),
         mean=mean,
         std=std,
@@ -277,17 +260,16 @@ def load_dinov2(
     ``size`` (224, the DINOv2 evaluation crop) and normalised with ImageNet mean/std.
     """
     path = _require_path("dinov2", model_dir, must_be_file=False)
-    transformers = _import_transformers("dinov2")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_model_type(path)
     classes = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov2": "Dinov2Model"}
     if model_type not in classes:
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
-    model = _from_pretrained(getattr(transformers, classes[model_type]), path)
-    mean, std = _normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
+    model = _load("dinov2", path, classes[model_type])
+    mean, std = normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
     return HFImageEmbedder(
         model,
         name=f"dinov2:{path.name}",
-        weights_id=_dir_id(path),
+        weights_id=dir_id(path),
         size=size,
         mean=mean,
         std=std,
@@ -320,27 +302,6 @@ def _require_path(kind: str, path: str | Path | None, must_be_file: bool) -> Pat
     return path
 
 
-def _import_transformers(kind: str) -> Any:
-    try:
-        import transformers
-    except ImportError as err:
-        raise MissingExtractorError(f"the {kind} extractor needs transformers: {err}") from err
-    return transformers
-
-
-def _normalisation(
-    path: Path, mean: tuple, std: tuple
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    config = path / "preprocessor_config.json"
-    if config.is_file():
-        values = json.loads(config.read_text())
-        mean, std = values.get("image_mean", mean), values.get("image_std", std)
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def _dir_id(path: Path) -> str:
-    """SHA-256 of ``config.json`` plus the names and sizes of the weight files."""
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
+def _load(kind: str, path: Path, class_name: str) -> torch.nn.Module:
+    """The shared local transformers loader (:func:`denoiselab.encoders.hf.load_pretrained`)."""
+    return load_pretrained(path, class_name, f"the {kind} extractor", MissingExtractorError)

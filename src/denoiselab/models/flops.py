@@ -72,6 +72,11 @@ def describe(name: str, image_size: int | None = None) -> str:
     Changing ``image_size`` keeps the patch size and changes the sequence length.
     """
     cfg = model_config(name) if image_size is None else model_config(name, image_size=image_size)
+    return describe_config(name, cfg)
+
+
+def describe_config(name: str, cfg: JiTConfig) -> str:
+    """:func:`describe` of a resolved network config."""
     macs = forward_macs(cfg)
     in_ctx = (
         f" + {cfg.in_context_len} in-context from block {cfg.in_context_start}"

@@ -183,16 +183,19 @@ class Trainer:
         return state.save(self, step)
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, step: int, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def train_step(
+        self, step: int, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Forward/backward over ``grad_accum`` micro-batches, then one optimizer step.
-
-        Returns the detached per-term means (on device; no host synchronisation).
+        ``extras``: the batch's per-sample side data, split like the images and handed to
+        the loss terms. Returns the detached per-term means (on device; no host sync).
         """
         cfg = self.cfg
         factor = lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.cooldown_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         micro = images.shape[0] // cfg.grad_accum
+        extras = extras or {}
         totals: dict[str, Tensor] = {}
         for k in range(cfg.grad_accum):
             shard = self.dist.rank * cfg.grad_accum + k
@@ -201,6 +204,7 @@ class Trainer:
             gen = torch.Generator(self.device).manual_seed(seed)
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
+            side = {n: v[k * micro : (k + 1) * micro].to(self.device) for n, v in extras.items()}
             last = k == cfg.grad_accum - 1
             sync = (
                 contextlib.nullcontext()
@@ -209,7 +213,7 @@ class Trainer:
             )
             with sync:
                 with self.autocast():
-                    terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch)
+                    terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch, extras=side)
                 means = {name: t.mean() for name, t in terms.items()}
                 loss = sum(means.values()) / cfg.grad_accum
                 loss.backward()
@@ -263,10 +267,10 @@ class Trainer:
         with StopRequest(self.dist, self.device, cfg.stop_check_steps) as self.stop:
             step = self.start_step
             try:
-                for step, images, labels in loader:
+                for step, images, labels, extras in loader.iter_with_extras():
                     if step >= self.total_steps:
                         break
-                    terms = self.train_step(step, images, labels)
+                    terms = self.train_step(step, images, labels, extras)
                     self.window.add(step, terms)
                     self._after_step(step + 1, terms)
             except RuntimeError as e:
