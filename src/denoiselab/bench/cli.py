@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from denoiselab.bench.breakdown import breakdown_table
 from denoiselab.bench.runner import BenchConfig, prepare, run_bench
 
 
@@ -40,6 +41,12 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--matmul-max-size", type=int, default=None, help="cap on the ceiling's n")
     p.add_argument("--profile", action="store_true", help="write profile_{train,sample}.txt")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the training step phase by phase (data, forward, loss, backward, "
+        "optimizer, EMA, bookkeeping) against a bare forward+backward+optimizer step",
+    )
     p.add_argument("--out", required=True, help="output folder for bench.json")
     return p
 
@@ -58,5 +65,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         return 2
     result = run_bench(cfg, args.out)
     print(f"wrote {args.out}/bench.json", file=sys.stderr)
+    if "breakdown" in result.get("train", {}):
+        print("\n".join(breakdown_table(result["train"]["breakdown"])), flush=True)
     print(result["summary"], flush=True)
     return 0

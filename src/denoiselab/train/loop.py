@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from denoiselab.latents import decoder_for
 from denoiselab.models import JiT
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train.allocator import retain_freed_memory
 from denoiselab.train.build import (
     build_objective,
     config_yaml_with_model,
@@ -46,6 +47,7 @@ from denoiselab.train.optim import build_optimizer
 from denoiselab.train.periodic import evaluate_network
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
+from denoiselab.train.stepclock import NO_CLOCK, StepClock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,6 +109,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.quiet = quiet
         self.dist, self.device = init_distributed(cfg.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # no fresh pages from the kernel every step (train.allocator)
         shards = self.dist.world_size * cfg.grad_accum
         if cfg.global_batch % shards:
             raise ConfigError(
@@ -150,6 +154,7 @@ class Trainer:
         self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
         self.run_dir.truncate_metrics(self.start_step)
         self.step_module: nn.Module = self.module
+        self.step_clock: StepClock = NO_CLOCK  # bench --breakdown times the step's phases
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(self.module, device_ids=ids)
@@ -199,22 +204,26 @@ class Trainer:
         """Forward/backward over ``grad_accum`` micro-batches, then one AdamW step.
 
         Returns the detached per-term means (on device; no host synchronisation).
+        ``self.step_clock`` is told when each phase ends (``train.stepclock``; a no-op
+        unless ``denoiselab bench --breakdown`` installs a timer).
         """
-        cfg = self.cfg
+        cfg, clock = self.cfg, self.step_clock
+        lr = _lr_at(step, self.lr, self.warmup_steps, self.total_steps, self.cooldown_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = _lr_at(
-                step, self.lr, self.warmup_steps, self.total_steps, self.cooldown_steps
-            )
-        micro = images.shape[0] // cfg.grad_accum
+            group["lr"] = lr
+        accum = cfg.grad_accum
+        micro = images.shape[0] // accum
         totals: dict[str, Tensor] = {}
-        for k in range(cfg.grad_accum):
-            shard = self.dist.rank * cfg.grad_accum + k
+        for k in range(accum):
+            shard = self.dist.rank * accum + k
             seed = mix_seed(cfg.seed, step, shard)
-            torch.manual_seed(mix_seed(seed, 1))  # dropout and any other global draws
+            _seed_global(mix_seed(seed, 1), self.device)  # dropout and any other global draws
             gen = torch.Generator(self.device).manual_seed(seed)
+            clock.lap("bookkeeping")
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
-            last = k == cfg.grad_accum - 1
+            clock.lap("data")
+            last = k == accum - 1
             sync = (
                 contextlib.nullcontext()
                 if last or not self.dist.enabled
@@ -224,17 +233,23 @@ class Trainer:
                 with self.autocast():
                     terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch)
                 means = {name: t.mean() for name, t in terms.items()}
-                loss = sum(means.values()) / cfg.grad_accum
+                loss = _total(means.values(), accum)
+                clock.lap("loss")
                 loss.backward()
+                clock.lap("backward")
             for name, m in means.items():
-                totals[name] = totals.get(name, 0) + m.detach() / cfg.grad_accum
+                m = m.detach() if accum == 1 else m.detach() / accum
+                totals[name] = totals[name] + m if name in totals else m
+        clock.lap("bookkeeping")
         if cfg.optim.grad_clip is not None:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.module.trainable(), cfg.optim.grad_clip
             ).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         self.ema.update(self.model, step)
+        clock.lap("ema")
         return totals
 
     # -- the loop --------------------------------------------------------------------------------
@@ -401,6 +416,25 @@ class Trainer:
             if self.progress is not None:
                 self.progress.clear()
             print(message, file=sys.stderr, flush=True)
+
+
+def _total(means: Iterable[Tensor], accum: int) -> Tensor:
+    """The loss to differentiate: the sum of the term means over ``accum`` micro-batches
+    (one add per extra term, no division when there is one micro-batch)."""
+    it = iter(means)
+    loss = next(it)
+    for m in it:
+        loss = loss + m
+    return loss if accum == 1 else loss / accum
+
+
+def _seed_global(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a step can draw from: the CPU one and,
+    when training on CUDA, the CUDA ones (``torch.manual_seed`` also visits every other
+    backend's generators: ~90 µs per call on CPU, more than the rest of this function)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def _loss_total(terms: dict[str, Any]) -> Any:
