@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Side by side, in one process: the official JiT code's training step against
+"""Side by side, alternating: the official JiT code's training step against
 denoiselab's ``Trainer.train_step`` on the same configuration (issue #21).
 
 The official code is *not* part of this repository. Point ``--official-dir`` at a folder
@@ -8,8 +8,9 @@ not installed, einops in ``OFFICIAL_DIR/_deps``). Its training step is the one o
 ``engine_jit.train_one_epoch``: set the lr, uint8 images → [-1, 1], ``loss = model(x, y)``,
 ``loss.item()`` + finiteness check, ``zero_grad``, ``backward``, ``AdamW.step`` (built as
 ``main_jit.py`` builds it: two parameter groups, default implementation) and
-``update_ema()`` (two decays). On a machine without CUDA its ``.cuda()`` calls are made
-no-ops and its ``torch.cuda.synchronize()`` is skipped; nothing else is changed.
+``update_ema()`` (two decays). On a machine without CUDA its ``.cuda()`` calls are removed as its
+source is loaded (the identity there) and its ``torch.cuda.synchronize()`` is skipped;
+nothing else is changed.
 
 Configuration (denoiselab's JiT-T/4 preset, built in both): 32 px, patch 4, width 192,
 depth 6, 3 heads, bottleneck 32, 8 in-context tokens from block 2, 10 classes; fp32,
@@ -67,16 +68,32 @@ def _uptime() -> str:
 
 
 def _import_official(official_dir: Path) -> types.ModuleType:
+    """Import the official ``denoiser`` from ``official_dir``. On a machine without CUDA its
+    ``.cuda()`` calls (RoPE tables, the zero attention bias) are removed from the source as
+    it is loaded: every tensor already is on the CPU, so they would be the identity, and
+    this way they are also gone inside its ``torch.compile`` regions."""
     for path in (official_dir / "_deps", official_dir):
         if path.is_dir():
             sys.path.insert(0, str(path))
-    if not torch.cuda.is_available():
-        # The official code moves its RoPE tables and attention bias with .cuda(); on a
-        # CPU-only machine that call is the identity (every tensor already is on the CPU).
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    port = not torch.cuda.is_available()
+    import util  # from --official-dir (its util/ package)
+
+    util.model_util = _load_source("util.model_util", official_dir / "util" / "model_util.py", port)
+    _load_source("model_jit", official_dir / "model_jit.py", port)
     import denoiser  # from --official-dir
 
     return denoiser
+
+
+def _load_source(name: str, path: Path, drop_cuda_calls: bool) -> types.ModuleType:
+    source = path.read_text()
+    if drop_cuda_calls:
+        source = source.replace(".cuda()", "")
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
 
 
 def _official_args(batch: int) -> argparse.Namespace:
@@ -187,10 +204,13 @@ def _build(name: str, denoiser, batch: int, device, run_dir: Path) -> Callable[[
     return OursStep(batch, mode == "compile", device, run_dir / name)
 
 
-def _time(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _time(fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -213,13 +233,15 @@ def worker(args: argparse.Namespace) -> int:
             cmd = line.split()
             if not cmd or cmd[0] != "run":
                 break
-            protocol.write(json.dumps([_time(step) for _ in range(int(cmd[1]))]) + "\n")
+            clock = CLOCKS[args.clock]
+            protocol.write(json.dumps([_time(step, clock) for _ in range(int(cmd[1]))]) + "\n")
     return 0
 
 
 def _spawn(variant: str, args: argparse.Namespace) -> tuple[subprocess.Popen, dict]:
     cmd = [sys.executable, __file__, "--worker", variant, "--official-dir", str(args.official_dir),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--warmup", str(args.warmup)]  # fmt: skip
+           "--batch", str(args.batch), "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--clock", args.clock]  # fmt: skip
     if args.official_retain_memory:
         cmd.append("--official-retain-memory")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -250,11 +272,21 @@ def main(argv: list[str] | None = None) -> int:
         help="give the official code's processes denoiselab's allocator setting too "
         "(train.allocator), to separate that gain from the code's",
     )
+    p.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall: perf_counter; cpu: the stepping thread's CPU time (--threads 1 only; "
+        "on a shared machine it counts the work, not the waiting)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not (args.official_dir / "denoiser.py").is_file():
         print(f"--official-dir {args.official_dir}: no denoiser.py there", file=sys.stderr)
+        return 2
+    if args.clock == "cpu" and args.threads != 1:
+        print("--clock cpu needs --threads 1 (other threads' time is not counted)", file=sys.stderr)
         return 2
     if args.worker:
         return worker(args)
@@ -287,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=ready,
         machine=machine_facts(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         command=" ".join(["benchmarks/official_jit_compare.py", *(argv or sys.argv[1:])]),
-        config=dict(model=MODEL, batch=args.batch, threads=args.threads, dtype="fp32",
+        config=dict(model=MODEL, batch=args.batch, threads=args.threads, dtype="fp32", clock=args.clock,
                     ema_decays=list(EMA_DECAYS), rounds=args.rounds, steps=args.steps,
                     official_retain_memory=args.official_retain_memory),
     )  # fmt: skip
