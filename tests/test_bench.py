@@ -232,14 +232,17 @@ def test_bench_rejects_bad_arguments(argv, message, tmp_path, capsys) -> None:
 
 
 class _FakeClock:
-    """Advances by ``tick`` seconds per reading: a lap's length says how many readings
-    (laps) were charged to its phase."""
+    """Advances by one per reading, and by ``advance(dt)`` for simulated work: a phase's
+    total counts its laps plus the work done inside it."""
 
-    def __init__(self, tick: float = 1.0) -> None:
-        self.now, self.tick = 0.0, tick
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
 
     def __call__(self) -> float:
-        self.now += self.tick
+        self.now += 1
         return self.now
 
 
@@ -261,21 +264,34 @@ def test_phase_clock_charges_each_interval_to_the_phase_that_ends_it() -> None:
 
 
 def test_train_step_laps_every_phase_and_timing_changes_nothing(tmp_path: Path) -> None:
-    """With a clock that ticks once per reading, each phase's total is its number of laps:
-    per micro-batch one for seeding, data, forward and backward and two for the loss
-    (before and after the network); once per step the optimizer, EMA and the bookkeeping
-    after the micro-batches and after the last lap. The timed step equals an untimed one."""
+    """The clock ticks once per reading, and the network, the optimizer step and the EMA
+    update each advance it by a distinct amount of simulated work. Per micro-batch there is
+    one lap for seeding, data, forward and backward and two for the loss (before and after
+    the network); per step one for the optimizer, EMA and the bookkeeping after the
+    micro-batches and after the last lap; and each piece of work lands in its own phase.
+    The timed step equals an untimed one."""
     cfg = replace(bench_train_config("JiT-Micro", None, 8, "fp32", False, "cpu"), grad_accum=2)
     timed, plain = (Trainer(cfg, tmp_path / name, quiet=True) for name in ("timed", "plain"))
-    clock = PhaseClock(clock=_FakeClock())
+    fake = _FakeClock()
+    clock = PhaseClock(clock=fake)
     timed.step_clock = clock
-    timed.module.__dict__["net"] = TimedNet(timed.module.net, clock)
+
+    def working(fn, dt):
+        def call(*args, **kwargs):
+            fake.advance(dt)
+            return fn(*args, **kwargs)
+
+        return call
+
+    timed.module.__dict__["net"] = TimedNet(working(timed.module.net, 1e4), clock)
+    timed.optimizer.step = working(timed.optimizer.step, 1e3)
+    timed.ema.update = working(timed.ema.update, 1e2)
     images, labels = torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 10
     clock.start()
     out_t = timed.train_step(3, images, labels)
     phases = clock.stop()
-    assert phases == {"data": 2, "forward": 2, "loss": 4, "backward": 2, "optimizer": 1,
-                      "ema": 1, "bookkeeping": 4}  # fmt: skip
+    assert phases == {"data": 2, "forward": 2 + 2e4, "loss": 4, "backward": 2,
+                      "optimizer": 1 + 1e3, "ema": 1 + 1e2, "bookkeeping": 4}  # fmt: skip
     out_p = plain.train_step(3, images, labels)
     assert torch.equal(out_t["denoise"], out_p["denoise"])
     assert all(
@@ -284,10 +300,10 @@ def test_train_step_laps_every_phase_and_timing_changes_nothing(tmp_path: Path) 
 
 
 def test_breakdown_summary_medians_shares_and_floor() -> None:
-    steps = [dict.fromkeys(PHASES, 0.001) | {"forward": f} for f in (0.010, 0.030, 0.020)]
-    out = summarise(steps, [0.012, 0.011, 0.013], "perf_counter")
-    assert out["phases_ms"]["forward"] == pytest.approx(20.0)
-    assert out["step_ms"] == pytest.approx(26.0)  # median of 16, 36, 26
+    steps = [dict.fromkeys(PHASES, 0.001) | {"forward": f} for f in (0.010, 0.050, 0.020)]
+    out = summarise(steps, [0.012, 0.011, 0.019], "perf_counter")
+    assert out["phases_ms"]["forward"] == pytest.approx(20.0)  # medians, not means
+    assert out["step_ms"] == pytest.approx(26.0)  # median of 16, 56, 26
     assert out["phase_share"]["forward"] == pytest.approx(20 / 26)
     assert out["bare_step_ms"] == pytest.approx(12.0) and out["overhead_ms"] == pytest.approx(14.0)
 
