@@ -5,6 +5,7 @@ eager) within its dtype's tolerance; the CFG interval skips the expected evaluat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from denoiselab.bench import bench_main, matmul_ceiling
+from denoiselab.bench.breakdown import summarise
 from denoiselab.bench.workloads import SampleWorkload, bench_train_config
 from denoiselab.models import AxialRoPE, apply_rope, axial_rope_angles, build_model
 from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
 from denoiselab.sampling.generate import compile_for_sampling, generate, noise_for
 from denoiselab.train.loop import Trainer
+from denoiselab.train.stepclock import PHASES, PhaseClock, TimedNet
 
 BETA1 = 0.9  # Trainer's AdamW β₁ (Table 9): after one step exp_avg = (1 − β₁)·grad
 
@@ -261,3 +264,106 @@ def test_bench_dtype_auto_follows_this_machine_and_says_why(
     assert result["config"]["dtype"] == expected and result["ceiling"]["dtype"] == torch_name
     assert result["dtype_choice"].startswith(f"auto → {expected}: ")
     assert f"dtype auto → {expected}: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- step breakdown
+
+
+class _FakeClock:
+    """Advances by one per reading, and by ``advance(dt)`` for simulated work: a phase's
+    total counts its laps plus the work done inside it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+def test_phase_clock_charges_each_interval_to_the_phase_that_ends_it() -> None:
+    times = iter([10.0, 10.5, 12.0, 12.25, 13.0, 15.0])
+    clock = PhaseClock(clock=lambda: next(times))
+    clock.start()  # 10.0
+    clock.lap("data")  # 0.5
+    clock.lap("forward")  # 1.5
+    clock.lap("data")  # 0.25 more
+    clock.lap("ema")  # 0.75
+    phases = clock.stop()  # the tail, 2.0, is bookkeeping
+    assert list(phases) == list(PHASES)
+    assert phases == {"data": 0.75, "forward": 1.5, "loss": 0.0, "backward": 0.0,
+                      "optimizer": 0.0, "ema": 0.75, "bookkeeping": 2.0}  # fmt: skip
+    assert sum(phases.values()) == 15.0 - 10.0
+    with pytest.raises(ValueError, match="unknown step phase 'fwd'"):
+        clock.lap("fwd")
+
+
+def test_train_step_laps_every_phase_and_timing_changes_nothing(tmp_path: Path) -> None:
+    """The clock ticks once per reading, and the network, the optimizer step and the EMA
+    update each advance it by a distinct amount of simulated work. Per micro-batch there is
+    one lap for seeding, data, forward and backward and two for the loss (before and after
+    the network); per step one for the optimizer, EMA and the bookkeeping after the
+    micro-batches and after the last lap; and each piece of work lands in its own phase.
+    The timed step equals an untimed one."""
+    cfg = replace(bench_train_config("JiT-Micro", None, 8, "fp32", False, "cpu"), grad_accum=2)
+    timed, plain = (Trainer(cfg, tmp_path / name, quiet=True) for name in ("timed", "plain"))
+    fake = _FakeClock()
+    clock = PhaseClock(clock=fake)
+    timed.step_clock = clock
+
+    def working(fn, dt):
+        def call(*args, **kwargs):
+            fake.advance(dt)
+            return fn(*args, **kwargs)
+
+        return call
+
+    timed.module.__dict__["net"] = TimedNet(working(timed.module.net, 1e4), clock)
+    timed.optimizer.step = working(timed.optimizer.step, 1e3)
+    timed.ema.update = working(timed.ema.update, 1e2)
+    images, labels = torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 10
+    clock.start()
+    out_t = timed.train_step(3, images, labels)
+    phases = clock.stop()
+    assert phases == {"data": 2, "forward": 2 + 2e4, "loss": 4, "backward": 2,
+                      "optimizer": 1 + 1e3, "ema": 1 + 1e2, "bookkeeping": 4}  # fmt: skip
+    out_p = plain.train_step(3, images, labels)
+    assert torch.equal(out_t["denoise"], out_p["denoise"])
+    assert all(
+        torch.equal(a, b) for a, b in zip(timed.model.parameters(), plain.model.parameters())
+    )
+
+
+def test_breakdown_summary_medians_shares_and_floor() -> None:
+    steps = [dict.fromkeys(PHASES, 0.001) | {"forward": f} for f in (0.010, 0.050, 0.020)]
+    out = summarise(steps, [0.012, 0.011, 0.019], "perf_counter")
+    assert out["phases_ms"]["forward"] == pytest.approx(20.0)  # medians, not means
+    assert out["step_ms"] == pytest.approx(26.0)  # median of 16, 56, 26
+    assert out["phase_share"]["forward"] == pytest.approx(20 / 26)
+    assert out["bare_step_ms"] == pytest.approx(12.0) and out["overhead_ms"] == pytest.approx(14.0)
+
+
+def test_bench_breakdown_times_every_phase_of_the_real_step(tmp_path: Path, capsys) -> None:
+    argv = ["--model", "JiT-Micro", "--batch", "4", "--dtype", "fp32", "--what", "train",
+            "--threads", "1", "--warmup", "1", "--repeats", "3", "--matmul-max-size", "256",
+            "--breakdown", "--out", str(tmp_path)]  # fmt: skip
+    assert bench_main(argv) == 0
+    b = json.loads((tmp_path / "bench.json").read_text())["train"]["breakdown"]
+    assert set(b["phases_ms"]) == set(PHASES) and b["repeats"] == 3
+    assert all(v >= 0 for v in b["phases_ms"].values())
+    assert all(b["phases_ms"][p] > 0 for p in ("forward", "loss", "backward", "optimizer", "ema"))
+    # the phases decompose the step: their medians add up to about the median step
+    assert 0.5 < sum(b["phases_ms"].values()) / b["step_ms"] < 2.0
+    assert len(b["steps_s"]) == len(b["bare_steps_s"]) == 3 and b["bare_step_ms"] > 0
+    assert b["overhead_ms"] == pytest.approx(b["step_ms"] - b["bare_step_ms"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train step breakdown") and out[-1].startswith("bench JiT-Micro")
+    assert any(line.split()[:1] == ["bare"] for line in out)
+
+
+def test_bench_breakdown_needs_the_training_workload(tmp_path: Path, capsys) -> None:
+    assert bench_main(["--what", "sample", "--breakdown", "--out", str(tmp_path)]) == 2
+    assert "breakdown splits the training step" in capsys.readouterr().err

@@ -301,7 +301,6 @@ def test_bench_times_training_with_and_without_repa_in_one_run(tmp_path, capsys)
 
 
 def test_info_counts_the_projector_parameters_of_a_config(capsys):
-    from pathlib import Path
 
     from denoiselab.cli import main
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from denoiselab.bench.breakdown import breakdown_table
 from denoiselab.bench.runner import BenchConfig, choose_dtype, prepare, run_bench
 from denoiselab.cliutil import ArgumentParser
 
@@ -57,6 +58,12 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
         help="also time training with a loss term (teacher forward included) against the "
         "step without terms, e.g. repa, irepa, repa:block=2,teacher.kind=dinov2,teacher.path=DIR",
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the training step phase by phase (data, forward, loss, backward, "
+        "optimizer, EMA, bookkeeping) against a bare forward+backward+optimizer step",
+    )
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (runs/bench)")
     return p
 
@@ -79,5 +86,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     print(f"dtype {reason}", file=sys.stderr, flush=True)
     result = run_bench(cfg, args.out)
     print(f"wrote {args.out}/bench.json", file=sys.stderr)
+    if "breakdown" in result.get("train", {}):
+        print("\n".join(breakdown_table(result["train"]["breakdown"])), flush=True)
     print(result["summary"], flush=True)
     return 0

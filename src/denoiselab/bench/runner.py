@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from denoiselab.bench.breakdown import measure_breakdown
 from denoiselab.bench.ceiling import matmul_ceiling
 from denoiselab.bench.machine import load_average, machine_facts, native_bf16
 from denoiselab.bench.profiling import top_ops_table
@@ -47,6 +48,8 @@ class BenchConfig:
 
     ``warmup``/``repeats``: untimed and timed training steps. Sampling warms up with one
     2-step run (it compiles both batch shapes) and times ``sample_repeats`` full runs.
+    ``breakdown``: afterwards, ``repeats`` more steps timed phase by phase, alternating with
+    as many bare steps (``bench.breakdown``).
     """
 
     model: str = "JiT-T/4"
@@ -67,6 +70,7 @@ class BenchConfig:
     matmul_max_size: int | None = None
     profile: bool = False
     repa: tuple[str, ...] = ()  # loss-term SPECs timed against the step without terms
+    breakdown: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch", "repeats", "sample_steps", "sample_repeats"):
@@ -82,6 +86,8 @@ class BenchConfig:
             raise ValueError(f"bench: what={self.what!r}; valid: 'train', 'sample', 'all'")
         if self.cfg_scale == 1.0:
             raise ValueError("bench: cfg_scale=1.0 disables guidance; the benchmark times CFG")
+        if self.breakdown and self.what == "sample":
+            raise ValueError("bench: breakdown splits the training step; use what='train' or 'all'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -149,6 +155,7 @@ def bench_train(
         memory = peak_memory(device)
         if bc.profile:
             (out / "profile_train.txt").write_text(top_ops_table(work, device))
+        breakdown = measure_breakdown(work, bc.repeats) if bc.breakdown else None
     images_per_s = tc.global_batch / timings.median_s
     achieved = images_per_s * 3 * forward_gflops
     return {
@@ -161,6 +168,7 @@ def bench_train(
         "achieved_gflops_per_s": achieved,
         "mfu": achieved / ceiling,
         **memory,
+        **({"breakdown": breakdown} if breakdown else {}),
     }
 
 

@@ -136,8 +136,11 @@ class JiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, rope: AxialRoPE | None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        # gated residuals x + gate·f(x), each one fused multiply-add pass
+        x = torch.addcmul(
+            x, gate1.unsqueeze(1), self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        )
+        x = torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import complex_rope_applies, rms_norm, rope_complex
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (§4.4); computed in float32.
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            return rms_norm(x, self.weight, self.eps)  # same output, a cheaper backward
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * x32).to(x.dtype)
@@ -114,7 +118,9 @@ class AxialRoPE(nn.Module):
     instead of strided indexing: compiled kernels then stay contiguous and vectorise (with the
     strided form, inductor fused the qk-norm weight gradient into a scalar reduction that took
     ~16 % of a compiled JiT-T/4 training step on CPU). Eager mode keeps the index form, so the
-    model's dense-op FLOPs stay exactly those that ``forward_macs`` counts.
+    model's dense-op FLOPs stay exactly those that ``forward_macs`` counts; in float32 on the
+    CPU it is one complex product instead (:func:`~denoiselab.models.fused.rope_complex`,
+    ~4× faster forward + backward than the index form).
     """
 
     def __init__(self, head_dim: int, grid: int, num_prefix: int = 0) -> None:
@@ -132,6 +138,8 @@ class AxialRoPE(nn.Module):
         """x: [B, heads, N, head_dim] with N == num_prefix + grid² -> same shape."""
         if torch.compiler.is_compiling():
             swapped = F.linear(x, self.swap.to(x.dtype))  # S is symmetric: x @ Sᵀ = x @ S
+        elif complex_rope_applies(x):
+            return rope_complex(x, self.cos[:, ::2], self.sin[:, 1::2])
         else:
             swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         return x * self.cos.to(x.dtype) + swapped * self.sin.to(x.dtype)
@@ -175,8 +183,9 @@ class Attention(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation: x [B, N, D], shift/scale [B, D] -> ``x·(1+scale) + shift``."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation: x [B, N, D], shift/scale [B, D] -> ``x·(1+scale) + shift``
+    (one fused multiply-add pass)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class AdaLNModulation(nn.Module):

@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from denoiselab.models import JiT
 from denoiselab.sampling.generate import Sampler
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train import state
+from denoiselab.train.allocator import retain_freed_memory
 from denoiselab.train.build import (
     build_objective,
     config_yaml_with_model,
@@ -49,6 +50,7 @@ from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 from denoiselab.train.schedule import Schedule
+from denoiselab.train.stepclock import NO_CLOCK, StepClock
 from denoiselab.train.tracking import require_backends
 from denoiselab.train.window import (
     LossWindow,
@@ -64,6 +66,8 @@ __all__ = [
     "UnusedTermParametersError",
     "train",
 ]
+
+PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
 
 PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
 
@@ -124,6 +128,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.quiet = quiet
         self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout_s)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # no fresh pages from the kernel every step (train.allocator)
         shards = self.dist.world_size * cfg.grad_accum
         if cfg.global_batch % shards:
             raise ConfigError(
@@ -171,6 +177,7 @@ class Trainer:
         self.run_dir.truncate_metrics(self.start_step)
         self.run_dir.start_tracking(cfg.log, self.config_yaml, self.start_step)
         self.step_module: nn.Module = self.module
+        self.step_clock: StepClock = NO_CLOCK  # bench --breakdown times the step's phases
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(
@@ -187,25 +194,31 @@ class Trainer:
         self, step: int, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Forward/backward over ``grad_accum`` micro-batches, then one optimizer step.
-        ``extras``: the batch's per-sample side data, split like the images and handed to
-        the loss terms. Returns the detached per-term means (on device; no host sync).
+
+        ``extras``: the batch's per-sample side data, split like the images and handed to the
+        loss terms. Returns the detached per-term means (on device; no host synchronisation).
+        ``self.step_clock`` is told when each phase ends (``train.stepclock``; a no-op unless
+        ``denoiselab bench --breakdown`` installs a timer).
         """
-        cfg = self.cfg
+        cfg, clock = self.cfg, self.step_clock
         factor = lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.cooldown_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        micro = images.shape[0] // cfg.grad_accum
+        accum = cfg.grad_accum
+        micro = images.shape[0] // accum
         extras = extras or {}
         totals: dict[str, Tensor] = {}
-        for k in range(cfg.grad_accum):
-            shard = self.dist.rank * cfg.grad_accum + k
+        for k in range(accum):
+            shard = self.dist.rank * accum + k
             seed = mix_seed(cfg.seed, step, shard)
-            torch.manual_seed(mix_seed(seed, 1))  # dropout and any other global draws
+            _seed_global(mix_seed(seed, 1), self.device)  # dropout and any other global draws
             gen = torch.Generator(self.device).manual_seed(seed)
+            clock.lap("bookkeeping")
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             y = labels[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
             side = {n: v[k * micro : (k + 1) * micro].to(self.device) for n, v in extras.items()}
-            last = k == cfg.grad_accum - 1
+            clock.lap("data")
+            last = k == accum - 1
             sync = (
                 contextlib.nullcontext()
                 if last or not self.dist.enabled
@@ -215,10 +228,14 @@ class Trainer:
                 with self.autocast():
                     terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch, extras=side)
                 means = {name: t.mean() for name, t in terms.items()}
-                loss = sum(means.values()) / cfg.grad_accum
+                loss = _total(means.values(), accum)
+                clock.lap("loss")
                 loss.backward()
+                clock.lap("backward")
             for name, m in means.items():
-                totals[name] = totals.get(name, 0) + m.detach() / cfg.grad_accum
+                m = m.detach() if accum == 1 else m.detach() / accum
+                totals[name] = totals[name] + m if name in totals else m
+        clock.lap("bookkeeping")
         unused = self.module.unused_term_parameters()
         if unused:  # under DDP their gradients were not averaged: never step on them
             raise UnusedTermParametersError(
@@ -232,7 +249,9 @@ class Trainer:
         self._note_gradient(step, totals.get("grad_norm"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         self.ema.update(self.model, step)
+        clock.lap("ema")
         return totals
 
     def _note_gradient(self, step: int, norm: Tensor | None) -> None:
@@ -377,6 +396,25 @@ class Trainer:
             if self.progress is not None:
                 self.progress.clear()
             print(message, file=sys.stderr, flush=True)
+
+
+def _total(means: Iterable[Tensor], accum: int) -> Tensor:
+    """The loss to differentiate: the sum of the term means over ``accum`` micro-batches
+    (one add per extra term, no division when there is one micro-batch)."""
+    it = iter(means)
+    loss = next(it)
+    for m in it:
+        loss = loss + m
+    return loss if accum == 1 else loss / accum
+
+
+def _seed_global(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a step can draw from: the CPU one and,
+    when training on CUDA, the CUDA ones (``torch.manual_seed`` also visits every other
+    backend's generators: ~90 µs per call on CPU, more than the rest of this function)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def train(
