@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from denoiselab.algorithms import TermContext, build_terms
 from denoiselab.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from denoiselab.models import JiT, JiTConfig, model_config
+from denoiselab.models.routing import RouteSampler
 from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.generate import Sampler
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
@@ -67,9 +68,13 @@ def build_objective(
     cfg: TrainConfig, num_classes: int, terms: TermContext | None = None
 ) -> DenoisingObjective:
     """The run's objective; with ``terms`` (training) also its extra loss terms
-    (``cfg.terms``), built for the run that ``terms`` describes."""
-    extra = build_terms(cfg.terms, terms) if terms is not None else []
-    return DenoisingObjective(cfg.objective, num_classes, extra_terms=extra)
+    (``cfg.terms``) and the route sampler of a routing network, built for the run that
+    ``terms`` describes. Without it (sampling, evaluation) the network runs dense."""
+    if terms is None:
+        return DenoisingObjective(cfg.objective, num_classes)
+    extra = build_terms(cfg.terms, terms)
+    routes = RouteSampler.for_model(terms.model_cfg)
+    return DenoisingObjective(cfg.objective, num_classes, extra_terms=extra, routes=routes)
 
 
 def run_sampler(

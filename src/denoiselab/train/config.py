@@ -211,6 +211,7 @@ class TrainConfig:
         object.__setattr__(self, "terms", parse_terms(self.terms))
         if "name" not in self.model:
             raise ConfigError("model.name is required (e.g. 'JiT-B/16'; see `denoiselab info`)")
+        _check_routing(self.model)
         for key in ("global_batch", "grad_accum", "duration_nimg", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
@@ -231,3 +232,17 @@ class TrainConfig:
     def every(self, nimg: int) -> int:
         """An interval in images, as a whole number of steps (at least 1)."""
         return max(1, round(nimg / self.global_batch))
+
+
+def _check_routing(model: dict[str, Any]) -> None:
+    """``model.routing`` checked now (kind, ratio, and its block range against the depth of the
+    preset or ``model.depth``), not when the network is built."""
+    if "routing" not in model:
+        return
+    from denoiselab.models.registry import MODEL_PRESETS
+    from denoiselab.models.routing import routing_config
+
+    routing = routing_config(model["routing"])
+    preset = MODEL_PRESETS.get(model["name"])
+    if routing.enabled and preset is not None:
+        routing.blocks(model.get("depth", preset["depth"]))
