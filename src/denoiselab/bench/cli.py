@@ -40,6 +40,29 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--matmul-max-size", type=int, default=None, help="cap on the ceiling's n")
     p.add_argument("--profile", action="store_true", help="write profile_{train,sample}.txt")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-config override, e.g. model.depth=4 (repeatable)",
+    )
+    p.add_argument(
+        "--routing",
+        nargs="+",
+        default=[],
+        metavar="KIND:RATIO[:START:END]",
+        help="time token-routing variants against the dense step, e.g. tread:0.5 "
+        "sprint:0.75:1:2 (START/END: routed blocks, both included)",
+    )
+    p.add_argument(
+        "--optim",
+        nargs="+",
+        default=[],
+        metavar="NAME[:NS_DTYPE]",
+        help="time optimizer variants against AdamW: muon, muon:bf16, muon:fp32",
+    )
     p.add_argument("--out", required=True, help="output folder for bench.json")
     return p
 
@@ -50,6 +73,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k != "out"}
     fields["interval"] = tuple(fields["interval"])
+    for key in ("sets", "routing", "optim"):
+        fields[key] = tuple(fields[key])
     try:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs

@@ -22,12 +22,21 @@ from denoiselab.bench.ceiling import matmul_ceiling
 from denoiselab.bench.machine import load_average, machine_facts
 from denoiselab.bench.profiling import top_ops_table
 from denoiselab.bench.timing import measure, peak_memory, reset_peak_memory, time_once
+from denoiselab.bench.variants import (
+    TrainVariant,
+    bench_variants,
+    parse_optim,
+    parse_routing,
+    summary_part,
+    variant_config,
+)
 from denoiselab.bench.workloads import (
     SampleWorkload,
     TrainWorkload,
     bench_train_config,
     resolved_model_config,
 )
+from denoiselab.config import apply_overrides, from_dict, to_dict
 from denoiselab.models import JiTConfig, count_params, forward_macs
 from denoiselab.sampling import nfe
 from denoiselab.train.config import TrainConfig
@@ -44,6 +53,9 @@ class BenchConfig:
 
     ``warmup``/``repeats``: untimed and timed training steps. Sampling warms up with one
     2-step run (it compiles both batch shapes) and times ``sample_repeats`` full runs.
+    ``sets``: ``key=value`` overrides of the training config (e.g. ``model.depth=4``).
+    ``routing`` / ``optim``: training-step variants (``tread:0.5``, ``muon:fp32``; see
+    ``bench.variants``) timed against the dense AdamW step in the same run.
     """
 
     model: str = "JiT-T/4"
@@ -63,6 +75,9 @@ class BenchConfig:
     interval: tuple[float, float] = (0.1, 1.0)
     matmul_max_size: int | None = None
     profile: bool = False
+    sets: tuple[str, ...] = ()
+    routing: tuple[str, ...] = ()
+    optim: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("batch", "repeats", "sample_steps", "sample_repeats"):
@@ -83,6 +98,10 @@ class BenchConfig:
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
+    def variants(self) -> list[TrainVariant]:
+        """The training-step variants to compare with the base (ValueError on a bad spec)."""
+        return [*map(parse_routing, self.routing), *map(parse_optim, self.optim)]
+
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -96,6 +115,10 @@ def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:
     """Resolve and validate the device, training config and network (raises ValueError)."""
     device = _device(bc.device)
     tc = bench_train_config(bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device))
+    if bc.sets:
+        tc = from_dict(TrainConfig, apply_overrides(to_dict(tc), list(bc.sets)))
+    for v in bc.variants():
+        variant_config(tc, v)  # a routing range outside the depth is named now
     return device, tc, resolved_model_config(tc)
 
 
@@ -212,6 +235,8 @@ def summary_line(result: dict[str, Any]) -> str:
             f"sample heun-{c['sample_steps']}+cfg {r['images_per_s']:.2f} img/s "
             f"(MFU {100 * r['mfu']:.0f}%)"
         )
+    if "compare" in result:
+        parts.append(summary_part(result["compare"]))
     ceiling = result["ceiling"]
     parts.append(f"matmul {ceiling['dtype']} {ceiling['gflops_per_s']:.1f} GFLOP/s")
     parts.append(f"load {m['load_average']} → {m['load_average_end']}")
@@ -237,6 +262,8 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
         gflops = result["model"]["forward_gflops_per_image"]
         if bc.what in ("train", "all"):
             result["train"] = bench_train(tc, bc, gflops, ceiling, out)
+            if bc.variants():
+                result["compare"] = bench_variants(tc, bc.variants(), bc.warmup, bc.repeats)
         if bc.what in ("sample", "all"):
             result["sample"] = bench_sample(mc, bc, device, ceiling, out)
     finally:
