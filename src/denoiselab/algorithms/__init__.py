@@ -93,6 +93,7 @@ def build_terms(configs: Mapping[str, Any], ctx: TermContext) -> list[LossTerm]:
 def _load_builtin() -> None:
     """Import the modules that register the built-in techniques (once)."""
     # Each import registers its technique; the import order is the registry order.
+    from denoiselab.algorithms import lpips  # noqa: F401
 
 
 __all__ = ["TERMS", "TermContext", "TermSpec", "build_terms", "parse_terms", "register"]
