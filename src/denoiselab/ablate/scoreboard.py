@@ -195,6 +195,8 @@ def write_scoreboard(suite: Suite, out: str | Path) -> dict[str, Any]:
         "lower_is_better": {m: lower_is_better(m) for m in metrics},
         "rows": rows,
         "verdict": verdict(suite, rows),
+        "budget": suite.budget,
+        "durations": dict(suite.durations),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "denoiselab": __version__,
     }
@@ -210,6 +212,12 @@ def scoreboard_markdown(result: dict[str, Any]) -> str:
         parts.append(result["description"].strip() + "\n")
     parts.append(markdown_table(result["rows"], result["metrics"]))
     parts.append(f"\nΔ against the baseline `{result['baseline']}`; ↓ lower is better, ↑ higher.\n")
+    if result.get("budget") == "time":
+        shown = ", ".join(f"{n} {d:,}" for n, d in result["durations"].items())
+        parts.append(
+            "\nEqual wall-clock budget: each variant trained for the images the baseline's "
+            f"training time buys at its measured step speed (throughput.json): {shown} images.\n"
+        )
     if result["verdict"]:
         parts.append(f"\n**Verdict:** {result['verdict']['text']}\n")
     parts.append(f"\n_denoiselab {result['denoiselab']}, {result['generated']}_\n")

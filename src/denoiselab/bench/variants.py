@@ -83,11 +83,11 @@ def variant_config(tc: TrainConfig, v: TrainVariant) -> TrainConfig:
     return cfg
 
 
-def bench_variants(
-    tc: TrainConfig, variants: list[TrainVariant], warmup: int, repeats: int
-) -> dict[str, Any]:
-    """Time ``tc`` (dense, AdamW: the base) and each variant round-robin; see the module doc."""
-    configs = [tc, *(variant_config(tc, v) for v in variants)]
+def round_robin(
+    configs: list[TrainConfig], warmup: int, repeats: int
+) -> tuple[list[list[float]], list[Any], list[int]]:
+    """Seconds of ``repeats`` training steps of each config, timed round-robin after
+    ``warmup`` untimed steps each; also each run's network config and steps taken."""
     with tempfile.TemporaryDirectory() as root:
         works = [TrainWorkload.build(c, Path(root) / str(i)) for i, c in enumerate(configs)]
         device = works[0].trainer.device
@@ -98,8 +98,20 @@ def bench_variants(
         for _ in range(repeats):
             for t, work in zip(times, works):
                 t.append(time_once(work, device))
-        models = [w.trainer.model_cfg for w in works]
-        steps_run = [w.step for w in works]
+        return times, [w.trainer.model_cfg for w in works], [w.step for w in works]
+
+
+def paired_speedup(base: list[float], other: list[float]) -> float:
+    """Median over repeats of ``base_r / other_r``: > 1 when ``other`` steps faster."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
+def bench_variants(
+    tc: TrainConfig, variants: list[TrainVariant], warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Time ``tc`` (dense, AdamW: the base) and each variant round-robin; see the module doc."""
+    configs = [tc, *(variant_config(tc, v) for v in variants)]
+    times, models, steps_run = round_robin(configs, warmup, repeats)
     base_flops = 3 * forward_macs(models[0], routed=True)["gflops"]
     rows = []
     for i, (name, t, mc) in enumerate(zip(["base", *(v.name for v in variants)], times, models)):
@@ -114,7 +126,7 @@ def bench_variants(
             "flop_ratio": flops / base_flops,
         }
         if i:
-            row["speedup"] = statistics.median(b / v for b, v in zip(times[0], t))
+            row["speedup"] = paired_speedup(times[0], t)
         rows.append(row)
     return {
         "base": "dense network, AdamW (the benchmark's training config)",
