@@ -11,6 +11,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    """``--guidance cfg|sparse`` and ``--sparse-ratio`` (``denoiselab sample`` and ``eval``)."""
+    p.add_argument("--guidance", choices=("cfg", "sparse"), default="cfg",
+                   help="cfg: classifier-free with scale --cfg; sparse: a token-routing network "
+                   "guided by its routed self (both conditional), scale --cfg")  # fmt: skip
+    p.add_argument("--sparse-ratio", type=float, default=0.5,
+                   help="fraction of patch tokens routed in sparse guidance's weak pass")  # fmt: skip
+
+
 def _train(args: argparse.Namespace) -> int:
     from denoiselab.config import dump_yaml
     from denoiselab.train.build import load_train_config
@@ -82,6 +91,8 @@ def _sample(args: argparse.Namespace) -> int:
             solver=args.solver,
             cfg_scale=args.cfg,
             interval=tuple(args.cfg_interval),
+            guidance=args.guidance,
+            sparse_ratio=args.sparse_ratio,
         )
         save_images(x, out, start=start)
         images.append(x.cpu())
@@ -178,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", choices=["heun", "euler"], default="heun")
     s.add_argument("--cfg", type=float, default=1.0, help="guidance scale ω")
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0], metavar=("LO", "HI"))
+    add_guidance_arguments(s)
     s.add_argument(
         "--ema",
         type=float,

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from denoiselab.cli import add_guidance_arguments
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -29,14 +30,20 @@ _HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
 
 
 def make_generator(
-    r: Restored, *, cfg_scale: float, steps: int, solver: str, interval: tuple[float, float]
+    r: Restored,
+    *,
+    cfg_scale: float,
+    steps: int,
+    solver: str,
+    interval: tuple[float, float],
+    **guidance: Any,
 ) -> Callable[[int, Tensor, int], Tensor]:
-    """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`."""
+    """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`;
+    ``guidance``: the sampler's ``guidance`` / ``sparse_ratio``."""
 
     def gen(n: int, labels: Tensor, seed: int) -> Tensor:
-        x = r.sample(
-            labels[:n], seed, steps=steps, solver=solver, cfg_scale=cfg_scale, interval=interval
-        )
+        x = r.sample(labels[:n], seed, steps=steps, solver=solver, cfg_scale=cfg_scale,
+                     interval=interval, **guidance)  # fmt: skip
         return to_uint8(x.cpu())
 
     return gen
@@ -95,6 +102,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             steps=args.steps,
             solver=args.solver,
             interval=tuple(args.cfg_interval),
+            guidance=args.guidance,
+            sparse_ratio=args.sparse_ratio,
         )
         out = evaluate(
             gen,
@@ -132,6 +141,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         solver=args.solver,
         sampling_steps=args.steps,
         cfg_interval=list(args.cfg_interval),
+        guidance=args.guidance,
+        sparse_ratio=args.sparse_ratio if args.guidance == "sparse" else None,
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
         rank=info.rank,
@@ -163,6 +174,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         type=float,
         help="EMA decay (default: searched, or 'auto', see train.ema.auto_decay)",
     )
+    add_guidance_arguments(p)
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
     p.add_argument("--steps", type=int, default=50)

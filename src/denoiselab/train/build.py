@@ -98,6 +98,7 @@ def run_sampler(
         decode=decode,
         device=device,
         autocast=autocast,
+        routes=RouteSampler.for_model(mc),
     )
 
 
