@@ -102,18 +102,3 @@ def describe(name: str, image_size: int | None = None) -> str:
             "(linear layers + attention matmuls; 1 MAC = 2 FLOPs)",
         ]
     )
-
-
-def describe_routing(cfg: JiTConfig) -> str:
-    """One line on a routing network: which tokens skip which blocks and what a routed
-    training forward costs against the full one."""
-    r = cfg.routing
-    if not r.enabled:
-        return "routing: none"
-    blocks = r.blocks(cfg.depth)
-    full, routed = forward_macs(cfg)["total"], forward_macs(cfg, routed=True)["total"]
-    return (
-        f"routing: {r.kind}, {cfg.num_patches - r.num_kept(cfg.num_patches)} of "
-        f"{cfg.num_patches} patch tokens skip blocks {blocks.start} … {blocks.stop - 1}; "
-        f"training forward {routed / 1e9:.3g} GMACs = {routed / full:.2f} × the full network"
-    )
