@@ -185,7 +185,7 @@ class TokenRouter(nn.Module):
 
 class RoutedPass:
     """The routing state of one forward pass; the network calls, for block ``i``:
-    ``x = enter(i, x, prefix)``, the block with ``rope(rope, prefix)``,
+    ``x = enter(i, x, prefix)``, the block with ``rope(rope, prefix, i)``,
     ``hidden(i, x, prefix)`` for ``hidden_out`` and ``x = leave(i, x, prefix)``.
 
     ``x`` is ``[B, prefix + tokens, D]``: ``prefix`` in-context tokens in front of the patch
@@ -212,6 +212,7 @@ class RoutedPass:
         return torch.cat([x[:, :prefix], gather_tokens(self.stash, self.keep)], dim=1)
 
     def rope(self, rope: AxialRoPE | None, prefix: int, i: int) -> AxialRoPE | TokenRoPE | None:
+        """``rope`` for block ``i``; in a routed block, its tables at the kept tokens' rows."""
         if rope is None or not self.routed(i):
             return rope
         key = (id(rope), prefix)
