@@ -13,6 +13,11 @@ every later session, so a resumed or parallel run keeps the same durations (and 
 fingerprint, which holds its duration, does not change). Edit or write that file before a run
 to pin the speeds. Evaluation and data loading are outside the measurement: equal wall-clock
 means equal training-step time.
+
+The measurement runs with the run's own threads and priority. On a machine shared with other
+jobs that is scheduling noise more than model cost (measured 2026-12-01: 2 threads at nice 15
+under load 7 gave TREAD 2.0× where one thread at nice 10 gave 1.29×, as ``denoiselab bench``
+did): there, measure once under better conditions (``measure_speeds``) and write the file.
 """
 
 from __future__ import annotations
