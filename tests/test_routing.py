@@ -347,3 +347,27 @@ def test_ddp_with_routing_equals_one_process_with_accumulation(tmp_path) -> None
         train(routed("sprint", device="cpu", duration_nimg=32), tmp_path / "other", quiet=True)
     )
     assert max((a.model[k] - other.model[k]).abs().max().item() for k in a.model) > 1e-5
+
+
+def test_routing_stops_for_the_full_token_stage(tmp_path) -> None:
+    """``objective.routing_until``: routed until that fraction of the run, then dense (SPRINT's
+    full-token fine-tuning), decided by the images seen, so resume and DDP agree on it."""
+    from denoiselab.algorithms import TermContext
+    from denoiselab.data import build_dataset
+    from denoiselab.train.build import build_objective, resolve_model_config
+
+    cfg = routed("sprint", **{"objective.routing_until": 0.75})  # 64 images: routed below 48
+    data = build_dataset(cfg.data)
+    mc = resolve_model_config(cfg, image_size=16, channels=3, num_classes=data.num_classes)
+    objective = build_objective(cfg, 8, TermContext(mc, cfg.objective, cfg.data, data, "cpu"))
+    assert objective.routes_until_nimg == 48
+    probe = _Probe()
+    objective.extra_terms.append(probe)
+    net = JiT(mc)
+    x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4)
+    objective(net, x, y, torch.Generator().manual_seed(0), nimg=40)
+    assert probe.ctx.route is not None and probe.ctx.tokens_through(1) is not None
+    objective(net, x, y, torch.Generator().manual_seed(0), nimg=48)
+    assert probe.ctx.route is None and probe.ctx.tokens_through(1) is None
+    with pytest.raises(ConfigError, match=r"objective.routing_until=0.0 must lie in \(0, 1\]"):
+        load_train_config(None, ["model.name=JiT-Micro", "objective.routing_until=0"])

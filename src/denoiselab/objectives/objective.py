@@ -50,6 +50,9 @@ class ObjectiveConfig:
     ``label_drop`` replaces the class by the null class with this probability (for CFG).
     ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
     seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
+    ``routing_until``: for a network with token routing (``model.routing``), the fraction of the
+    run trained routed; the rest, at the end, trains the full network (SPRINT's short
+    full-token fine-tuning stage, e.g. 0.9). 1: routed to the end.
     """
 
     prediction: str = "x"
@@ -63,6 +66,7 @@ class ObjectiveConfig:
     min_snr_gamma: float = 5.0
     label_drop: float = 0.1
     contrastive: float = 0.0
+    routing_until: float = 1.0
 
     def __post_init__(self) -> None:
         pred = parse_space(self.prediction, Prediction)
@@ -86,6 +90,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.label_drop={self.label_drop!r} must lie in [0, 1)")
         if not 0 <= self.contrastive < 1:
             raise ValueError(f"objective.contrastive={self.contrastive!r} must lie in [0, 1)")
+        if not 0 < self.routing_until <= 1:
+            raise ValueError(f"objective.routing_until={self.routing_until!r} must lie in (0, 1]")
 
     @property
     def pred(self) -> Prediction:
@@ -200,11 +206,13 @@ class DenoisingObjective(nn.Module):
         num_classes: int,
         extra_terms: list[LossTerm] | None = None,
         routes: RouteSampler | None = None,
+        routes_until_nimg: float = math.inf,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.routes = routes  # token routing: the objective draws the route, the network obeys
+        self.routes_until_nimg = routes_until_nimg  # then dense (a full-token fine-tuning stage)
         self.extra_terms = list(extra_terms or [])
         if cfg.contrastive > 0:
             self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss))
@@ -260,7 +268,7 @@ class DenoisingObjective(nn.Module):
         ``nimg`` and ``extras`` are handed to the extra terms (see :class:`StepContext`)."""
         t, eps, y = self.draw(x, y, generator)
         route = None
-        if self.routes is not None:  # drawn after t, ε and labels: dense runs keep their stream
+        if self.routes is not None and nimg < self.routes_until_nimg:  # drawn after t, ε, y
             route = self.routes(x.shape[0], generator, x.device)
         return self.terms(net, x, y, t, eps, nimg=nimg, extras=extras, route=route)
 

@@ -74,7 +74,8 @@ def build_objective(
         return DenoisingObjective(cfg.objective, num_classes)
     extra = build_terms(cfg.terms, terms)
     routes = RouteSampler.for_model(terms.model_cfg)
-    return DenoisingObjective(cfg.objective, num_classes, extra_terms=extra, routes=routes)
+    until = cfg.objective.routing_until * cfg.duration_nimg  # then the full-token stage
+    return DenoisingObjective(cfg.objective, num_classes, extra, routes, until)
 
 
 def run_sampler(
