@@ -79,7 +79,7 @@ def test_muon_step_matches_a_written_out_reference():
         buf = 0.95 * buf + g  # momentum, then the Nesterov look-ahead
         update = _newton_schulz5(g + 0.95 * buf)
         expected -= 0.1 * 0.2 * math.sqrt(max(12, 8)) * update  # match_rms_adamw scaling
-    # torch runs the iteration in bf16: agreement to ~1 % of the two steps' movement (a wrong
+    # ns_dtype auto may iterate in bf16: agreement to ~1 % of the two steps' movement (a wrong
     # rate scaling — Keller's √max(1, A/B) = 1.22 instead of 0.2·√12 = 0.69 — or momentum
     # rule moves the weights by several times this tolerance)
     assert (expected - w0).abs().max() > 5e-2

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from denoiselab.cliutil import ArgumentParser, check_sampler_flags, guarded
+from denoiselab.cliutil import ArgumentParser, add_guidance_arguments, check_sampler_flags, guarded
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -125,7 +125,13 @@ def _sample(args: argparse.Namespace) -> int:
             labels = torch.full((n,), label, dtype=torch.long)
         else:
             labels = balanced_labels(n, num_classes, offset=start)
-        x = r.sample(labels, args.seed + start, **settings)
+        x = r.sample(
+            labels,
+            args.seed + start,
+            **settings,
+            guidance=args.guidance,
+            sparse_ratio=args.sparse_ratio,
+        )
         save_images(x, out, start=start)
         images.append(x.cpu())
     save_grid(torch.cat(images)[:256], out / "grid.png")
@@ -286,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="guidance interval " + own % "interval",
     )
+    add_guidance_arguments(s)
     s.add_argument(
         "--ema",
         type=float,

@@ -92,3 +92,12 @@ def check_sampler_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--cfg-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
     if args.eta is not None and not args.eta >= 0:
         raise ValueError(f"--eta {args.eta} must be >= 0 (0: the ODE)")
+
+
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    """``--guidance cfg|sparse`` and ``--sparse-ratio`` (``denoiselab sample`` and ``eval``)."""
+    p.add_argument("--guidance", choices=("cfg", "sparse"), default="cfg",
+                   help="cfg: classifier-free with scale --cfg; sparse: a token-routing network "
+                   "guided by its routed self (both conditional), scale --cfg")  # fmt: skip
+    p.add_argument("--sparse-ratio", type=float, default=0.5,
+                   help="fraction of patch tokens routed in sparse guidance's weak pass")  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from denoiselab.cliutil import ArgumentParser, check_sampler_flags
+from denoiselab.cliutil import ArgumentParser, add_guidance_arguments, check_sampler_flags
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -38,8 +38,10 @@ def make_generator(
     solver: str,
     interval: tuple[float, float],
     eta: float = 1.0,
+    **guidance: Any,
 ) -> Callable[[int, Tensor, int], Tensor]:
-    """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`."""
+    """``(n, labels [n], seed) -> uint8 [n, 3, H, W]`` for :func:`denoiselab.metrics.evaluate`;
+    ``guidance``: the sampler's ``guidance`` / ``sparse_ratio``."""
 
     def gen(n: int, labels: Tensor, seed: int) -> Tensor:
         x = r.sample(
@@ -50,6 +52,7 @@ def make_generator(
             cfg_scale=cfg_scale,
             interval=interval,
             eta=eta,
+            **guidance,
         )
         return to_uint8(x.cpu())
 
@@ -123,6 +126,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             solver=own["solver"],
             interval=own["interval"],
             eta=own["eta"],
+            guidance=args.guidance,
+            sparse_ratio=args.sparse_ratio,
         )
         out = evaluate(
             gen,
@@ -164,6 +169,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         sampling_steps=own["steps"],
         compile=bool(args.compile),
         cfg_interval=list(own["interval"]),
+        guidance=args.guidance,
+        sparse_ratio=args.sparse_ratio if args.guidance == "sparse" else None,
         sweep=sweep,
         selection=f"min over sweep of {metrics[0]} (sign-adjusted)" if sweep else "given",
         rank=info.rank,
@@ -202,6 +209,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         type=float,
         help="EMA decay (default: searched, or 'auto', see train.ema.auto_decay)",
     )
+    add_guidance_arguments(p)
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
     p.add_argument("--steps", type=int, help="sampling steps " + own % "steps")

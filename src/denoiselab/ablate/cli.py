@@ -51,6 +51,13 @@ def ablate_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override for every variant (train keys or eval.*); repeatable",
     )
+    p.add_argument(
+        "--budget",
+        choices=("images", "time"),
+        help="images: every variant sees the base's images; time: equal wall-clock, each "
+        "variant gets the images the baseline's training time buys at its measured speed "
+        "(default: the suite's budget key, else images)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--verbose", action="store_true", help="print the training log lines")
     p.add_argument("--no-report", action="store_true", help="skip scoreboard and report")
@@ -77,7 +84,9 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
     try:
         from denoiselab.ablate.runner import parse_devices
 
-        suite = load_suite(args.suite, quick=args.quick, base=args.base, sets=args.sets)
+        suite = load_suite(
+            args.suite, quick=args.quick, base=args.base, sets=args.sets, budget=args.budget
+        )
         parse_devices(args.devices)  # a bad device is named before anything runs
         if args.dry_run:
             print(dump_suite(suite), end="")
@@ -102,7 +111,8 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
     from denoiselab.ablate.runner import parse_devices, run_suite
 
     devices = parse_devices(args.devices)
-    default = Path("runs") / "ablate" / (suite.name + ("-quick" if suite.quick else ""))
+    suffix = ("-time" if suite.budget == "time" else "") + ("-quick" if suite.quick else "")
+    default = Path("runs") / "ablate" / (suite.name + suffix)
     out = Path(args.out) if args.out else default
     only = [n.strip() for n in args.only.split(",")] if args.only else None
     status = run_suite(
@@ -110,7 +120,7 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
     )
     failed = {n: s for n, s in status.items() if s != "done"}
     if not args.no_report:
-        report = build_report(out, suite)
+        report = build_report(out)  # from suite.json: it holds the equal-time durations
         print((out / "scoreboard.md").read_text(encoding="utf-8"))
         print(f"report: {report}")
     for name, s in failed.items():

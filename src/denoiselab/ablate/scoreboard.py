@@ -198,6 +198,8 @@ def write_scoreboard(suite: Suite, out: str | Path) -> dict[str, Any]:
         "rows": rows,
         "verdict": verdict(suite, rows),
         "equal_time": equal_time_rows(out, rows, suite.baseline),
+        "budget": suite.budget,
+        "durations": dict(suite.durations),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "denoiselab": __version__,
     }
@@ -217,6 +219,12 @@ def scoreboard_markdown(result: dict[str, Any]) -> str:
         base = next((r for r in result["rows"] if r["baseline"]), {})
         seconds = base["nimg"] / base["img_per_s"] if base.get("img_per_s") else None
         parts.append(equal_time_markdown(result["equal_time"], seconds))
+    if result.get("budget") == "time":
+        shown = ", ".join(f"{n} {d:,}" for n, d in result["durations"].items())
+        parts.append(
+            "\nEqual wall-clock budget: each variant trained for the images the baseline's "
+            f"training time buys at its measured step speed (throughput.json): {shown} images.\n"
+        )
     if result["verdict"]:
         parts.append(f"\n**Verdict:** {result['verdict']['text']}\n")
     parts.append(f"\n_denoiselab {result['denoiselab']}, {result['generated']}_\n")

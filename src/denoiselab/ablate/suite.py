@@ -14,11 +14,14 @@ A suite file (YAML)::
     eval: {metrics: auto, num: 256, every_nimg: 4096}   # see EvalSpec
     verdict: {claim: ..., metric: fd_probe, group_by: objective.prediction, expect: x}
     quick: {duration_nimg: 64, eval.num: 16}            # applied with --quick
+    budget: images                    # or time: equal wall-clock (ablate/budget.py)
 
 Every variant shares the base's seeds, data, data order and step budget: a variant may not
 override ``seed``, ``global_batch``, ``duration_nimg``, ``device`` or ``data.*`` — except, on
 latent data, the tokenizer (``data.root``, ``data.autoencoder``, ``data.latent_norm``: caches
-of the same source images, compared in pixels). Overrides
+of the same source images, compared in pixels). With ``budget: time`` the runner gives each
+variant the images that the baseline's training time buys at the variant's measured speed
+(``durations``, recorded in the resolved suite). Overrides
 are applied in the order base → ``quick`` (with ``--quick``) → command-line ``--set`` →
 variant. Everything is validated when the suite loads, before any training.
 """
@@ -49,7 +52,9 @@ from denoiselab.train.config import TrainConfig
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 REPO_ROOT = Path(__file__).resolve().parents[3]
-TOP_KEYS = ("name", "description", "base", "baseline", "variants", "eval", "verdict", "quick")
+TOP_KEYS = ("name", "description", "base", "baseline", "variants", "eval", "verdict", "quick",
+            "budget", "durations")  # fmt: skip
+BUDGETS = ("images", "time")
 SHARED_KEYS = ("seed", "global_batch", "duration_nimg", "device")  # and every data.* key
 TOKENIZER_KEYS = ("data.root", "data.autoencoder", "data.latent_norm")  # latents may vary these
 PROBE_METRICS = ("fd_probe", "mmd_probe", "acc_probe", "pr_probe")
@@ -153,12 +158,16 @@ class Suite:
     verdict: VerdictSpec | None = None
     quick: bool = False
     source: str = ""
+    budget: str = "images"
+    durations: dict[str, int] = field(default_factory=dict)
 
     def config(self, variant: str, device: str | None = None) -> TrainConfig:
         """The validated ``TrainConfig`` of ``variant`` (optionally on ``device``)."""
         if variant not in self.variants:
             raise ConfigError(f"no variant {variant!r} in suite {self.name!r}; valid: {self.names}")
         data = set_dotted(self.base, self.variants[variant].items(), f"variant {variant!r}")
+        if variant in self.durations:  # equal wall-clock: this variant's own image budget
+            data["duration_nimg"] = self.durations[variant]
         if device is not None:
             data["device"] = device
         try:
@@ -184,6 +193,7 @@ class Suite:
         out = {k: to_dict(getattr(self, k)) for k in ("name", "description", "baseline")}
         out.update(base=self.base, variants=self.variants, eval=to_dict(self.eval))
         out["verdict"] = to_dict(self.verdict) if self.verdict else None
+        out.update(budget=self.budget, durations=dict(self.durations))
         out["quick_applied"] = self.quick
         return out
 
@@ -213,11 +223,13 @@ def load_suite(
     quick: bool = False,
     base: str | Path | None = None,
     sets: Sequence[str] = (),
+    budget: str | None = None,
 ) -> Suite:
     """Load, resolve and fully validate a suite (every variant's config is built).
 
     ``base`` replaces the suite's base config; ``sets`` (``key=value``, ``eval.key=value``)
-    apply to every variant. A resolved ``suite.json`` (``quick_applied``) loads as it is.
+    apply to every variant; ``budget`` (``images`` | ``time``) replaces the suite's. A
+    resolved ``suite.json`` (``quick_applied``) loads as it is.
     """
     path = suite_path(name_or_path)
     raw = load_yaml(path)  # JSON is YAML
@@ -247,6 +259,8 @@ def load_suite(
         verdict=from_dict(VerdictSpec, raw["verdict"], "verdict") if raw.get("verdict") else None,
         quick=quick,
         source=str(path),
+        budget=budget if budget is not None else str(raw.get("budget") or "images"),
+        durations=dict(raw.get("durations") or {}),
     )
     _validate(suite, where)
     return suite
@@ -300,6 +314,16 @@ def _check_tokenizers(suite: Suite, where: str) -> None:
 
 def _validate(suite: Suite, where: str) -> None:
     _check_tokenizers(suite, where)
+    if suite.budget not in BUDGETS:
+        raise ConfigError(f"{where}: budget={suite.budget!r}; valid: {', '.join(BUDGETS)}")
+    if suite.durations and suite.budget != "time":
+        raise ConfigError(f"{where}: durations are for budget: time (equal wall-clock) only")
+    bad = {k: v for k, v in suite.durations.items()
+           if k not in suite.variants or not isinstance(v, int) or v < 1}  # fmt: skip
+    if bad:
+        raise ConfigError(
+            f"{where}: durations {bad} must map variant names ({suite.names}) to image counts >= 1"
+        )
     if suite.baseline not in suite.variants:
         raise ConfigError(
             f"{where}: baseline {suite.baseline!r} is not a variant; valid: {suite.names}"

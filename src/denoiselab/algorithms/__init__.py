@@ -99,7 +99,8 @@ def _load_builtin() -> None:
     """Import the modules that register the built-in techniques (once)."""
     # Each import registers its technique; the import order is the registry order.
     import denoiselab.algorithms.repa  # noqa: I001 - registers "repa"
-    import denoiselab.algorithms.irepa  # noqa: F401 - registers "irepa"
+    import denoiselab.algorithms.irepa
+    import denoiselab.algorithms.lpips  # noqa: F401 - registers "lpips"
 
 
 __all__ = ["TERMS", "TermContext", "TermSpec", "build_terms", "parse_terms", "register"]

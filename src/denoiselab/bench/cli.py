@@ -64,6 +64,29 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
         help="also time the training step phase by phase (data, forward, loss, backward, "
         "optimizer, EMA, bookkeeping) against a bare forward+backward+optimizer step",
     )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-config override, e.g. model.depth=4 (repeatable)",
+    )
+    p.add_argument(
+        "--routing",
+        nargs="+",
+        default=[],
+        metavar="KIND:RATIO[:START:END]",
+        help="time token-routing variants against the dense step, e.g. tread:0.5 "
+        "sprint:0.75:1:2 (START/END: routed blocks, both included)",
+    )
+    p.add_argument(
+        "--optim",
+        nargs="+",
+        default=[],
+        metavar="NAME[:NS_DTYPE]",
+        help="time optimizer variants against AdamW: muon, muon:bf16, muon:fp32",
+    )
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (runs/bench)")
     return p
 
@@ -75,7 +98,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     fields = {k: v for k, v in vars(args).items() if k != "out"}
     fields["interval"] = tuple(fields["interval"])
     fields["sample_batch"] = fields["sample_batch"] or None  # 0: the training batch
-    fields["repa"] = tuple(fields["repa"])
+    for key in ("repa", "sets", "routing", "optim"):
+        fields[key] = tuple(fields[key])
     try:
         cfg = BenchConfig(**fields)
         prepare(cfg)  # names a bad model, size or device before anything runs

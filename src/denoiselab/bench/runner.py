@@ -25,12 +25,21 @@ from denoiselab.bench.profiling import top_ops_table
 from denoiselab.bench.terms import bench_terms, parse_term_spec
 from denoiselab.bench.terms import summary_part as terms_summary
 from denoiselab.bench.timing import measure, peak_memory, reset_peak_memory, time_once
+from denoiselab.bench.variants import (
+    TrainVariant,
+    bench_variants,
+    parse_optim,
+    parse_routing,
+    summary_part,
+    variant_config,
+)
 from denoiselab.bench.workloads import (
     SampleWorkload,
     TrainWorkload,
     bench_train_config,
     resolved_model_config,
 )
+from denoiselab.config import apply_overrides, from_dict, to_dict
 from denoiselab.models import JiTConfig, count_params, forward_macs
 from denoiselab.sampling import nfe
 from denoiselab.train.config import TrainConfig
@@ -50,6 +59,9 @@ class BenchConfig:
     2-step run (it compiles both batch shapes) and times ``sample_repeats`` full runs.
     ``breakdown``: afterwards, ``repeats`` more steps timed phase by phase, alternating with
     as many bare steps (``bench.breakdown``).
+    ``sets``: ``key=value`` overrides of the training config (e.g. ``model.depth=4``).
+    ``routing`` / ``optim``: training-step variants (``tread:0.5``, ``muon:fp32``; see
+    ``bench.variants``) timed against the dense AdamW step in the same run.
     """
 
     model: str = "JiT-T/4"
@@ -71,6 +83,9 @@ class BenchConfig:
     profile: bool = False
     repa: tuple[str, ...] = ()  # loss-term SPECs timed against the step without terms
     breakdown: bool = False
+    sets: tuple[str, ...] = ()
+    routing: tuple[str, ...] = ()
+    optim: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("batch", "repeats", "sample_steps", "sample_repeats"):
@@ -94,6 +109,10 @@ class BenchConfig:
         if self.dtype == "auto":
             raise ValueError("bench: dtype 'auto' is resolved by choose_dtype() first")
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+
+    def variants(self) -> list[TrainVariant]:
+        """The training-step variants to compare with the base (ValueError on a bad spec)."""
+        return [*map(parse_routing, self.routing), *map(parse_optim, self.optim)]
 
 
 def choose_dtype(bc: BenchConfig) -> tuple[BenchConfig, str]:
@@ -122,6 +141,10 @@ def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:
     tc = bench_train_config(bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device))
     for spec in bc.repa:
         parse_term_spec(spec)
+    if bc.sets:
+        tc = from_dict(TrainConfig, apply_overrides(to_dict(tc), list(bc.sets)))
+    for v in bc.variants():
+        variant_config(tc, v)  # a routing range outside the depth is named now
     return device, tc, resolved_model_config(tc)
 
 
@@ -242,6 +265,8 @@ def summary_line(result: dict[str, Any]) -> str:
         )
     if "terms" in result:
         parts.append(terms_summary(result["terms"]))
+    if "compare" in result:
+        parts.append(summary_part(result["compare"]))
     ceiling = result["ceiling"]
     parts.append(f"matmul {ceiling['dtype']} {ceiling['gflops_per_s']:.1f} GFLOP/s")
     parts.append(f"load {m['load_average']} → {m['load_average_end']}")
@@ -269,6 +294,8 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
         gflops = result["model"]["forward_gflops_per_image"]
         if bc.what in ("train", "all"):
             result["train"] = bench_train(tc, bc, gflops, ceiling, out)
+            if bc.variants():
+                result["compare"] = bench_variants(tc, bc.variants(), bc.warmup, bc.repeats)
         if bc.repa:
             result["terms"] = bench_terms(tc, list(bc.repa), bc.warmup, bc.repeats)
         if bc.what in ("sample", "all"):

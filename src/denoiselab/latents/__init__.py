@@ -29,6 +29,7 @@ from denoiselab.latents.decode import (
     LatentDecoder,
     autoencoder_for_cache,
     decoder_for,
+    differentiable_decoder,
     pixel_data_config,
 )
 from denoiselab.latents.fold import fold, unfold
@@ -75,6 +76,7 @@ __all__ = [
     "cache_latents_main",
     "decoder_for",
     "detect_kind",
+    "differentiable_decoder",
     "fingerprint",
     "fold",
     "load_autoencoder",

@@ -92,6 +92,12 @@ class Autoencoder(nn.Module):
             )
         return self._decode(z.to(self.device, self.dtype)).float()
 
+    def decode_with_grad(self, z: Tensor) -> Tensor:
+        """As :meth:`decode`, keeping the autograd graph: gradients flow back to ``z`` (the
+        weights stay frozen). For losses on decoded predictions (``terms.lpips``)."""
+        _check4(z, "decode")
+        return self._decode(z.to(self.device, self.dtype)).float()
+
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """``(c, h, w)`` of the latent of a square ``image_size`` image."""
         if image_size % self.downsample:

@@ -68,6 +68,18 @@ class LatentDecoder:
         return torch.cat(out).to(z.device).clamp(-1, 1)
 
 
+def differentiable_decoder(data_cfg: Any, device: torch.device | str = "cpu") -> Decoder:
+    """Like :func:`decoder_for`, but differentiable in its input and unclamped: the identity
+    for pixel data; for ``latents`` the cache's frozen autoencoder decoding ``denormalize(z)``
+    with its graph kept (a loss on decoded pixels trains the network through it)."""
+    if getattr(data_cfg, "name", None) != "latents":
+        return _identity
+    manifest = read_manifest(data_cfg.root)
+    ae = autoencoder_for_cache(manifest, data_cfg.autoencoder, device)
+    norm = manifest.norm(data_cfg.latent_norm)
+    return lambda z: ae.decode_with_grad(norm.denormalize(z.float())).to(z.device)
+
+
 def pixel_data_config(data_cfg: Any) -> Any:
     """The pixel ``DataConfig`` whose images the model's samples are compared with.
 

@@ -38,10 +38,19 @@ def count_params(cfg_or_model: JiTConfig | str | nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_macs(cfg: JiTConfig | str) -> dict[str, float]:
-    """Analytic forward cost of one image, by part (MACs) plus ``total``, ``gmacs``, ``gflops``."""
+def forward_macs(cfg: JiTConfig | str, *, routed: bool = False) -> dict[str, float]:
+    """Analytic forward cost of one image, by part (MACs) plus ``total``, ``gmacs``, ``gflops``.
+
+    With token routing (``cfg.routing``), ``routed=True`` gives the cost of a routed training
+    forward: the routed blocks see ``K = routing.num_kept(N)`` patch tokens (plus the
+    in-context tokens, never routed); the default is the full network that samples. SPRINT's
+    fusion ``Linear(2D → D)`` on the N patch tokens is counted in both (``routing`` part).
+    """
     cfg = _resolve(cfg)
     d, n, k = cfg.hidden_size, cfg.num_patches, cfg.in_context_len
+    routing = cfg.routing
+    routed_blocks = routing.blocks(cfg.depth) if routing.enabled and routed else range(0)
+    kept = routing.num_kept(n) if routing.enabled else n
     embed_width = d if cfg.bottleneck is None else cfg.bottleneck
     patch_embed = n * cfg.patch_dim * embed_width + (
         0 if cfg.bottleneck is None else n * embed_width * d
@@ -50,7 +59,7 @@ def forward_macs(cfg: JiTConfig | str) -> dict[str, float]:
     per_token = 4 * d * d + 3 * d * swiglu_hidden(d, cfg.mlp_ratio)  # qkv+proj, SwiGLU
     block_linear = attention = 0
     for i in range(cfg.depth):
-        tokens = n + (k if i >= cfg.in_context_start else 0)
+        tokens = (kept if i in routed_blocks else n) + (k if i >= cfg.in_context_start else 0)
         block_linear += tokens * per_token
         attention += 2 * tokens * tokens * d
     final = n * d * cfg.patch_dim
@@ -59,6 +68,7 @@ def forward_macs(cfg: JiTConfig | str) -> dict[str, float]:
         conditioning=conditioning,
         block_linear=block_linear,
         attention=attention,
+        routing=n * 2 * d * d if routing.kind == "sprint" else 0,
         final=final,
     )
     total = sum(parts.values())

@@ -7,7 +7,7 @@ Time convention: ``t = 1`` is data, ``t = 0`` is noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from .layers import (
     modulate,
     sincos_pos_embed_2d,
 )
+from .routing import RoutingConfig, TokenRouter, begin_pass, routing_config
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class JiTConfig:
     in_context_len: number of in-context class tokens (0 disables them), inserted before
         block ``in_context_start`` and removed before the final layer (Appendix A).
     use_rope / use_qknorm: the "Just Advanced" switches of Table 4.
+    routing: token routing while training (TREAD, SPRINT; ``models.routing``); a mapping of
+        its fields is accepted.
     """
 
     image_size: int = 32
@@ -53,8 +56,10 @@ class JiTConfig:
     in_context_start: int = 0
     use_rope: bool = True
     use_qknorm: bool = True
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "routing", routing_config(self.routing))
         for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth"):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
         _require(self.num_heads >= 1, f"num_heads={self.num_heads!r} must be >= 1")
@@ -88,6 +93,8 @@ class JiTConfig:
             0 <= self.in_context_start <= self.depth,
             f"in_context_start={self.in_context_start} must be in [0, depth={self.depth}]",
         )
+        if self.routing.enabled:
+            self.routing.blocks(self.depth)  # a range outside the depth is a ConfigError
 
     @property
     def grid_size(self) -> int:
@@ -189,6 +196,9 @@ class JiT(nn.Module):
                 self.rope_in_context = AxialRoPE(cfg.head_dim, cfg.grid_size, cfg.in_context_len)
         self.blocks = nn.ModuleList(JiTBlock(cfg, cfg.block_dropout(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self.router: TokenRouter | None = None
+        if cfg.routing.enabled:
+            self.router = TokenRouter(cfg.routing, cfg.depth, d)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,11 +230,15 @@ class JiT(nn.Module):
         y: Tensor,
         *,
         hidden_out: dict[int, Tensor] | None = None,
+        route: Tensor | None = None,
     ) -> Tensor:
         """z_t [B, C, H, W], t [B] (t = 1 is data), y [B] long (``num_classes`` = null class).
 
         If ``hidden_out`` is given, each key (a block index) is set to the patch-token hidden
-        state [B, N, D] after that block, in-context tokens removed. Returns [B, C, H, W].
+        state [B, N, D] after that block, in-context tokens removed. ``route``: the kept patch
+        indices long [B, K] of a routed training pass (``models.routing``); then a routed
+        block's ``hidden_out`` rows of the skipped tokens hold the value they carry around the
+        routed range. Returns [B, C, H, W].
         """
         cfg = self.config
         _check_input(cfg, z_t)
@@ -232,13 +246,16 @@ class JiT(nn.Module):
         c = self.t_embedder(t) + y_emb  # adaLN-Zero condition (§4.1)
         x = self.patch_embed(z_t) + self.pos_embed.to(z_t.dtype)  # [B, N, D]
         prefix = 0  # number of in-context tokens currently in front of the patches
+        routing = begin_pass(self.router, route)
         for i, block in enumerate(self.blocks):
             if self.in_context_pos is not None and i == cfg.in_context_start:
                 x = torch.cat([self._in_context_tokens(y_emb), x], dim=1)
                 prefix = cfg.in_context_len
-            x = block(x, c, self.rope_in_context if prefix else self.rope)
+            x = routing.enter(i, x, prefix)
+            x = block(x, c, routing.rope(self.rope_in_context if prefix else self.rope, prefix, i))
             if hidden_out is not None and i in hidden_out:
-                hidden_out[i] = x[:, prefix:]
+                hidden_out[i] = routing.hidden(i, x, prefix)
+            x = routing.leave(i, x, prefix)
         out = self.final_layer(x[:, prefix:], c)  # in-context tokens dropped
         return self.unpatchify(out)
 

@@ -136,13 +136,18 @@ class AxialRoPE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, heads, N, head_dim] with N == num_prefix + grid² -> same shape."""
+        return self.rotate(x, self.cos, self.sin)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x·cos + swap_pairs(x)·sin`` for tables laid out like ``self.cos``/``self.sin``
+        (rows of them, e.g. gathered per sample as [B, 1, N′, head_dim] by token routing)."""
         if torch.compiler.is_compiling():
             swapped = F.linear(x, self.swap.to(x.dtype))  # S is symmetric: x @ Sᵀ = x @ S
         elif complex_rope_applies(x):
-            return rope_complex(x, self.cos[:, ::2], self.sin[:, 1::2])
+            return rope_complex(x, cos[..., ::2], sin[..., 1::2])
         else:
             swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return x * self.cos.to(x.dtype) + swapped * self.sin.to(x.dtype)
+        return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- attention

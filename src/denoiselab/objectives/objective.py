@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from denoiselab.objectives.parameterization import (
     preconditioner_coefficients,
 )
 from denoiselab.objectives.path import TimeSamplerConfig, expand_t, interpolate, sample_t
+
+if TYPE_CHECKING:
+    from denoiselab.models.routing import RouteSampler
 
 Preconditioner = Literal["none", "edm", "linear"]
 Weighting = Literal["none", "min_snr"]
@@ -53,6 +56,9 @@ class ObjectiveConfig:
     ``weighting: min_snr``: Min-SNR-γ (Hang et al. 2023, γ = ``min_snr_gamma``), applied so
     that the effective weight on the x-space error is ``min(SNR, γ)`` in every loss space,
     ``SNR = t²/((1−t)²s²)`` (``parameterization.min_snr_weight`` derives the conversion).
+    ``routing_until``: for a network with token routing (``model.routing``), the fraction of the
+    run trained routed; the rest, at the end, trains the full network (SPRINT's short
+    full-token fine-tuning stage, e.g. 0.9). 1: routed to the end.
     """
 
     prediction: str = "x"
@@ -66,6 +72,7 @@ class ObjectiveConfig:
     min_snr_gamma: float = 5.0
     label_drop: float = 0.1
     contrastive: float = 0.0
+    routing_until: float = 1.0
 
     def __post_init__(self) -> None:
         pred = parse_space(self.prediction, Prediction)
@@ -94,6 +101,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.label_drop={self.label_drop!r} must lie in [0, 1)")
         if not 0 <= self.contrastive < 1:
             raise ValueError(f"objective.contrastive={self.contrastive!r} must lie in [0, 1)")
+        if not 0 < self.routing_until <= 1:
+            raise ValueError(f"objective.routing_until={self.routing_until!r} must lie in (0, 1]")
 
     @property
     def pred(self) -> Prediction:
@@ -113,6 +122,10 @@ class StepContext:
     ``nimg``: images seen by the run before this step (a term's schedule reads it).
     ``extras``: per-sample side data of the batch (e.g. precomputed teacher features), each
     ``[B, ...]``, keyed by name; empty when the data provides none.
+    ``route``: the kept patch indices ``[B, K]`` of a routed step (token routing,
+    ``models.routing``) and ``routed_blocks`` the blocks they applied to; ``None`` and empty
+    for a dense step. Use :meth:`tokens_through` before comparing a routed block's hidden
+    state with anything.
     """
 
     x: Tensor
@@ -126,6 +139,14 @@ class StepContext:
     hidden: dict[int, Tensor]
     nimg: int = 0
     extras: dict[str, Tensor] = field(default_factory=dict)
+    route: Tensor | None = None
+    routed_blocks: range = range(0)
+
+    def tokens_through(self, block: int) -> Tensor | None:
+        """The patch indices ``[B, K]`` of the tokens that went through ``block`` in this step,
+        or ``None`` when all did. Rows of ``hidden[block]`` outside them carry values that
+        skipped the block: an alignment must use only these rows (``models.routing.gather_tokens``)."""
+        return self.route if self.route is not None and block in self.routed_blocks else None
 
 
 class LossTerm:
@@ -201,7 +222,12 @@ class DenoisingObjective(nn.Module):
     """
 
     def __init__(
-        self, cfg: ObjectiveConfig, num_classes: int, extra_terms: list[LossTerm] | None = None
+        self,
+        cfg: ObjectiveConfig,
+        num_classes: int,
+        extra_terms: list[LossTerm] | None = None,
+        routes: RouteSampler | None = None,
+        routes_until_nimg: float = math.inf,
     ) -> None:
         super().__init__()
         if cfg.noise_scale == "auto":
@@ -212,6 +238,8 @@ class DenoisingObjective(nn.Module):
             )
         self.cfg = cfg
         self.num_classes = num_classes
+        self.routes = routes  # token routing: the objective draws the route, the network obeys
+        self.routes_until_nimg = routes_until_nimg  # then dense (a full-token fine-tuning stage)
         self.extra_terms = list(extra_terms or [])
         if cfg.contrastive > 0:
             self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss))
@@ -301,7 +329,10 @@ class DenoisingObjective(nn.Module):
         """Per-sample loss terms for clean data ``x: [B, ...]`` and labels ``y: [B]``;
         ``nimg`` and ``extras`` are handed to the extra terms (see :class:`StepContext`)."""
         t, eps, y = self.draw(x, y, generator)
-        return self.terms(net, x, y, t, eps, nimg=nimg, extras=extras)
+        route = None
+        if self.routes is not None and nimg < self.routes_until_nimg:  # drawn after t, ε, y
+            route = self.routes(x.shape[0], generator, x.device)
+        return self.terms(net, x, y, t, eps, nimg=nimg, extras=extras, route=route)
 
     def logs(self, nimg: int) -> dict[str, float]:
         """The extra terms' scalars to log after ``nimg`` images (see :meth:`LossTerm.logs`)."""
@@ -320,21 +351,28 @@ class DenoisingObjective(nn.Module):
         *,
         nimg: int = 0,
         extras: dict[str, Tensor] | None = None,
+        route: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Deterministic part of :meth:`forward`: the loss terms for given ``t`` and ``ε``."""
+        """Deterministic part of :meth:`forward`: the loss terms for given ``t``, ``ε`` (and
+        ``route``, the kept patch indices of a routed step)."""
         z_t = interpolate(x, eps, t)
         blocks = sorted({b for term in self.extra_terms for b in term.hidden_blocks})
         hidden: dict[int, Tensor] = dict.fromkeys(blocks)  # type: ignore[arg-type]
-        net_out = net(z_t, t, y, hidden_out=hidden) if blocks else net(z_t, t, y)
+        kwargs: dict[str, Any] = {"hidden_out": hidden} if blocks else {}
+        if route is not None:
+            kwargs["route"] = route
+        net_out = net(z_t, t, y, **kwargs)
         pred = self.complete(net_out, z_t, t)
         truth = {Prediction.X: x, Prediction.EPS: eps, Prediction.V: x - eps}[self.cfg.pred]
         target = convert(truth, self.cfg.pred, z_t, t, self.cfg.t_eps)
         diff = pred.get(self.cfg.loss) - target.get(self.cfg.loss)
         out = {"denoise": mean_square(diff) * self.weight(t)}
         if self.extra_terms:
+            routed = self.routes.blocks if route is not None and self.routes else range(0)
             ctx = StepContext(
-                x, y, t, eps, z_t, net_out, pred, target, hidden, nimg, dict(extras or {})
-            )
+                x, y, t, eps, z_t, net_out, pred, target, hidden, nimg, dict(extras or {}),
+                route, routed,
+            )  # fmt: skip
             for term in self.extra_terms:
                 out[term.name] = term(ctx)
         return out

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from denoiselab.sampling.guidance import ClassifierFreeGuidance, ToVelocity
+from denoiselab.sampling.guidance import ClassifierFreeGuidance, SparseGuidance, ToVelocity
 from denoiselab.sampling.solvers import sample
+
+GUIDANCE = ("cfg", "sparse")
 
 
 @torch.no_grad()
@@ -54,6 +57,8 @@ class Sampler:
         noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
         decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
         autocast: context for the network calls (e.g. the run's bf16 autocast).
+        routes: the network's ``models.routing.RouteSampler`` (None without token routing);
+            needed by ``guidance="sparse"``.
     """
 
     net: Callable[..., Tensor]
@@ -66,6 +71,7 @@ class Sampler:
     autocast: Callable[[], contextlib.AbstractContextManager] = field(
         default=contextlib.nullcontext
     )
+    routes: Any = None
 
     @torch.no_grad()
     def __call__(
@@ -78,28 +84,46 @@ class Sampler:
         cfg_scale: float = 1.0,
         interval: tuple[float, float] = (0.1, 1.0),
         eta: float = 1.0,
+        guidance: str = "cfg",
+        sparse_ratio: float = 0.5,
     ) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (on ``device``) for
         ``labels [n]``; the initial noise (and the SDE's noise, ``solver="euler_maruyama"``
-        with ``eta``) is a function of ``seed`` alone."""
+        with ``eta``) is a function of ``seed`` alone.
+
+        ``guidance``: ``cfg`` (classifier-free, scale ``cfg_scale``) or ``sparse`` (the full
+        network guided by itself with ``sparse_ratio`` of the patch tokens routed,
+        :class:`~denoiselab.sampling.guidance.SparseGuidance`; routes seeded by ``seed``)."""
         noise = noise_for(seed, len(labels), self.shape, self.noise_scale, self.device)
         sde_noise = torch.Generator().manual_seed(sde_seed(seed))
-        with self.autocast():
-            x = generate(
-                self.net,
-                self.velocity,
-                labels.to(self.device),
-                noise,
-                null_class=self.num_classes,
-                steps=steps,
-                solver=solver,
-                cfg_scale=cfg_scale,
-                interval=interval,
-                eta=eta,
-                noise_scale=self.noise_scale,
-                generator=sde_noise,
+        labels = labels.to(self.device)
+        if guidance == "cfg":
+            fn: Callable[[Tensor, float], Tensor] = ClassifierFreeGuidance(
+                self.net, self.velocity, labels, self.num_classes, cfg_scale, interval
             )
+        elif guidance == "sparse":
+            fn = SparseGuidance(self.net, self.velocity, labels,
+                                self._weak_routes(sparse_ratio, seed), cfg_scale, interval)  # fmt: skip
+        else:
+            raise ValueError(f"guidance={guidance!r}; valid: {', '.join(GUIDANCE)}")
+        with self.autocast():
+            x = sample(
+                fn, noise, steps, solver, eta=eta, noise_scale=self.noise_scale,
+                generator=sde_noise,
+            )  # fmt: skip
         return self.decode(x.float()).float()
+
+    def _weak_routes(self, ratio: float, seed: int) -> Callable[[int], Tensor]:
+        """Routes for sparse guidance: this network's routing at ``ratio``, drawn from a
+        generator seeded by ``seed`` (one draw per guided evaluation)."""
+        if self.routes is None:
+            raise ValueError(
+                "guidance 'sparse' guides a network trained with token routing by its routed "
+                "self; this network has model.routing.kind: none (use guidance 'cfg')"
+            )
+        weak = replace(self.routes, cfg=replace(self.routes.cfg, ratio=ratio))  # checks ratio
+        gen = torch.Generator(self.device).manual_seed(seed + 0x5EED)
+        return lambda b: weak(b, gen, self.device)
 
 
 def compile_for_sampling(net: nn.Module) -> Callable[..., Tensor]:

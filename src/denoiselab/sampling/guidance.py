@@ -66,3 +66,47 @@ class ClassifierFreeGuidance:
         t2 = z.new_full((2 * b,), t)
         v_c, v_u = self.to_velocity(self.net(z2, t2, self._y_both), z2, t2).chunk(2)
         return v_u + self.scale * (v_c - v_u)
+
+
+@dataclass
+class SparseGuidance:
+    """Sparse guidance (Krause et al. 2026, "Guiding Token-Sparse Diffusion Models", by the
+    TREAD authors): a network trained with token routing guided by its own routed self, both
+    conditional,
+
+        v = v_w + ω·(v_f − v_w)   for t inside the interval,   v = v_f   outside it,
+
+    ``v_f`` the full network, ``v_w`` the same network with a route (``routes(B)``: kept patch
+    indices drawn afresh for every evaluation from the caller's seeded generator). A velocity
+    function ``fn(z, t)`` for the solvers, like :class:`ClassifierFreeGuidance`.
+    """
+
+    net: Callable[..., Tensor]
+    to_velocity: ToVelocity
+    y: Tensor
+    routes: Callable[[int], Tensor]
+    scale: float = 1.0
+    interval: tuple[float, float] = (0.1, 1.0)
+    calls: int = 0
+    images_evaluated: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance interval {self.interval!r} must satisfy 0 <= lo <= hi <= 1")
+
+    def guided(self, t: float) -> bool:
+        lo, hi = self.interval
+        return self.scale != 1.0 and t < hi and (lo == 0.0 or t > lo)
+
+    def __call__(self, z: Tensor, t: float) -> Tensor:
+        b = z.shape[0]
+        self.calls += 1
+        t_vec = z.new_full((b,), t)
+        v_full = self.to_velocity(self.net(z, t_vec, self.y), z, t_vec)
+        self.images_evaluated += b
+        if not self.guided(t):
+            return v_full
+        self.images_evaluated += b
+        v_weak = self.to_velocity(self.net(z, t_vec, self.y, route=self.routes(b)), z, t_vec)
+        return v_weak + self.scale * (v_full - v_weak)

@@ -22,6 +22,7 @@ from denoiselab.config import (
     to_dict,
 )
 from denoiselab.models import JiT, JiTConfig, model_config
+from denoiselab.models.routing import RouteSampler
 from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.generate import Sampler, compile_for_sampling
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
@@ -75,9 +76,14 @@ def build_objective(
     cfg: TrainConfig, num_classes: int, terms: TermContext | None = None
 ) -> DenoisingObjective:
     """The run's objective; with ``terms`` (training) also its extra loss terms
-    (``cfg.terms``), built for the run that ``terms`` describes."""
-    extra = build_terms(cfg.terms, terms) if terms is not None else []
-    return DenoisingObjective(cfg.objective, num_classes, extra_terms=extra)
+    (``cfg.terms``) and the route sampler of a routing network, built for the run that
+    ``terms`` describes. Without it (sampling, evaluation) the network runs dense."""
+    if terms is None:
+        return DenoisingObjective(cfg.objective, num_classes)
+    extra = build_terms(cfg.terms, terms)
+    routes = RouteSampler.for_model(terms.model_cfg)
+    until = cfg.objective.routing_until * cfg.duration_nimg  # then the full-token stage
+    return DenoisingObjective(cfg.objective, num_classes, extra, routes, until)
 
 
 def run_sampler(
@@ -101,6 +107,7 @@ def run_sampler(
         decode=decode,
         device=device,
         autocast=autocast,
+        routes=RouteSampler.for_model(mc),
     )
 
 

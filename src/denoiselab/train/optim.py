@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from denoiselab.config import ConfigError
+from denoiselab.train.muon import Muon, resolve_ns_dtype
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 Builder = Callable[..., torch.optim.Optimizer]
@@ -29,7 +30,8 @@ def has_fused_adamw(device: torch.device) -> bool:
 
 
 def has_muon() -> bool:
-    """``torch.optim.Muon`` exists (PyTorch ≥ 2.9)."""
+    """``torch.optim.Muon`` exists (PyTorch ≥ 2.9). denoiselab's own :class:`~.muon.Muon`
+    (same update, a choice of Newton–Schulz dtype) needs nothing of it; tests compare them."""
     return hasattr(torch.optim, "Muon")
 
 
@@ -63,7 +65,7 @@ def muon_split(named: NamedParams) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on hidden matrices and ``torch.optim.AdamW`` on the rest, as one
+    """:class:`~.muon.Muon` on hidden matrices and ``torch.optim.AdamW`` on the rest, as one
     optimizer with one state dict (groups tagged ``algorithm: muon | adamw``).
 
     The two inner optimizers share this optimizer's ``state`` and group dicts, so
@@ -80,7 +82,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     ) -> None:
         self._inner: dict[str, torch.optim.Optimizer] = {}
         if muon_params:
-            self._inner["muon"] = torch.optim.Muon(muon_params, **muon_kwargs)
+            self._inner["muon"] = Muon(muon_params, **muon_kwargs)
         if adamw_params:
             self._inner["adamw"] = torch.optim.AdamW(adamw_params, **adamw_kwargs)
         groups = []
@@ -114,10 +116,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def _muon(cfg: Any, named: NamedParams, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Muon (Newton–Schulz-orthogonalised momentum) on 2-D hidden matrices, AdamW on the rest."""
-    if not has_muon():
-        raise ConfigError(f"optim.name='muon' needs torch.optim.Muon (PyTorch ≥ 2.9); "
-                          f"this is torch {torch.__version__}")  # fmt: skip
+    """Muon (Newton–Schulz-orthogonalised momentum) on 2-D hidden matrices, AdamW on the rest;
+    the iteration runs in ``optim.muon.ns_dtype`` resolved for ``device``."""
     muon, adamw = muon_split(named)
     if not muon:
         raise ConfigError("optim.name='muon' but the model has no 2-D hidden matrices for it")
@@ -129,6 +129,7 @@ def _muon(cfg: Any, named: NamedParams, lr: float, device: torch.device) -> torc
         nesterov=mc.nesterov,
         ns_steps=mc.ns_steps,
         adjust_lr_fn=mc.adjust_lr,
+        ns_dtype=resolve_ns_dtype(mc.ns_dtype, device),
     )
     return MuonWithAdamW(
         muon, adamw, muon_kwargs=muon_kwargs, adamw_kwargs=_adamw_kwargs(cfg, lr, device)
