@@ -219,7 +219,10 @@ def test_objective_draws_the_route_after_the_dense_draws() -> None:
         probe.ctx.route, torch.arange(16).expand(4, -1)
     )
     half = DenoisingObjective(
-        ObjectiveConfig(noise_scale=1.0), 10, [probe], routes=RouteSampler.for_model(_net("tread").config)
+        ObjectiveConfig(noise_scale=1.0),
+        10,
+        [probe],
+        routes=RouteSampler.for_model(_net("tread").config),
     )
     gen = torch.Generator().manual_seed(5)
     half(net, x, y, gen)
