@@ -124,13 +124,32 @@ def save(directory: Path, c: Contents, dist: DistInfo, *, keep: int) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         found = list_checkpoints(directory)
         kept = f"the newest checkpoint kept is {found[-1].name}" if found else "none is kept"
-        cause = f" ({str(error).splitlines()[0][:300]})" if error is not None else ""
-        raise CheckpointWriteError(f"could not write checkpoint {final}{cause}; {kept}") from error
+        cause = _cause(error)
+        err = CheckpointWriteError(f"could not write checkpoint {final}{cause}; {kept}")
+        err.errno = getattr(_root(error), "errno", None)
+        raise err from error
     if dist.is_main:
         from denoiselab.train.checkpoint import prune
 
         prune(directory, keep)
     return final
+
+
+def _root(error: BaseException | None) -> BaseException | None:
+    """The first rank's own exception inside DCP's CheckpointException (``failures``)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return error
+
+
+def _cause(error: BaseException | None) -> str:
+    root = _root(error)
+    if root is None:
+        return " (on another rank)"
+    text = next((ln for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
+    return f" ({text.strip()[:300]})"
 
 
 def _checksums(folder: Path, dist: DistInfo) -> dict[str, dict[str, int]]:
