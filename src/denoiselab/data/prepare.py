@@ -39,7 +39,11 @@ def _sha256(path: Path) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: np.save(tmp, array, allow_pickle=False))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def _shard_name(k: int) -> str:
