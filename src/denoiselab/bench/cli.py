@@ -23,7 +23,12 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     p.add_argument("--sample-batch", type=int, default=None, help="default: --batch")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype)
     p.add_argument("--compile", action="store_true", help="torch.compile training and sampling")
-    p.add_argument("--what", choices=("train", "sample", "all"), default=d.what)
+    p.add_argument(
+        "--what",
+        choices=("train", "sample", "all", "data"),
+        default=d.what,
+        help="data: only the input pipeline of --data",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed training steps")
@@ -41,6 +46,20 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--matmul-max-size", type=int, default=None, help="cap on the ceiling's n")
     p.add_argument("--profile", action="store_true", help="write profile_{train,sample}.txt")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default=d.strategy)
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks")
+    p.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default=d.compile_mode,
+    )
+    p.add_argument(
+        "--data",
+        help="an image folder or prepared folder: time its loader alone and the training step "
+        "fed by it, and name the bottleneck",
+    )
+    p.add_argument("--data-batches", type=int, default=d.data_batches, help="timed batches")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: auto)")
     p.add_argument("--out", required=True, help="output folder for bench.json")
     return p
 
