@@ -57,12 +57,12 @@ def time_loader(tc: TrainConfig, device: torch.device, warmup: int, batches: int
     for _ in range(warmup):
         next(loader)
     start_s = time.perf_counter() - tic
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         _, images, _ = next(loader)
-    seconds = time.perf_counter() - tic
+    seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     del loader
-    return {
+    out = {
         "images": len(dataset),
         "kind": tc.data.name,
         "workers": tc.data.resolved_num_workers,
@@ -70,6 +70,10 @@ def time_loader(tc: TrainConfig, device: torch.device, warmup: int, batches: int
         "loader_images_per_s": batches * tc.global_batch / seconds,
         "batch_shape": list(images.shape),
     }
+    if not out["workers"]:  # all the work in this process: its CPU time is the cost per image,
+        # whatever else shares the machine (wall-clock rates on a loaded machine are not)
+        out["images_per_cpu_s"] = batches * tc.global_batch / max(cpu, 1e-9)
+    return out
 
 
 def time_fed_step(tc: TrainConfig, warmup: int, batches: int) -> float:
@@ -118,6 +122,8 @@ def bench_data(tc: TrainConfig, bc: Any, train: dict[str, Any] | None) -> dict[s
 def data_summary(d: dict[str, Any]) -> str:
     """The ``data`` part of the summary line."""
     text = f"data {d['kind']} {d['workers']} workers: loader {d['loader_images_per_s']:.0f} img/s"
+    if "images_per_cpu_s" in d:
+        text += f" ({d['images_per_cpu_s']:.0f} per CPU-second)"
     if "fed_images_per_s" in d:
         text += (
             f", fed step {d['fed_images_per_s']:.1f} img/s; bottleneck: {d['bottleneck']} "

@@ -16,8 +16,8 @@ writes, for the ``N`` image files of ``SRC`` (the imagefolder's order and labels
 
 Training on the prepared folder therefore equals training on the image folder, step for
 step, with no JPEG decoding (reads are page-cache or disk bound: ``S² · C`` bytes per
-image). Shards are memory-mapped lazily, once per process (numpy memory maps, allow_pickle off: no
-pickles).
+image). Shards are memory-mapped lazily, once per process (numpy memory maps with pickles
+refused).
 """
 
 from __future__ import annotations
