@@ -156,6 +156,8 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig, out_dir: str | Path, resume: Any) -> None:
+        """The rest of the set-up, after the strategy exists (its own process group, if it
+        made one, is released when this fails)."""
         self.step_module: nn.Module = self.parallel.wrap(self.module)
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
