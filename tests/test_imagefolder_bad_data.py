@@ -178,8 +178,9 @@ def test_training_on_a_folder_with_bad_files_runs_through(tmp_path):
     from denoiselab.config import from_dict
     from denoiselab.train.config import TrainConfig
 
+    # loading in this process (no workers): ``skipped`` counts what this process decoded
     cfg = from_dict(TrainConfig, {
-        "data": {"name": "imagefolder", "root": str(data), "image_size": S},
+        "data": {"name": "imagefolder", "root": str(data), "image_size": S, "num_workers": 0},
         "model": {"name": "JiT-Micro"}, "ema": {"decays": [0.9]}, "global_batch": 4,
         "duration_nimg": 4 * 6, "log_every_nimg": 4, "ckpt_every_nimg": 24,
         "sample_every_nimg": 10**6, "sample": {"steps": 1, "num_grid": 2},

@@ -235,6 +235,16 @@ PASSTHROUGH_SPECS = {
         "export_main",
         "write a shareable model folder (weights, config.json, model card)",
     ),
+    "consolidate": (
+        "denoiselab.train.sharded",
+        "consolidate_main",
+        "write a sharded (FSDP) checkpoint as one safetensors pair",
+    ),
+    "prepare-data": (
+        "denoiselab.data.prepare",
+        "prepare_main",
+        "decode and centre-crop an image folder once into uint8 shards",
+    ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
     "repa-e": (

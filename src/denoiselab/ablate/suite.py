@@ -181,10 +181,12 @@ class Suite:
         return list(self.variants)
 
     def fingerprint(self, variant: str) -> dict[str, Any]:
-        """What must not change between the sessions of one variant (device and cache
-        folder excluded: they do not change results)."""
+        """What must not change between the sessions of one variant (device, data loader
+        workers and cache folder excluded: they do not change results)."""
         train, evals = to_dict(self.config(variant)), to_dict(self.eval)
         train.pop("device", None)
+        for key in ("num_workers", "prefetch_factor"):
+            train.get("data", {}).pop(key, None)
         evals.pop("cache_dir", None)
         return {"train": train, "eval": evals}
 

@@ -32,7 +32,12 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
         "with AMX or AVX512-BF16), else fp32",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile training and sampling")
-    p.add_argument("--what", choices=("train", "sample", "all"), default=d.what)
+    p.add_argument(
+        "--what",
+        choices=("train", "sample", "all", "data"),
+        default=d.what,
+        help="data: only the input pipeline of --data",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed training steps")
@@ -87,6 +92,20 @@ def build_parser(prog: str = "denoiselab bench") -> argparse.ArgumentParser:
         metavar="NAME[:NS_DTYPE]",
         help="time optimizer variants against AdamW: muon, muon:bf16, muon:fp32",
     )
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default=d.strategy)
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks")
+    p.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default=d.compile_mode,
+    )
+    p.add_argument(
+        "--data",
+        help="an image folder or prepared folder: time its loader alone and the training step "
+        "fed by it, and name the bottleneck",
+    )
+    p.add_argument("--data-batches", type=int, default=d.data_batches, help="timed batches")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: auto)")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (runs/bench)")
     return p
 

@@ -20,6 +20,7 @@ import torch
 
 from denoiselab.bench.breakdown import measure_breakdown
 from denoiselab.bench.ceiling import matmul_ceiling
+from denoiselab.bench.data import bench_data, data_config, data_summary
 from denoiselab.bench.machine import load_average, machine_facts, native_bf16
 from denoiselab.bench.profiling import top_ops_table
 from denoiselab.bench.terms import bench_terms, parse_term_spec
@@ -86,6 +87,12 @@ class BenchConfig:
     sets: tuple[str, ...] = ()
     routing: tuple[str, ...] = ()
     optim: tuple[str, ...] = ()
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    compile_mode: str = "default"
+    data: str | None = None  # an imagefolder or prepared folder: time the input pipeline too
+    data_batches: int = 20
+    workers: int | None = None  # loader workers with --data (None: data.num_workers "auto")
 
     def __post_init__(self) -> None:
         for name in ("batch", "repeats", "sample_steps", "sample_repeats"):
@@ -97,8 +104,12 @@ class BenchConfig:
             raise ValueError(f"bench: warmup={self.warmup!r} must be >= 0")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"bench: dtype={self.dtype!r}; valid: 'auto', 'fp32', 'bf16'")
-        if self.what not in ("train", "sample", "all"):
-            raise ValueError(f"bench: what={self.what!r}; valid: 'train', 'sample', 'all'")
+        if self.what not in ("train", "sample", "all", "data"):
+            raise ValueError(f"bench: what={self.what!r}; valid: 'train', 'sample', 'all', 'data'")
+        if self.what == "data" and self.data is None:
+            raise ValueError("bench: what='data' times the input pipeline: give --data PATH")
+        if self.data_batches < 1 or (self.workers is not None and self.workers < 0):
+            raise ValueError("bench: data_batches must be >= 1 and workers >= 0")
         if self.cfg_scale == 1.0:
             raise ValueError("bench: cfg_scale=1.0 disables guidance; the benchmark times CFG")
         if self.breakdown and self.what == "sample":
@@ -137,8 +148,22 @@ def _device(name: str) -> torch.device:
 def prepare(bc: BenchConfig) -> tuple[torch.device, TrainConfig, JiTConfig]:
     """Resolve and validate the device, training config and network (raises ValueError)."""
     device = _device(bc.device)
+    from denoiselab.config import ConfigError
+
     bc, _ = choose_dtype(bc)
-    tc = bench_train_config(bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device))
+    try:
+        data = data_config(bc) if bc.data is not None else None
+        if data is not None:  # a folder without images is named now, before any timing
+            from denoiselab.data import build_dataset
+
+            build_dataset(data)
+        tc = bench_train_config(
+            bc.model, bc.image_size, bc.batch, bc.dtype, bc.compile, str(device), data=data,
+            strategy=bc.strategy, activation_checkpointing=bc.activation_checkpointing,
+            compile_mode=bc.compile_mode,
+        )  # fmt: skip
+    except ConfigError as e:
+        raise ValueError(f"bench: {e}") from None
     for spec in bc.repa:
         parse_term_spec(spec)
     if bc.sets:
@@ -172,13 +197,16 @@ def bench_train(
     """
     with tempfile.TemporaryDirectory() as run_dir:
         work = TrainWorkload.build(tc, Path(run_dir))
-        device = work.trainer.device
-        reset_peak_memory(device)
-        timings = measure(work, device, warmup=bc.warmup, repeats=bc.repeats)
-        memory = peak_memory(device)
-        if bc.profile:
-            (out / "profile_train.txt").write_text(top_ops_table(work, device))
-        breakdown = measure_breakdown(work, bc.repeats) if bc.breakdown else None
+        try:
+            device = work.trainer.device
+            reset_peak_memory(device)
+            timings = measure(work, device, warmup=bc.warmup, repeats=bc.repeats)
+            memory = peak_memory(device)
+            if bc.profile:
+                (out / "profile_train.txt").write_text(top_ops_table(work, device))
+            breakdown = measure_breakdown(work, bc.repeats) if bc.breakdown else None
+        finally:
+            work.trainer.close()
     images_per_s = tc.global_batch / timings.median_s
     achieved = images_per_s * 3 * forward_gflops
     return {
@@ -251,11 +279,13 @@ def summary_line(result: dict[str, Any]) -> str:
         f"bench {c['model']} {result['model']['config']['image_size']}px b{c['batch']} "
         f"{c['dtype']}{' compile' if c['compile'] else ''} {m['device']}"
     ]
+    if c.get("strategy", "ddp") != "ddp" or c.get("activation_checkpointing"):
+        parts[0] += f" {c['strategy']}{' +AC' if c['activation_checkpointing'] else ''}"
     if "train" in result:
         r = result["train"]
         parts.append(
             f"train {r['images_per_s']:.1f} img/s ({r['tokens_per_s']:.0f} tok/s, "
-            f"MFU {100 * r['mfu']:.0f}%)"
+            f"MFU {100 * r['mfu']:.0f}%, peak {r['peak_memory_mib'] / 1024:.2f} GiB)"
         )
     if "sample" in result:
         r = result["sample"]
@@ -267,8 +297,11 @@ def summary_line(result: dict[str, Any]) -> str:
         parts.append(terms_summary(result["terms"]))
     if "compare" in result:
         parts.append(summary_part(result["compare"]))
-    ceiling = result["ceiling"]
-    parts.append(f"matmul {ceiling['dtype']} {ceiling['gflops_per_s']:.1f} GFLOP/s")
+    if "data" in result:
+        parts.append(data_summary(result["data"]))
+    if "ceiling" in result:
+        ceiling = result["ceiling"]
+        parts.append(f"matmul {ceiling['dtype']} {ceiling['gflops_per_s']:.1f} GFLOP/s")
     parts.append(f"load {m['load_average']} → {m['load_average_end']}")
     return " | ".join(parts)
 
@@ -289,15 +322,18 @@ def run_bench(bc: BenchConfig, out_dir: str | Path) -> dict[str, Any]:
             "machine": machine_facts(device),
             "model": model_facts(bc.model, mc),
         }
-        result["ceiling"] = matmul_ceiling(device, bc.torch_dtype, max_size=bc.matmul_max_size)
-        ceiling = result["ceiling"]["gflops_per_s"]
-        gflops = result["model"]["forward_gflops_per_image"]
+        if bc.what != "data":
+            result["ceiling"] = matmul_ceiling(device, bc.torch_dtype, max_size=bc.matmul_max_size)
+            ceiling = result["ceiling"]["gflops_per_s"]
+            gflops = result["model"]["forward_gflops_per_image"]
         if bc.what in ("train", "all"):
             result["train"] = bench_train(tc, bc, gflops, ceiling, out)
             if bc.variants():
                 result["compare"] = bench_variants(tc, bc.variants(), bc.warmup, bc.repeats)
         if bc.repa:
             result["terms"] = bench_terms(tc, list(bc.repa), bc.warmup, bc.repeats)
+        if bc.data is not None:
+            result["data"] = bench_data(tc, bc, result.get("train"))
         if bc.what in ("sample", "all"):
             result["sample"] = bench_sample(mc, bc, device, ceiling, out)
     finally:

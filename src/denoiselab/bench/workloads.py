@@ -28,9 +28,19 @@ from denoiselab.train.loop import Trainer
 
 
 def bench_train_config(
-    model: str, image_size: int | None, batch: int, dtype: str, compile_: bool, device: str
+    model: str,
+    image_size: int | None,
+    batch: int,
+    dtype: str,
+    compile_: bool,
+    device: str,
+    *,
+    data: DataConfig | None = None,
+    **parallel: object,
 ) -> TrainConfig:
-    """A ``TrainConfig`` for preset ``model`` on a built-in dataset (no download).
+    """A ``TrainConfig`` for preset ``model`` on a built-in dataset (no download), or on
+    ``data`` (``bench --data``). ``parallel``: ``strategy``, ``activation_checkpointing``,
+    ``compile_mode`` (``TrainConfig`` fields).
 
     The class count follows the dataset (``digits``: 10 classes, chosen when the preset has
     10; else ``shapes``: 8). It sizes only the class-embedding table, a lookup: FLOPs and
@@ -43,7 +53,8 @@ def bench_train_config(
         )
     size = image_size or preset.image_size
     name = "digits" if preset.num_classes == 10 else "shapes"
-    data = DataConfig(name=name, image_size=size, channels=preset.in_channels)
+    if data is None:
+        data = DataConfig(name=name, image_size=size, channels=preset.in_channels)
     return TrainConfig(
         data=data,
         model={"name": model, "image_size": size},
@@ -51,6 +62,7 @@ def bench_train_config(
         precision="bf16" if dtype == "bf16" else "fp32",
         compile=compile_,
         device=device,
+        **parallel,  # type: ignore[arg-type]
     )
 
 

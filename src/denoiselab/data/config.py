@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -10,17 +11,21 @@ from denoiselab.data.base import ImageDataset
 from denoiselab.data.digits import DigitsDataset
 from denoiselab.data.imagefolder import ImageFolderDataset, class_folders
 from denoiselab.data.latents import LatentDataset
+from denoiselab.data.prepared import PreparedDataset
 from denoiselab.data.shapes import ShapesDataset
 
-DatasetName = Literal["shapes", "digits", "imagefolder", "latents"]
+DatasetName = Literal["shapes", "digits", "imagefolder", "prepared", "latents"]
 Difficulty = Literal["hard", "easy"]
 LatentNormName = Literal["autoencoder", "dataset", "none"]
-NEEDS_ROOT = ("imagefolder", "latents")
+NEEDS_ROOT = ("imagefolder", "prepared", "latents")
+# read from files by ``num_workers: auto`` workers; the others render or map in memory
+FILE_DATASETS = ("imagefolder", "prepared")
+AUTO_WORKERS_MAX = 8
 IMAGE_SIZE_RANGE = (8, 1024)
 # hflip=None picks the dataset's default: on for photos (as JiT on ImageNet), off for the
 # built-ins (mirrored digits are not digits; shapes are already drawn at random angles).
 # ``latents``: None = as the source dataset of the cache (recorded in its manifest).
-DEFAULT_HFLIP = {"shapes": False, "digits": False, "imagefolder": True}
+DEFAULT_HFLIP = {"shapes": False, "digits": False, "imagefolder": True, "prepared": True}
 
 
 def _is_int(value: object) -> bool:
@@ -34,17 +39,24 @@ class DataConfig:
     Attributes:
         name: ``"shapes"`` (procedural, the default), ``"digits"`` (sklearn 8×8 digits) or
             ``"imagefolder"`` (``root/<class>/*.jpg`` photos, JiT preprocessing) or
+            ``"prepared"`` (an imagefolder's centre crops written once as uint8 shards by
+            ``denoiselab prepare-data``: the same images, no decoding) or
             ``"latents"`` (a cache written by ``denoiselab cache-latents``; the model then
             sees latents: the dataset reports the latent channels and side).
         image_size: side of the square images in pixels (``latents``: of the encoded images,
             checked against the cache).
-        root: the class-folder tree (``imagefolder``) or the latent cache (``latents``).
+        root: the class-folder tree (``imagefolder``), the prepared folder (``prepared``) or
+            the latent cache (``latents``).
         num_images: length of ``shapes`` (defines the epoch); ignored by the others.
         seed: dataset seed: shapes content and flip decisions (not the batch order).
         channels: 3 (RGB) or 1 (grey) (``latents``: of the encoded images, checked).
         hflip: random horizontal flips; ``None`` = dataset default (``DEFAULT_HFLIP``;
             ``latents``: the cache's source default, using the cached flipped encodings).
-        num_workers: DataLoader worker processes (0 = load in the training process).
+        num_workers: DataLoader worker processes per rank (0 = load in the training
+            process); ``"auto"`` (the default): ``min(8, CPU cores per rank)`` for data read
+            from files (``imagefolder``, ``prepared``), 0 for the others (rendered or
+            memory-mapped: workers would cost more than they save).
+        prefetch_factor: batches each worker prepares ahead (with workers > 0).
         cache: keep every loaded sample in memory (float32, ``4·C·H·W`` bytes each, per
             worker) so that later epochs skip decoding/rendering; for small data sets.
         latent_norm: ``latents`` only: ``"autoencoder"`` (its own scaling/shift or BatchNorm
@@ -66,7 +78,8 @@ class DataConfig:
     seed: int = 0
     channels: int = 3
     hflip: bool | None = None
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2
     cache: bool = False
     latent_norm: LatentNormName = "autoencoder"
     autoencoder: str | None = None
@@ -100,8 +113,10 @@ class DataConfig:
             raise ValueError(
                 f"data.hflip={self.hflip!r}; valid: None (dataset default), True, False"
             )
-        if not (_is_int(self.num_workers) and self.num_workers >= 0):
-            raise ValueError(f"data.num_workers={self.num_workers!r}; valid: integers ≥ 0")
+        if self.num_workers != "auto" and not (_is_int(self.num_workers) and self.num_workers >= 0):
+            raise ValueError(f"data.num_workers={self.num_workers!r}; valid: 'auto', integers ≥ 0")
+        if not (_is_int(self.prefetch_factor) and self.prefetch_factor >= 1):
+            raise ValueError(f"data.prefetch_factor={self.prefetch_factor!r}; valid: integers ≥ 1")
         if not isinstance(self.cache, bool):
             raise ValueError(f"data.cache={self.cache!r}; valid: true, false")
         if self.cache and self.name == "latents":
@@ -138,6 +153,13 @@ class DataConfig:
             )
 
     @property
+    def resolved_num_workers(self) -> int:
+        """``num_workers`` with ``"auto"`` replaced (see the class docstring)."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        return min(AUTO_WORKERS_MAX, cores_per_rank()) if self.name in FILE_DATASETS else 0
+
+    @property
     def resolved_hflip(self) -> bool:
         """``hflip`` with ``None`` replaced by the dataset's default (``latents``: the
         dataset resolves ``None`` from its cache; this property then says ``False``)."""
@@ -158,7 +180,16 @@ def class_names(cfg: DataConfig) -> list[str] | None:
             return list(read_manifest(root).class_names)
         except LatentCacheError:
             return None
+    if cfg.name == "prepared":
+        return list(_build_dataset(cfg).class_names) if root.is_dir() else None  # memory-mapped
     return class_folders(root) if root.is_dir() else None
+
+
+def cores_per_rank() -> int:
+    """CPU cores this process may use, divided among the ranks of its node (torchrun's
+    ``LOCAL_WORLD_SIZE``)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (usable or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
@@ -183,4 +214,6 @@ def _build_dataset(cfg: DataConfig) -> ImageDataset:
     assert cfg.root is not None  # checked in DataConfig.__post_init__
     if cfg.name == "latents":
         return LatentDataset(cfg.root, hflip=cfg.hflip, latent_norm=cfg.latent_norm, **common)
+    if cfg.name == "prepared":
+        return PreparedDataset(cfg.root, hflip=cfg.resolved_hflip, **common)
     return ImageFolderDataset(cfg.root, hflip=cfg.resolved_hflip, **common)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from denoiselab.config import ConfigError
 from denoiselab.data.base import ImageDataset, uint8_to_model
 from denoiselab.data.decode import to_8bit
 
@@ -37,8 +38,10 @@ MAX_WARNINGS = 10  # bad files named in the log; later ones are only counted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class ImageFolderError(ValueError):
-    """An imagefolder that cannot be trained on (e.g. not one readable image)."""
+class ImageFolderError(ConfigError):
+    """An imagefolder that cannot be trained on: no class folders, a class folder without
+    image files, not one readable image (a :class:`~denoiselab.config.ConfigError`: the
+    ``data`` section points at bad data)."""
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
@@ -65,6 +68,17 @@ def class_folders(root: str | os.PathLike[str]) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
 
 
+def decode_crop(path: str, image_size: int, channels: int) -> np.ndarray:
+    """The file at ``path`` decoded (:mod:`~denoiselab.data.decode`) and centre-cropped
+    (:func:`center_crop_arr`): ``uint8 [image_size, image_size, channels]``. Raises whatever
+    the decoder raises for an unreadable file (``prepare-data`` decodes with this too)."""
+    with Image.open(path) as file:
+        file.load()  # decode now: a truncated file fails here
+        image = to_8bit(file, channels)
+    array = np.asarray(center_crop_arr(image, image_size))
+    return array if array.ndim == 3 else array[..., None]
+
+
 def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
     """``(class_names, [(path, label), …])`` for an ImageNet-style tree; clear errors if empty."""
     root_path = Path(root)
@@ -74,13 +88,13 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str
         raise FileNotFoundError(f"imagefolder root {str(root)!r} {problem}; expected {expected}")
     classes = class_folders(root_path)
     if not classes:
-        raise ValueError(
+        raise ImageFolderError(
             f"imagefolder root {str(root)!r} has no class sub-folders; expected {expected}"
         )
     per_class = {name: _files(root_path / name) for name in classes}
     empty = [name for name, files in per_class.items() if not files]
     if empty:
-        raise ValueError(
+        raise ImageFolderError(
             f"imagefolder root {str(root)!r}: class folders {empty} contain no files with "
             f"extensions {IMAGE_EXTENSIONS}; expected {expected}"
         )
@@ -139,9 +153,7 @@ class ImageFolderDataset(ImageDataset):
         if path in self.bad_paths:
             return None
         try:
-            with Image.open(path) as file:
-                file.load()  # decode now: a truncated file fails here
-                image = to_8bit(file, self.channels)
+            return decode_crop(path, self.image_size, self.channels)
         except Exception as err:  # any decoder error (PIL raises many types): skip, never crash
             self.bad_paths.add(path)
             self.skipped += 1
@@ -153,8 +165,6 @@ class ImageFolderDataset(ImageDataset):
                     path, err, self.skipped, more if self.skipped == MAX_WARNINGS else "",
                 )  # fmt: skip
             return None
-        array = np.asarray(center_crop_arr(image, self.image_size))
-        return array if array.ndim == 3 else array[..., None]
 
     def caption(self, index: SupportsIndex) -> str:
         """The class folder name, underscores as spaces (e.g. ``"golden retriever"``)."""

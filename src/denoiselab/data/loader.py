@@ -136,7 +136,9 @@ class StepLoader:
 
     ``b = global_batch // num_shards``; this shard gets the slice
     ``[shard_index·b, (shard_index + 1)·b)`` of the step's global batch. ``end_step=None``
-    iterates forever. Workers (``num_workers > 0``) are persistent and seeded from ``seed``.
+    iterates forever. Workers (``num_workers > 0``) are persistent, seeded from ``seed``, and
+    each prepares ``prefetch_factor`` batches ahead; ``pin_memory`` (for CUDA) lets the
+    training step copy batches to the GPU without blocking.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class StepLoader:
         num_workers: int = 0,
         end_step: int | None = None,
         pin_memory: bool = False,
+        prefetch_factor: int = 2,
     ) -> None:
         if len(dataset) < 1:
             raise ValueError("StepLoader needs a non-empty dataset")
@@ -174,6 +177,7 @@ class StepLoader:
             worker_init_fn=_init_worker if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
             pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 
     def __iter__(self) -> Iterator[tuple[int, Tensor, Tensor]]:

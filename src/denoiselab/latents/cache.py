@@ -83,7 +83,11 @@ def encoder_record(ae: Autoencoder) -> EncoderRecord:
 
 
 def _source_fingerprint(data: DataConfig) -> str:
-    content = {k: v for k, v in to_dict(data).items() if k not in ("hflip", "num_workers")}
+    content = {
+        k: v
+        for k, v in to_dict(data).items()
+        if k not in ("hflip", "num_workers", "prefetch_factor")
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -122,7 +126,9 @@ def cache_latents(
         }
         tensors = _reuse(out / shard.file, meta)
         if tensors is None:
-            tensors = _encode_range(source, ae, shard, batch_size, flips, data.num_workers, teacher)
+            tensors = _encode_range(
+                source, ae, shard, batch_size, flips, data.resolved_num_workers, teacher
+            )
             tensors = {
                 k_: v.to(STORE_DTYPES[store_dtype]) if k_ != "labels" else v
                 for k_, v in tensors.items()

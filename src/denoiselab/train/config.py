@@ -207,6 +207,16 @@ class TrainConfig:
     before the run fails (a hung rank). ``stop_check_steps``: under torchrun the ranks agree
     on a stop request (SIGTERM/SIGUSR1) every this many steps (one tiny all-reduce), so a
     stop lands at most this many steps after the signal; one process checks every step.
+
+    ``strategy`` (``denoiselab.train.parallel``): ``ddp`` replicates the trained module on
+    every rank and averages gradients; ``fsdp`` shards parameters, gradients, optimizer state
+    and EMAs over the ranks (FSDP2 ``fully_shard`` per JiT block, then the root; under bf16,
+    bf16 compute with fp32 master weights and fp32 gradient reduction) and writes sharded
+    ``torch.distributed.checkpoint`` checkpoints (``step_<N>.dcp/``), plus, with
+    ``consolidate_at_end``, the usual safetensors pair after the last step.
+    ``activation_checkpointing``: recompute each block's activations in the backward pass
+    (either strategy; less memory, ~⅓ more compute). ``compile_mode``: the ``torch.compile``
+    mode when ``compile`` is on (``reduce-overhead`` adds CUDA graphs; DDP only).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,6 +242,12 @@ class TrainConfig:
     device: str = "auto"
     dist_timeout_s: float = 1800.0
     stop_check_steps: int = 10
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
+    consolidate_at_end: bool = True
 
     def __post_init__(self) -> None:
         from denoiselab.algorithms import parse_terms
@@ -264,6 +280,7 @@ class TrainConfig:
             )
         if not self.dist_timeout_s > 0:
             raise ConfigError(f"dist_timeout_s={self.dist_timeout_s!r} must be > 0 (seconds)")
+        _check_parallel(self)
         if self.stop_check_steps < 1:
             raise ConfigError(f"stop_check_steps={self.stop_check_steps!r} must be >= 1")
         for key, decay in (("sample.ema", self.sample.ema), ("eval.ema", self.eval.ema)):
@@ -284,6 +301,33 @@ class TrainConfig:
     def steps(self) -> int:
         """Optimizer steps in the run: ``ceil(duration_nimg / global_batch)``."""
         return -(-self.duration_nimg // self.global_batch)
+
+
+STRATEGIES = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_parallel(cfg: TrainConfig) -> None:
+    """``strategy``, ``compile_mode`` and the combinations FSDP cannot train."""
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={cfg.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={cfg.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    for key in ("activation_checkpointing", "consolidate_at_end"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}; valid: true, false")
+    if cfg.strategy != "fsdp":
+        return
+    if cfg.optim.name == "muon":
+        raise ConfigError(
+            "optim.name='muon' with strategy='fsdp': Muon orthogonalises whole weight matrices "
+            "and FSDP gives each rank a slice of rows; use optim.name=adamw or strategy=ddp"
+        )
+    if cfg.compile and cfg.compile_mode == "reduce-overhead":
+        raise ConfigError(
+            "compile_mode='reduce-overhead' (CUDA graphs) with strategy='fsdp': FSDP's "
+            "collectives cannot be captured; use 'default' or 'max-autotune-no-cudagraphs'"
+        )
 
 
 def auto_noise_scale(data: DataConfig) -> float:
@@ -315,7 +359,7 @@ def _check_device_name(device: str) -> None:
         ) from None
 
 
-PIXEL_DATASETS = ("shapes", "digits", "imagefolder")
+PIXEL_DATASETS = ("shapes", "digits", "imagefolder", "prepared")
 
 
 def check_model_section(model: dict[str, Any], data: DataConfig) -> None:

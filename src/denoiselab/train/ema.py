@@ -21,11 +21,19 @@ def auto_decay(decays: tuple[float, ...], steps: int) -> float:
     return max(fits) if fits else min(decays)
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's slice of a DTensor (a view: in-place updates reach the DTensor), else
+    ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """``θ_ema ← d·θ_ema + (1 − d)·θ`` after each optimizer step, for each decay ``d``.
 
     With ``warmup`` the effective decay is ``min(d, (1 + n)/(10 + n))`` at update ``n``.
-    Buffers (none in JiT besides derived tables) are not averaged.
+    Buffers (none in JiT besides derived tables) are not averaged. Under FSDP the parameters
+    are DTensors: each copy is then a DTensor with the same placement, and the update works
+    on the local slices (no communication).
     """
 
     def __init__(self, model: nn.Module, decays: tuple[float, ...], warmup: bool = False) -> None:
@@ -42,10 +50,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, num_updates: int) -> None:
-        live = [p.detach().float() for p in self._live(model)]
+        live = [_local(p.detach()).float() for p in self._live(model)]
         for d, shadow in self.params.items():
             eff = min(d, (1 + num_updates) / (10 + num_updates)) if self.warmup else d
-            torch._foreach_lerp_(shadow, live, 1.0 - eff)
+            torch._foreach_lerp_([_local(s) for s in shadow], live, 1.0 - eff)
 
     def state(self, decay: float) -> dict[str, Tensor]:
         return dict(zip(self.names, self.params[decay]))

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from denoiselab.algorithms import TermContext
 from denoiselab.config import ConfigError
@@ -45,6 +44,7 @@ from denoiselab.train.distributed import DistributedError, init_distributed, is_
 from denoiselab.train.ema import EMA
 from denoiselab.train.module import TrainingModule
 from denoiselab.train.optim import build_optimizer, lr_at
+from denoiselab.train.parallel import build_strategy, full, uses_bf16
 from denoiselab.train.periodic import check_eval_ready, draw_grid, ema_network, evaluate_run
 from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
@@ -100,8 +100,7 @@ Callback = Callable[[TrainState], None]
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -152,10 +151,20 @@ class Trainer:
         self.model = JiT(self.model_cfg).to(self.device)
         terms = TermContext(self.model_cfg, cfg.objective, cfg.data, self.dataset, self.device)
         self.objective = build_objective(cfg, self.model_cfg.num_classes, terms).to(self.device)
-        # network + loss terms: what DDP averages and the optimizer, clipping and checkpoints see
-        self.module = TrainingModule(
-            self.model, self.objective, torch.compile(self.model) if cfg.compile else None
-        )
+        # network + loss terms: what DDP averages (FSDP shards) and the optimizer, clipping and
+        # checkpoints see; the strategy wraps it (and may replace its parameters by shards)
+        self.module = TrainingModule(self.model, self.objective)
+        self.parallel = build_strategy(cfg, self.dist, self.device)
+        try:
+            self._build(cfg, out_dir, resume)
+        except BaseException:
+            self.parallel.close()
+            raise
+
+    def _build(self, cfg: TrainConfig, out_dir: str | Path, resume: Any) -> None:
+        """The rest of the set-up, after the strategy exists (its own process group, if it
+        made one, is released when this fails)."""
+        self.step_module: nn.Module = self.parallel.wrap(self.module)
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.warmup_steps = cfg.optim.warmup_epochs * len(self.dataset) / cfg.global_batch
         self.total_steps = cfg.steps()
@@ -176,13 +185,9 @@ class Trainer:
         self.run_dir.write_meta({"world_size": self.dist.world_size, "device": str(self.device)})
         self.run_dir.truncate_metrics(self.start_step)
         self.run_dir.start_tracking(cfg.log, self.config_yaml, self.start_step)
-        self.step_module: nn.Module = self.module
         self.step_clock: StepClock = NO_CLOCK  # bench --breakdown times the step's phases
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = DistributedDataParallel(
-                self.module, device_ids=ids, find_unused_parameters=self.objective.may_skip
-            )
+        if self.parallel.note:
+            self.log(self.parallel.note)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, step: int) -> Path | None:
@@ -219,12 +224,7 @@ class Trainer:
             side = {n: v[k * micro : (k + 1) * micro].to(self.device) for n, v in extras.items()}
             clock.lap("data")
             last = k == accum - 1
-            sync = (
-                contextlib.nullcontext()
-                if last or not self.dist.enabled
-                else self.step_module.no_sync()
-            )
-            with sync:
+            with self.parallel.accumulating(self.step_module, last):
                 with self.autocast():
                     terms = self.step_module(x, y, gen, nimg=step * cfg.global_batch, extras=side)
                 means = {name: t.mean() for name, t in terms.items()}
@@ -243,8 +243,8 @@ class Trainer:
                 "may skip its parameters on some steps must set may_skip = True"
             )
         if cfg.optim.grad_clip is not None:
-            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.module.trainable(), cfg.optim.grad_clip
+            totals["grad_norm"] = full(  # FSDP: a replicated DTensor → its local value
+                torch.nn.utils.clip_grad_norm_(self.module.trainable(), cfg.optim.grad_clip)
             ).detach()
         self._note_gradient(step, totals.get("grad_norm"))
         self.optimizer.step()
@@ -259,7 +259,7 @@ class Trainer:
         (the clipping norm when clipping, else one norm over all trained gradients)."""
         if norm is None:
             grads = [p.grad for p in self.module.trainable() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = full(torch.nn.utils.get_total_norm(grads))
         self.window.note_gradient(step, norm)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -273,7 +273,9 @@ class Trainer:
             shard_index=self.dist.rank,
             num_shards=self.dist.world_size,
             start_step=self.start_step,
-            num_workers=cfg.data.num_workers,
+            num_workers=cfg.data.resolved_num_workers,
+            prefetch_factor=cfg.data.prefetch_factor,
+            pin_memory=self.device.type == "cuda",  # the step's non-blocking copies need it
         )
         self.model.train()
         t_start = time.perf_counter()
@@ -304,9 +306,16 @@ class Trainer:
                     f"{self.run_dir.root}"
                 ) from e
         elapsed = time.perf_counter() - t_start
+        if self.parallel.sharded and cfg.consolidate_at_end:
+            state.consolidate_newest(self)
         self.log(f"done: {self.total_steps} steps in {elapsed:.1f}s → {self.run_dir.root}")
         self.run_dir.close()
         return self.run_dir.root
+
+    def close(self) -> None:
+        """Flush the trackers and release the strategy's own process group (idempotent)."""
+        self.run_dir.close()
+        self.parallel.close()
 
     def _after_step(self, done: int, terms: dict[str, Tensor]) -> None:
         """Callbacks, then what is due after step ``done``, then a stop if one was asked."""
@@ -430,4 +439,4 @@ def train(
     try:
         return trainer.run()
     finally:
-        trainer.run_dir.close()  # trackers flushed even when training stops with an error
+        trainer.close()  # trackers flushed even when training stops with an error

@@ -90,18 +90,22 @@ def evaluate_network(
 def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:
     """A fresh eval-mode copy of ``trainer``'s network holding EMA weights after ``step``
     steps: ``ema`` a trained decay, ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`; the
-    raw weights if no EMA is kept) or ``"none"`` (the raw weights)."""
+    raw weights if no EMA is kept) or ``"none"`` (the raw weights). Under FSDP the weights
+    are gathered whole (a collective: every rank must call it)."""
     from denoiselab.models import JiT
 
     net = JiT(trainer.model_cfg).to(trainer.device).eval()
-    net.load_state_dict(trainer.model.state_dict())
+    net.load_state_dict(trainer.parallel.gather(trainer.model.state_dict()))
     decays = trainer.ema.decays
     if ema == "none" or not decays:
         return net
     decay = auto_decay(decays, step) if ema == "auto" else float(ema)
     if decay not in decays:
         raise ConfigError(f"EMA decay {ema!r} is not kept; kept: {list(decays)}")
-    trainer.ema.copy_to(net, decay)
+    with torch.no_grad():
+        named = dict(net.named_parameters())
+        for name, value in trainer.parallel.gather(trainer.ema.state(decay)).items():
+            named[name].copy_(value)
     return net
 
 
@@ -131,11 +135,14 @@ def evaluate_run(trainer: Any, step: int) -> dict[str, float]:
 @torch.no_grad()
 def draw_grid(trainer: Any, step: int) -> None:
     """Samples of ``trainer``'s EMA weights at ``step`` from fixed noise and labels, saved as
-    ``samples/step_<step>.png`` (rank 0 only)."""
-    if not trainer.dist.is_main:
+    ``samples/step_<step>.png`` (rank 0 only; under FSDP every rank helps gather the
+    weights)."""
+    if not trainer.dist.is_main and not trainer.parallel.sharded:
         return
     cfg, mc = trainer.cfg.sample, trainer.model_cfg
     net = trainer.ema_network(cfg.ema if cfg.ema is not None else "auto", step)
+    if not trainer.dist.is_main:
+        return
     labels = balanced_labels(cfg.num_grid, mc.num_classes)
     images = trainer.sampler(net)(
         labels,
