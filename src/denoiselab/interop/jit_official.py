@@ -154,7 +154,8 @@ def train_config_from(
     global_batch = int(args["batch_size"]) * int(args["world_size"])
     lr = args.values.get("lr") or args["blr"] * global_batch / 256
     decays = list(dict.fromkeys([float(args["ema_decay1"]), float(args["ema_decay2"])]))
-    fields = {k: v for k, v in vars(model_cfg).items()}
+    # the official code has no token routing: the network's fields but that one
+    fields = {k: v for k, v in vars(model_cfg).items() if k != "routing"}
     data = {
         "name": "imagefolder",
         "root": str(Path(args["data_path"]) / "train"),  # main_jit.py reads <data_path>/train
