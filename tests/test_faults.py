@@ -12,6 +12,7 @@ atomic checkpoint write, the metrics append, the pruning of old checkpoints).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -104,7 +105,13 @@ def run_forked(child: Callable[[], int], *, kill_after: float | None = None,
     Returns the wait status as ``os.waitstatus_to_exitcode`` (negative: killed by signal)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # what the parent holds at the fork (process groups, compiled code of earlier tests) must
+    # never be garbage-collected in the child: their destructors join threads the child lacks
+    gc.collect()
+    gc.freeze()
     pid = os.fork()
+    if pid != 0:
+        gc.unfreeze()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
