@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from denoiselab.cliutil import ArgumentParser, add_guidance_arguments, check_sampler_flags, guarded
+from denoiselab.cliutil import ArgumentParser, add_sampler_arguments, check_sampler_flags, guarded
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -288,21 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate images from a run or checkpoint")
     s.add_argument("run", help="run folder or checkpoint file")
     s.add_argument("--num", type=int, default=64)
-    own = "(default: the run's own, its config's sample.%s)"
-    s.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
-    s.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], help=own % "solver")
-    s.add_argument(
-        "--eta", type=float, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s² " + own % "eta"
-    )
-    s.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
-    s.add_argument(
-        "--cfg-interval",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="guidance interval " + own % "interval",
-    )
-    add_guidance_arguments(s)
+    add_sampler_arguments(s)
     s.add_argument(
         "--ema",
         type=float,

@@ -101,3 +101,23 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
                    "guided by its routed self (both conditional), scale --cfg")  # fmt: skip
     p.add_argument("--sparse-ratio", type=float, default=0.5,
                    help="fraction of patch tokens routed in sparse guidance's weak pass")  # fmt: skip
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler flags of ``sample`` and ``eval``; each defaults to the run's own setting
+    (``None`` here; :meth:`~denoiselab.train.build.Restored.settings` fills it in)."""
+    own = "(default: the run's own, its config's sample.%s)"
+    p.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
+    p.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], help=own % "solver")
+    p.add_argument(
+        "--eta", type=float, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s² " + own % "eta"
+    )
+    p.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guidance interval " + own % "interval",
+    )
+    add_guidance_arguments(p)

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from denoiselab.cliutil import ArgumentParser, add_guidance_arguments, check_sampler_flags
+from denoiselab.cliutil import ArgumentParser, add_sampler_arguments, check_sampler_flags
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
@@ -195,28 +195,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="samples to score; under torchrun spell it --num-samples (torchrun reads --num "
         "as an abbreviation of its own --numa-binding)",
     )
-    own = "(default: the run's own, its config's sample.%s)"
-    p.add_argument("--cfg", type=float, help="guidance scale ω " + own % "cfg")
-    p.add_argument(
-        "--cfg-interval",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="guidance interval " + own % "interval",
-    )
     p.add_argument(
         "--ema",
         type=float,
         help="EMA decay (default: searched, or 'auto', see train.ema.auto_decay)",
     )
-    add_guidance_arguments(p)
+    add_sampler_arguments(p)
     p.add_argument("--sweep-cfg", help="LO:HI:STEP, e.g. 1:4:0.1 (JiT protocol)")
     p.add_argument("--sweep-num", type=int, default=256, help="samples per sweep point")
-    p.add_argument("--steps", type=int, help="sampling steps " + own % "steps")
-    p.add_argument("--solver", choices=["heun", "euler", "euler_maruyama"], help=own % "solver")
-    p.add_argument(
-        "--eta", type=float, help="euler_maruyama: SDE noise g² = 2·eta·(1−t)·s² " + own % "eta"
-    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from denoiselab.algorithms import parse_terms
-from denoiselab.bench.timing import time_once
-from denoiselab.bench.workloads import TrainWorkload
+from denoiselab.bench.variants import round_robin
 from denoiselab.config import ConfigError, apply_overrides
 from denoiselab.train.config import TrainConfig
 
@@ -42,17 +39,8 @@ def bench_terms(tc: TrainConfig, specs: list[str], warmup: int, repeats: int) ->
     """Time ``tc`` without terms (the base) and with each SPEC's term, round-robin."""
     configs = [dataclasses.replace(tc, terms={})]
     configs += [dataclasses.replace(tc, terms=parse_terms(parse_term_spec(s))) for s in specs]
-    with tempfile.TemporaryDirectory() as root:
-        works = [TrainWorkload.build(c, Path(root) / str(i)) for i, c in enumerate(configs)]
-        device = works[0].trainer.device
-        for work in works:
-            for _ in range(warmup):
-                work()
-        times: list[list[float]] = [[] for _ in works]
-        for _ in range(repeats):
-            for t, work in zip(times, works):
-                t.append(time_once(work, device))
-        extra = [sum(p.numel() for p in w.trainer.objective.parameters()) for w in works]
+    times, trainers, _ = round_robin(configs, warmup, repeats)
+    extra = [sum(p.numel() for p in trainer.objective.parameters()) for trainer in trainers]
     rows = []
     for i, (name, t) in enumerate(zip(["without terms", *specs], times)):
         row = {

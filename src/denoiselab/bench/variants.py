@@ -87,18 +87,22 @@ def round_robin(
     configs: list[TrainConfig], warmup: int, repeats: int
 ) -> tuple[list[list[float]], list[Any], list[int]]:
     """Seconds of ``repeats`` training steps of each config, timed round-robin after
-    ``warmup`` untimed steps each; also each run's network config and steps taken."""
+    ``warmup`` untimed steps each; also each run's trainer (closed) and steps taken."""
     with tempfile.TemporaryDirectory() as root:
         works = [TrainWorkload.build(c, Path(root) / str(i)) for i, c in enumerate(configs)]
-        device = works[0].trainer.device
-        for work in works:
-            for _ in range(warmup):
-                work()
-        times: list[list[float]] = [[] for _ in works]
-        for _ in range(repeats):
-            for t, work in zip(times, works):
-                t.append(time_once(work, device))
-        return times, [w.trainer.model_cfg for w in works], [w.step for w in works]
+        try:
+            device = works[0].trainer.device
+            for work in works:
+                for _ in range(warmup):
+                    work()
+            times: list[list[float]] = [[] for _ in works]
+            for _ in range(repeats):
+                for t, work in zip(times, works):
+                    t.append(time_once(work, device))
+        finally:
+            for work in works:
+                work.trainer.close()
+        return times, [w.trainer for w in works], [w.step for w in works]
 
 
 def paired_speedup(base: list[float], other: list[float]) -> float:
@@ -111,7 +115,8 @@ def bench_variants(
 ) -> dict[str, Any]:
     """Time ``tc`` (dense, AdamW: the base) and each variant round-robin; see the module doc."""
     configs = [tc, *(variant_config(tc, v) for v in variants)]
-    times, models, steps_run = round_robin(configs, warmup, repeats)
+    times, trainers, steps_run = round_robin(configs, warmup, repeats)
+    models = [trainer.model_cfg for trainer in trainers]
     base_flops = 3 * forward_macs(models[0], routed=True)["gflops"]
     rows = []
     for i, (name, t, mc) in enumerate(zip(["base", *(v.name for v in variants)], times, models)):
