@@ -448,12 +448,12 @@ def test_progress_bar_draws_in_place_on_a_terminal_only():
 
 
 def test_global_seeding_is_torch_manual_seed_for_the_training_device():
-    from denoiselab.train.loop import _seed_global
+    from denoiselab.train.seeding import seed_global
 
     torch.manual_seed(1234)
     expected = torch.get_rng_state()
     torch.manual_seed(0)
-    _seed_global(1234, torch.device("cpu"))
+    seed_global(1234, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), expected)
 
 

@@ -50,6 +50,7 @@ from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
 from denoiselab.train.schedule import Schedule
+from denoiselab.train.seeding import mix_seed, seed_global
 from denoiselab.train.stepclock import NO_CLOCK, StepClock
 from denoiselab.train.tracking import require_backends
 from denoiselab.train.window import (
@@ -69,20 +70,9 @@ __all__ = [
 
 PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
 
-PLOT_EVERY_S = 60.0  # redraw loss.png at most this often (it costs ~0.3 s), and at the end
-
 
 class UnusedTermParametersError(RuntimeError):
     """A loss term left parameters without a gradient but does not declare ``may_skip``."""
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 steps), so nearby tuples decorrelate."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 @dataclass
@@ -216,7 +206,7 @@ class Trainer:
         for k in range(accum):
             shard = self.dist.rank * accum + k
             seed = mix_seed(cfg.seed, step, shard)
-            _seed_global(mix_seed(seed, 1), self.device)  # dropout and any other global draws
+            seed_global(mix_seed(seed, 1), self.device)  # dropout and any other global draws
             gen = torch.Generator(self.device).manual_seed(seed)
             clock.lap("bookkeeping")
             x = images[k * micro : (k + 1) * micro].to(self.device, non_blocking=True)
@@ -415,15 +405,6 @@ def _total(means: Iterable[Tensor], accum: int) -> Tensor:
     for m in it:
         loss = loss + m
     return loss if accum == 1 else loss / accum
-
-
-def _seed_global(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed(seed)`` for the generators a step can draw from: the CPU one and,
-    when training on CUDA, the CUDA ones (``torch.manual_seed`` also visits every other
-    backend's generators: ~90 µs per call on CPU, more than the rest of this function)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
 
 
 def train(
