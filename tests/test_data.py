@@ -251,7 +251,7 @@ def test_imagefolder_missing_and_empty_root(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=r"nope.*does not exist.*class"):
         ImageFolderDataset(missing)
-    with pytest.raises(ValueError, match="no class sub-folders"):
+    with pytest.raises(ValueError, match="no class sub-folders and no images"):
         ImageFolderDataset(tmp_path)
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="empty_class"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from denoiselab.data import DataConfig, ShapesDataset, build_dataset
+from denoiselab.data import DataConfig, ImageFolderDataset, ShapesDataset, build_dataset
 from denoiselab.data.shapes_caption import (
     PHRASINGS,
     POSITION_BAND,
@@ -124,3 +124,109 @@ def test_holdout_config_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match=r"only used by 'shapes', not 'digits'"):
         DataConfig(name="digits", holdout_pairs=("red star",))
     assert DataConfig(holdout_pairs=("red heart",)).holdout_pairs == ("red heart",)
+
+
+# --------------------------------------------------------------------------------------------
+# imagefolder captions
+
+
+def _png(path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((12, 12, 3), value, np.uint8)).save(path)
+
+
+def _jsonl(path, *rows) -> None:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_imagefolder_metadata_jsonl_flat_layout(tmp_path, caplog) -> None:
+    """The Hugging Face layout: images directly in the folder, ``metadata.jsonl`` beside them
+    (``text`` or ``caption``); an image without an entry is counted and captioned ''."""
+    from denoiselab.data.config import class_names
+
+    root = tmp_path / "pets"
+    for k, name in enumerate(("a.png", "b.png", "c.png", "d.png")):
+        _png(root / name, 40 * k)
+    _jsonl(
+        root / "metadata.jsonl",
+        {"file_name": "a.png", "text": "a grey cat"},
+        "",
+        {"file_name": "b.png", "caption": "a dog", "extra": 3},
+        {"file_name": "c.png", "text": None},
+        {"file_name": "gone.png", "text": "no such image"},
+    )
+    with caplog.at_level("WARNING", logger="denoiselab.data.imagefolder"):
+        ds = build_dataset(DataConfig(name="imagefolder", root=str(root), image_size=8))
+    assert ds.class_names == ["pets"] == class_names(DataConfig(name="imagefolder", root=str(root)))
+    assert [ds.caption(i) for i in range(4)] == ["a grey cat", "a dog", "", ""]
+    assert ds.missing_captions == 2 and ds.caption_source == "files"
+    assert ds.captions.unmatched == [str(root / "gone.png")]
+    assert sum("2 of 4 images have no caption" in r.getMessage() for r in caplog.records) == 1
+    assert any("1 metadata.jsonl entries name no image" in r.getMessage() for r in caplog.records)
+    assert ds[1][1] == 0 and torch.equal(ds[1][0], ds[1][0])
+
+
+def test_imagefolder_sidecar_txt_and_metadata_in_class_folders(tmp_path) -> None:
+    """Class folders with sidecar .txt files, and a metadata.jsonl in one folder whose entry
+    wins over a sidecar; a tree without caption files keeps class-name captions."""
+    _png(tmp_path / "cat" / "1.png", 10)
+    _png(tmp_path / "cat" / "2.png", 20)
+    _png(tmp_path / "dog" / "sub" / "3.png", 30)
+    (tmp_path / "cat" / "1.txt").write_text("  a cat asleep\n", encoding="utf-8")
+    (tmp_path / "cat" / "2.txt").write_text("ignored: metadata wins", encoding="utf-8")
+    (tmp_path / "dog" / "sub" / "3.txt").write_text("un chien, déjà vu", encoding="utf-8")
+    _jsonl(tmp_path / "cat" / "metadata.jsonl", {"file_name": "2.png", "text": "a cat, from jsonl"})
+    ds = ImageFolderDataset(tmp_path, image_size=8, hflip=False)
+    assert ds.class_names == ["cat", "dog"] and [ds.samples[i][1] for i in range(3)] == [0, 0, 1]
+    assert [ds.caption(i) for i in range(3)] == [
+        "a cat asleep",
+        "a cat, from jsonl",
+        "un chien, déjà vu",
+    ]
+    assert ds.missing_captions == 0
+    for path in (tmp_path / "cat").glob("*.txt"):
+        path.unlink()
+    (tmp_path / "dog" / "sub" / "3.txt").unlink()
+    (tmp_path / "cat" / "metadata.jsonl").unlink()
+    (tmp_path / "golden_retriever").mkdir()
+    _png(tmp_path / "golden_retriever" / "4.png", 50)
+    plain = ImageFolderDataset(tmp_path, image_size=8)
+    assert plain.caption_source == "class names" and plain.missing_captions == 0
+    assert [plain.caption(i) for i in range(4)] == ["cat", "cat", "dog", "golden retriever"]
+
+
+def test_imagefolder_caption_follows_a_replaced_unreadable_image(tmp_path) -> None:
+    _png(tmp_path / "x" / "a.png", 10)
+    (tmp_path / "x" / "b.png").write_bytes(b"not a png")
+    _png(tmp_path / "x" / "c.png", 30)
+    for name in "abc":
+        (tmp_path / "x" / f"{name}.txt").write_text(f"caption {name}")
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    image, _ = ds[1]  # b is unreadable: the sample is c
+    assert torch.equal(image, ds[2][0]) and ds.caption(1) == "caption c"
+    assert ds.caption(0) == "caption a"
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{"file_name": "a.png", "text": "ok"', r"metadata\.jsonl:2: invalid JSON"),
+        ('["a.png", "text"]', r"metadata\.jsonl:2: .* has no string 'file_name'"),
+        ('{"text": "no file"}', r"metadata\.jsonl:2: .* has no string 'file_name'"),
+        ('{"file_name": "a.png", "text": 7}', r"metadata\.jsonl:2: text=7 is not a string"),
+    ],
+)
+def test_imagefolder_bad_metadata_line_is_named(tmp_path, line: str, match: str) -> None:
+    from denoiselab.data.captions import CaptionError
+
+    _png(tmp_path / "a.png", 10)
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "fine"}\n' + line + "\n"
+    )
+    with pytest.raises(CaptionError, match=match) as err:
+        ImageFolderDataset(tmp_path, image_size=8)
+    assert str(tmp_path / "metadata.jsonl") in str(err.value)

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 from denoiselab.data.base import ImageDataset
 from denoiselab.data.digits import DigitsDataset
-from denoiselab.data.imagefolder import ImageFolderDataset, class_folders
+from denoiselab.data.imagefolder import ImageFolderDataset, folder_class_names
 from denoiselab.data.latents import LatentDataset
 from denoiselab.data.shapes import EASY_SHAPES, SHAPE_NAMES, ShapesDataset
 from denoiselab.data.shapes_caption import parse_pair
@@ -176,7 +176,7 @@ def class_names(cfg: DataConfig) -> list[str] | None:
             return list(read_manifest(root).class_names)
         except LatentCacheError:
             return None
-    return class_folders(root) if root.is_dir() else None
+    return folder_class_names(root) if root.is_dir() else None
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
