@@ -230,3 +230,34 @@ def test_imagefolder_bad_metadata_line_is_named(tmp_path, line: str, match: str)
     with pytest.raises(CaptionError, match=match) as err:
         ImageFolderDataset(tmp_path, image_size=8)
     assert str(tmp_path / "metadata.jsonl") in str(err.value)
+
+
+def test_caption_of_a_mirrored_image_swaps_left_and_right() -> None:
+    from denoiselab.data.base import flip_decision
+
+    ds = ShapesDataset(num_images=200, seed=3, hflip=True)
+    flipped = unflipped = 0
+    for i in range(len(ds)):
+        words, mirrored = ds.words(i), ds.words(i, epoch=2)
+        if flip_decision(3, i, 2):
+            swap = {"left": "right", "right": "left"}
+            expected = " ".join(swap.get(w, w) for w in words["position"].split())
+            assert mirrored["position"] == expected
+            sided = "left" in expected or "right" in expected
+            assert (ds.caption(i, 2) != ds.caption(i)) == sided
+            flipped += sided
+        else:
+            assert mirrored == words and ds.caption(i, 2) == ds.caption(i)
+            unflipped += 1
+    assert flipped > 30 and unflipped > 60
+    # Measured on the pixels: the centroid of a mirrored image's shape is on the named side.
+    for i in range(40):
+        image, _ = ds.get_item(i, epoch=2)
+        spec, name = ds.spec(i), ds.words(i, epoch=2)["position"]
+        if spec.shape in ("ring", "crescent", "heart") or name.split()[-1] not in ("left", "right"):
+            continue
+        mask = (
+            np.linalg.norm(((image + 1) / 2).permute(1, 2, 0).numpy() - spec.fg_rgb, axis=-1) < 0.12
+        )
+        cx = (np.nonzero(mask)[1].mean() + 0.5) / 32
+        assert (cx < 0.5) == name.endswith("left"), (i, name, cx)

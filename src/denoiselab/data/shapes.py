@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from denoiselab.data.base import ImageDataset
+from denoiselab.data.base import ImageDataset, flip_decision
 from denoiselab.data.shapes_caption import (
     COLOUR_NAMES,
     POSITION_NAMES,
     SIZE_NAMES,
     compose,
+    mirror_position,
     parse_pair,
     phrasing_of,
     position_bin,
@@ -279,17 +280,26 @@ class ShapesDataset(ImageDataset):
         image = render(spec, self.image_size, self.channels)
         return torch.from_numpy(image * 2 - 1), spec.label
 
-    def words(self, index: SupportsIndex) -> dict[str, str]:
-        """The attribute names of image ``index`` (keys of ``attribute_names``)."""
-        return self.spec(index).words(with_position="position" in self.attribute_names)
+    def words(self, index: SupportsIndex, epoch: int | None = None) -> dict[str, str]:
+        """The attribute names of image ``index`` (keys of ``attribute_names``); with an
+        ``epoch`` and ``hflip`` on, of the image as ``get_item(index, epoch)`` mirrors it."""
+        i = self._check_index(index)
+        words = self.spec(i).words(with_position="position" in self.attribute_names)
+        mirrored = epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
+        if mirrored and "position" in words:
+            words["position"] = mirror_position(words["position"])
+        return words
 
-    def attributes(self, index: SupportsIndex) -> dict[str, int]:
-        """What image ``index`` shows: ``{attribute: index into attribute_names[attribute]}``."""
-        words = self.words(index)
+    def attributes(self, index: SupportsIndex, epoch: int | None = None) -> dict[str, int]:
+        """What image ``index`` shows: ``{attribute: index into attribute_names[attribute]}``
+        (``epoch``: as :meth:`words`)."""
+        words = self.words(index, epoch)
         return {key: names.index(words[key]) for key, names in self.attribute_names.items()}
 
-    def caption(self, index: SupportsIndex) -> str:
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         """E.g. ``"a small red triangle in the top left on a striped blue background"``, in
-        a phrasing drawn per image (``shapes_caption.PHRASINGS``; ignores flips)."""
+        a phrasing drawn per image (``shapes_caption.PHRASINGS``). Without ``epoch`` it
+        describes the un-flipped image; with it, the image ``get_item(index, epoch)`` returns
+        (left and right swap on a mirrored one)."""
         i = self._check_index(index)
-        return compose(self.words(i), phrasing_of(self.seed, i))
+        return compose(self.words(i, epoch), phrasing_of(self.seed, i))

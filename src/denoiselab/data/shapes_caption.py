@@ -73,6 +73,11 @@ def position_bin(cx: float, cy: float) -> int:
     return 3 * row + column
 
 
+def mirror_position(name: str) -> str:
+    """The position of a horizontally mirrored scene: left and right swap."""
+    return name.replace("left", "_").replace("right", "left").replace("_", "right")
+
+
 def position_phrase(name: str) -> str:
     """``"top left"`` → ``"in the top left"``, ``"left"`` → ``"on the left"``."""
     return _POSITION_PHRASE.get(name, f"in the {name}")
