@@ -124,6 +124,12 @@ def test_holdout_config_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match=r"only used by 'shapes', not 'digits'"):
         DataConfig(name="digits", holdout_pairs=("red star",))
     assert DataConfig(holdout_pairs=("red heart",)).holdout_pairs == ("red heart",)
+    from denoiselab.config import from_dict
+
+    loaded = from_dict(DataConfig, {"difficulty": "easy", "holdout_pairs": ["red star"]})
+    assert loaded.holdout_pairs == ("red star",)  # a YAML list
+    with pytest.raises(ValueError, match=r"holdout pair 'red heart'"):
+        from_dict(DataConfig, {"difficulty": "easy", "holdout_pairs": ["red heart"]})
 
 
 # --------------------------------------------------------------------------------------------
