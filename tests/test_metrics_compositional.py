@@ -140,6 +140,13 @@ def test_score_is_seeded_and_checks_its_input(probe, prompts):
     b = compositional_score(noisy, prompts[:64], probe=probe, batch=32, seed=5)
     assert a["accuracy"] == b["accuracy"] and a["batch_seeds"] == [batch_seed(5, i) for i in (0, 1)]
     assert seen_seeds[:2] == seen_seeds[2:4] == a["batch_seeds"]
+    named = [
+        (p.prompt, {k: probe.names[k][v] for k, v in p.attributes.items()}) for p in prompts[:64]
+    ]
+    by_name = compositional_score(noisy, named, probe=probe, batch=32, seed=5)
+    assert by_name["accuracy"] == a["accuracy"] and by_name["num_unseen"] == 0
+    with pytest.raises(ValueError, match=r"colour='mauve' in prompt 'x'; valid: \['red'"):
+        compositional_score(noisy, [("x", {"colour": "mauve"})], probe=probe)
     with pytest.raises(ValueError, match=r"attributes \['mood'\] are not judged"):
         compositional_score(noisy, prompts[:4], probe=probe, judged=("mood",))
     with pytest.raises(ValueError, match=r"returned 2 images for 4 prompts"):

@@ -140,7 +140,7 @@ def real_images(prompts: Sequence[ShapePrompt], image_size: int) -> Tensor:
 
 def compositional_score(
     generate: PromptGenerate,
-    prompts: Sequence[ShapePrompt | tuple[str, Mapping[str, int]]],
+    prompts: Sequence[ShapePrompt | tuple[str, Mapping[str, int | str]]],
     *,
     dataset_cfg: Any = None,
     probe: AttributeProbe | None = None,
@@ -151,7 +151,8 @@ def compositional_score(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Score ``generate`` on ``prompts`` (:class:`ShapePrompt` or ``(text, attributes)``).
+    """Score ``generate`` on ``prompts`` (:class:`ShapePrompt` or ``(text, attributes)``
+    with attribute indices or names, e.g. ``("a red star", {"shape": "star", "colour": "red"})``).
 
     The probe is ``probe`` or the cached one of ``dataset_cfg``. Returns ``accuracy``
     (``{attribute: fraction of samples whose predicted attribute is the prompted one}``, for
@@ -165,9 +166,7 @@ def compositional_score(
         if dataset_cfg is None:
             raise ValueError("compositional_score needs a probe or the dataset_cfg to load one")
         probe = load_attribute_probe(dataset_cfg, probe_config, cache_dir, device)
-    items = [
-        p if isinstance(p, ShapePrompt) else ShapePrompt(p[0], p[1], False, None) for p in prompts
-    ]
+    items = [p if isinstance(p, ShapePrompt) else ShapePrompt(*p, False, None) for p in prompts]
     if not items or batch < 1:
         raise ValueError(f"need at least one prompt (got {len(items)}) and batch ≥ 1 (got {batch})")
     keys = list(items[0].attributes)
@@ -176,6 +175,7 @@ def compositional_score(
         raise ValueError(
             f"attributes {bad} are not judged by the probe; valid: {list(probe.names)}"
         )
+    items = [_as_indices(p, probe.names) for p in items]
     judged = [k for k in judged if k in keys]
     predicted: dict[str, list[Tensor]] = {k: [] for k in keys}
     seeds, shape = [], []
@@ -209,6 +209,21 @@ def compositional_score(
         "image_shape": shape,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+def _as_indices(prompt: ShapePrompt, names: Mapping[str, list[str]]) -> ShapePrompt:
+    """Attribute values given by name (``{"colour": "red"}``) as indices; a clear error for
+    a name the probe does not know."""
+    out = {}
+    for key, value in prompt.attributes.items():
+        if isinstance(value, str):
+            if value not in names[key]:
+                raise ValueError(
+                    f"{key}={value!r} in prompt {prompt.prompt!r}; valid: {names[key]}"
+                )
+            value = names[key].index(value)
+        out[key] = int(value)
+    return dataclasses.replace(prompt, attributes=out)
 
 
 def _summary(hits: dict[str, Tensor], judged: Sequence[str], rows: Tensor) -> dict[str, Any] | None:
