@@ -8,13 +8,12 @@ accuracy on held-out real images (``val_accuracy``), so a score's errors can be 
 judge's. Held-out (colour, shape) pairs of a training config are *not* held out of the probe's
 data: the judge must know every combination a prompt can ask for.
 
-Unlike the class probe (:mod:`.probe`), the trunk is not average-pooled: position is an
-attribute, so the heads read the flattened ``S/8 × S/8`` map of the last stage.
+Unlike the class probe (:mod:`.probe`), the heads do not read the average pool alone:
+position and size are attributes, so they also read a flattened ``S/8 × S/8`` map.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ __all__ = [
     "load_attribute_probe",
 ]
 
-ATTRIBUTE_PROBE_VERSION = "attribute-probe-v1"  # bump when the net or the recipe changes
+ATTRIBUTE_PROBE_VERSION = "attribute-probe-v2"  # bump when the net or the recipe changes
 
 
 @dataclass(frozen=True)
@@ -80,28 +79,32 @@ class AttributeProbeConfig:
 class AttributeNet(nn.Module):
     """``x [B, 3, S, S]`` in [-1, 1] → ``{attribute: logits [B, n_attribute]}``.
 
-    Stem conv (``width``), three stride-2 stages (``2w, 4w, 4w`` channels; GroupNorm + SiLU),
-    flatten the ``S/8 × S/8`` map, a shared hidden layer of 128, one linear head per attribute.
+    The class probe's trunk (stem conv, two stages of stride-2 conv + conv; ``w, 2w, 4w``
+    channels, GroupNorm + SiLU) to an ``S/4`` map, then two readouts: its global average pool
+    (``4w``: what is there, wherever it is) and a stride-2 conv to ``S/8 × S/8`` flattened
+    through a hidden layer of 128 (where it is, how large). Each head reads both.
     """
 
     def __init__(self, heads: dict[str, int], image_size: int, width: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = [3, width, 2 * width, 4 * width, 4 * width]
-        for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, 1 if i == 0 else 2, 1),
-                nn.GroupNorm(min(8, c_out), c_out),
-                nn.SiLU(),
-            ]
-        side = image_size // 8
-        self.trunk = nn.Sequential(*layers, nn.Flatten())
-        self.hidden = nn.Sequential(nn.Linear(channels[-1] * side * side, 128), nn.SiLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(128, n) for name, n in heads.items()})
+        layers: list[nn.Module] = [*_conv(3, width, 1)]
+        for c in (width, 2 * width):
+            layers += [*_conv(c, 2 * c, 2), *_conv(2 * c, 2 * c, 1)]
+        self.trunk = nn.Sequential(*layers)
+        side, c = image_size // 8, 4 * width
+        self.where = nn.Sequential(
+            *_conv(c, c, 2), nn.Flatten(), nn.Linear(c * side * side, 128), nn.SiLU()
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(c + 128, n) for name, n in heads.items()})
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        h = self.hidden(self.trunk(x))
-        return {name: head(h) for name, head in self.heads.items()}
+        h = self.trunk(x)
+        features = torch.cat([h.mean(dim=(2, 3)), self.where(h)], dim=1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def _conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
 
 
 class AttributeProbe:
