@@ -197,8 +197,26 @@ def avoid_pairs(
     allowed = [(bg, fg) for bg in PALETTE for fg in pairs[bg] if (spec.shape, fg) not in held_out]
     same_bg = [pair for pair in allowed if pair[0] == spec.bg]
     bg, fg = (same_bg or allowed)[rng.integers(len(same_bg or allowed))]
+    return recolour(spec, fg, rng, channels, bg)
+
+
+def recolour(
+    spec: ShapeSpec,
+    colour: str,
+    rng: np.random.Generator,
+    channels: int = 3,
+    background: str | None = None,
+) -> ShapeSpec:
+    """``spec`` with foreground ``colour`` (jittered from ``rng``) on ``background`` (default:
+    its own if ``colour`` stands out from it, else one drawn among those it stands out from)."""
+    pairs = _PAIRS[channels]
+    bg = background or spec.bg
+    if colour not in pairs[bg]:
+        options = [b for b in PALETTE if colour in pairs[b]]
+        bg = options[rng.integers(len(options))]
+    fg_rgb = _jitter(rng, colour)
     bg_rgb = spec.bg_rgb if bg == spec.bg else _jitter(rng, bg)
-    return dataclasses.replace(spec, fg=fg, bg=bg, fg_rgb=_jitter(rng, fg), bg_rgb=bg_rgb)
+    return dataclasses.replace(spec, fg=colour, fg_rgb=fg_rgb, bg=bg, bg_rgb=bg_rgb)
 
 
 def render(spec: ShapeSpec, size: int, channels: int = 3) -> np.ndarray:

@@ -78,7 +78,7 @@ def shapes_prompts(
     scene's shape set to the pair's shape and its colour to the pair's colour, the background
     redrawn when it would not contrast).
     """
-    from ..data.shapes import ShapesDataset
+    from ..data.shapes import ShapesDataset, recolour
     from ..data.shapes_caption import compose, parse_pair
 
     check_shapes_config(dataset_cfg)
@@ -107,27 +107,12 @@ def shapes_prompts(
             index += (shapes.index(shape) - index) % len(shapes)  # label = index mod classes
         spec = source.spec(index)
         if forced:
-            spec = _with_colour(spec, colour, rng)
+            spec = recolour(spec, colour, rng)
         words = spec.words(with_position="position" in source.attribute_names)
         attributes = {k: names.index(words[k]) for k, names in source.attribute_names.items()}
         text = compose(words, int(rng.integers(1 << 30)))
         prompts.append(ShapePrompt(text, attributes, (spec.shape, spec.fg) in held, spec))
     return prompts
-
-
-def _with_colour(spec: Any, colour: str, rng: np.random.Generator) -> Any:
-    """``spec`` with foreground ``colour``; the background is redrawn among those it stands
-    out from when the drawn one does not."""
-    from ..data.shapes import _PAIRS, _jitter
-    from ..data.shapes_draw import PALETTE
-
-    pairs = _PAIRS[3]
-    bg = spec.bg
-    if colour not in pairs[bg]:
-        options = [b for b in PALETTE if colour in pairs[b]]
-        bg = options[rng.integers(len(options))]
-    bg_rgb = spec.bg_rgb if bg == spec.bg else _jitter(rng, bg)
-    return dataclasses.replace(spec, fg=colour, fg_rgb=_jitter(rng, colour), bg=bg, bg_rgb=bg_rgb)
 
 
 def real_images(prompts: Sequence[ShapePrompt], image_size: int) -> Tensor:
