@@ -267,3 +267,16 @@ def test_caption_of_a_mirrored_image_swaps_left_and_right() -> None:
         )
         cx = (np.nonzero(mask)[1].mean() + 0.5) / 32
         assert (cx < 0.5) == name.endswith("left"), (i, name, cx)
+
+
+def test_every_dataset_takes_an_epoch_for_its_caption(tmp_path) -> None:
+    """One contract for the text loader: ``caption(i, epoch)`` on every dataset."""
+    from denoiselab.data import DigitsDataset
+
+    _png(tmp_path / "a_b" / "x.png", 5)
+    folder = ImageFolderDataset(tmp_path, image_size=8)
+    digits = DigitsDataset(image_size=8)
+    assert folder.caption(0, epoch=3) == folder.caption(0) == "a b"
+    assert digits.caption(4, epoch=1) == digits.caption(4)
+    shapes = ShapesDataset(num_images=8, difficulty="easy", hflip=True)
+    assert all(shapes.caption(i, epoch=5) == shapes.caption(i) for i in range(8))  # no position

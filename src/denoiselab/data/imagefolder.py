@@ -206,14 +206,15 @@ class ImageFolderDataset(ImageDataset):
         """``"files"`` (metadata.jsonl / sidecar .txt) or ``"class names"``."""
         return "class names" if self.captions.empty else "files"
 
-    def caption(self, index: SupportsIndex) -> str:
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         """The caption of the image that ``self[index]`` shows: from ``metadata.jsonl`` or its
         ``.txt`` sidecar (``""`` if it has neither), or, in a tree without caption files, the
         class folder name with underscores as spaces (e.g. ``"golden retriever"``).
 
         An unreadable file is replaced by the next readable one (module docstring); the
         caption follows the files known to be unreadable in this process, so ask after
-        loading the item."""
+        loading the item. ``epoch`` is ignored (a caption file describes the photo, flipped
+        or not)."""
         i = self._check_index(index)
         for offset in range(len(self.samples)):
             j = (i + offset) % len(self.samples)
