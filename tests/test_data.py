@@ -65,8 +65,8 @@ def test_shapes_captions_name_shape_and_colours() -> None:
     for i in range(len(ds)):
         spec, caption = ds.spec(i), ds.caption(i)
         assert SHAPE_NAMES[ds[i][1]] in caption and spec.fg in caption and spec.bg in caption
-        assert caption.startswith(f"a {spec.size_word} {spec.fg} {spec.shape} on a")
-        assert spec.fg != spec.bg and caption.endswith("background")
+        assert spec.size_word in caption and spec.position_word in caption
+        assert spec.fg != spec.bg and "background" in caption
     assert ds.caption(0) == ShapesDataset(num_images=40, seed=2).caption(0)
 
 
@@ -251,7 +251,7 @@ def test_imagefolder_missing_and_empty_root(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=r"nope.*does not exist.*class"):
         ImageFolderDataset(missing)
-    with pytest.raises(ValueError, match="no class sub-folders"):
+    with pytest.raises(ValueError, match="no class sub-folders and no images"):
         ImageFolderDataset(tmp_path)
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="empty_class"):

@@ -5,7 +5,8 @@ Every dataset is map-style: ``ds[i] -> (image float32 [C, H, W] in [-1, 1], labe
 
 - ``shapes`` (default): procedural coloured shapes, 8 classes, any resolution, pure in (seed, i).
 - ``digits``: scikit-learn's 1797 handwritten 8×8 digits, resized.
-- ``imagefolder``: ``root/<class>/*.jpg`` with JiT's ADM centre crop and random flips.
+- ``imagefolder``: ``root/<class>/*.jpg`` (or a flat folder) with JiT's ADM centre crop and
+  random flips; captions from ``metadata.jsonl`` or sidecar ``.txt`` files.
 - ``latents``: a latent cache written by ``denoiselab cache-latents`` (raw latents, normalised
   at load time; flips use the cached encodings of mirrored images).
 
@@ -14,6 +15,7 @@ over ``rank · grad_accum + micro_step``, so resuming and re-sharding are exact.
 """
 
 from denoiselab.data.base import ImageDataset, flip_decision
+from denoiselab.data.captions import CaptionError
 from denoiselab.data.config import DataConfig, DatasetName, build_dataset
 from denoiselab.data.digits import DigitsDataset
 from denoiselab.data.imagefolder import ImageFolderDataset, ImageFolderError, center_crop_arr
@@ -29,6 +31,7 @@ from denoiselab.data.shapes import SHAPE_NAMES, ShapesDataset, ShapeSpec, draw_s
 
 __all__ = [
     "SHAPE_NAMES",
+    "CaptionError",
     "DataConfig",
     "DatasetName",
     "DigitsDataset",

@@ -100,8 +100,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: SupportsIndex) -> tuple[Tensor, int]:
         return self.get_item(index, epoch=0)
 
-    def caption(self, index: SupportsIndex) -> str:
-        """A short English description of sample ``index`` (the class name by default)."""
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
+        """A short English description of sample ``index`` (the class name by default).
+
+        ``epoch``: describe the sample as ``get_item(index, epoch)`` returns it, for datasets
+        whose words depend on the flip (``shapes`` says left or right); others ignore it."""
         return self.class_names[self[index][1]]
 
     def _check_index(self, index: SupportsIndex) -> int:

@@ -9,10 +9,11 @@ from typing import Literal, get_args
 
 from denoiselab.data.base import ImageDataset
 from denoiselab.data.digits import DigitsDataset
-from denoiselab.data.imagefolder import ImageFolderDataset, class_folders
+from denoiselab.data.imagefolder import ImageFolderDataset, folder_class_names
 from denoiselab.data.latents import LatentDataset
 from denoiselab.data.prepared import PreparedDataset
-from denoiselab.data.shapes import ShapesDataset
+from denoiselab.data.shapes import EASY_SHAPES, SHAPE_NAMES, ShapesDataset
+from denoiselab.data.shapes_caption import parse_pair
 
 DatasetName = Literal["shapes", "digits", "imagefolder", "prepared", "latents"]
 Difficulty = Literal["hard", "easy"]
@@ -67,6 +68,10 @@ class DataConfig:
         difficulty: ``shapes`` only: ``"hard"`` (the default: 8 classes at random angles,
             sizes and places on five textures) or ``"easy"`` (5 distinct classes, upright,
             large, centred, on plain or gradient backgrounds; ``denoiselab.data.shapes``).
+        holdout_pairs: ``shapes`` only: ``"<colour> <shape>"`` combinations (e.g.
+            ``["red triangle"]``) that never appear in the data (their images are re-coloured,
+            every other image is unchanged), so a compositional score can ask for them
+            (:mod:`denoiselab.metrics.compositional`); ``None`` (the default) holds none out.
         autoencoder: ``latents`` only: where the autoencoder recorded in the cache lives now,
             for decoding (default: the path recorded at caching; its fingerprint must match).
     """
@@ -85,6 +90,7 @@ class DataConfig:
     autoencoder: str | None = None
     textures: tuple[str, ...] | None = None
     difficulty: Difficulty = "hard"
+    holdout_pairs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         names = get_args(DatasetName)
@@ -146,6 +152,18 @@ class DataConfig:
                 f"data.difficulty={self.difficulty!r}, data.textures={self.textures!r} are "
                 f"only used by 'shapes', not {self.name!r}"
             )
+        if self.holdout_pairs is not None:
+            if self.name != "shapes":
+                raise ValueError(
+                    f"data.holdout_pairs={list(self.holdout_pairs)!r} is only used by 'shapes', "
+                    f"not {self.name!r}"
+                )
+            shapes = tuple(EASY_SHAPES if self.difficulty == "easy" else SHAPE_NAMES)
+            for pair in self.holdout_pairs:
+                try:
+                    parse_pair(pair, shapes)
+                except ValueError as err:
+                    raise ValueError(f"data.holdout_pairs: {err}") from None
         if self.difficulty == "easy" and self.textures:
             raise ValueError(
                 f"data.textures={list(self.textures)!r} applies to difficulty 'hard'; "
@@ -182,7 +200,7 @@ def class_names(cfg: DataConfig) -> list[str] | None:
             return None
     if cfg.name == "prepared":
         return list(_build_dataset(cfg).class_names) if root.is_dir() else None  # memory-mapped
-    return class_folders(root) if root.is_dir() else None
+    return folder_class_names(root) if root.is_dir() else None
 
 
 def cores_per_rank() -> int:
@@ -207,6 +225,7 @@ def _build_dataset(cfg: DataConfig) -> ImageDataset:
             hflip=cfg.resolved_hflip,
             textures=cfg.textures,
             difficulty=cfg.difficulty,
+            holdout_pairs=cfg.holdout_pairs,
             **common,
         )
     if cfg.name == "digits":

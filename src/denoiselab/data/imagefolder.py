@@ -2,7 +2,13 @@
 
 Layout: ``root/<class_name>/**/<file>.{jpg,jpeg,png,…}``; class names sorted alphabetically
 give the label ids (as ``torchvision.datasets.ImageFolder``). For ImageNet, point ``root`` at
-its ``train/`` folder. Preprocessing follows the reference JiT training pipeline: the ADM
+its ``train/`` folder. A root without class sub-folders whose images lie directly in it (the
+usual layout of a captioned text-to-image set) is one class named after the folder.
+
+Captions (:mod:`denoiselab.data.captions`): ``metadata.jsonl`` entries (``file_name`` +
+``text``/``caption``) or sidecar ``.txt`` files beside the images. When the tree has any, an
+image without one is counted in ``missing_captions`` (one warning at construction) and
+captioned ``""``; a tree with none is captioned by class names, as before. Preprocessing follows the reference JiT training pipeline: the ADM
 centre crop (:func:`center_crop_arr`), a random horizontal flip (here decided by
 ``(seed, index, epoch)``), then ``x / 255 · 2 − 1``.
 
@@ -30,6 +36,7 @@ from torch import Tensor
 
 from denoiselab.config import ConfigError
 from denoiselab.data.base import ImageDataset, uint8_to_model
+from denoiselab.data.captions import index_captions
 from denoiselab.data.decode import to_8bit
 
 log = logging.getLogger(__name__)
@@ -88,8 +95,12 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str
         raise FileNotFoundError(f"imagefolder root {str(root)!r} {problem}; expected {expected}")
     classes = class_folders(root_path)
     if not classes:
+        flat = flat_images(root_path)
+        if flat:
+            return [root_path.resolve().name], [(path, 0) for path in flat]
         raise ImageFolderError(
-            f"imagefolder root {str(root)!r} has no class sub-folders; expected {expected}"
+            f"imagefolder root {str(root)!r} has no class sub-folders and no images; expected "
+            f"{expected} (or images directly in root)"
         )
     per_class = {name: _files(root_path / name) for name in classes}
     empty = [name for name, files in per_class.items() if not files]
@@ -100,6 +111,23 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str
         )
     samples = [(path, label) for label, name in enumerate(classes) for path in per_class[name]]
     return classes, samples
+
+
+def flat_images(root: Path) -> list[str]:
+    """Image files directly in ``root`` (sorted): the one-class layout of captioned sets."""
+    return sorted(
+        os.path.join(root, e.name)
+        for e in os.scandir(root)
+        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
+    """Class names of ``root`` without reading images: its class folders, or the folder's own
+    name for a flat folder of images (``[]`` if neither)."""
+    root_path = Path(root)
+    classes = class_folders(root_path)
+    return classes or ([root_path.resolve().name] if flat_images(root_path) else [])
 
 
 def _files(folder: Path) -> list[str]:
@@ -133,6 +161,23 @@ class ImageFolderDataset(ImageDataset):
         self.bad_paths: set[str] = set()
         self._last_error = ""
         self._load(0)  # a folder without one readable image fails here, not mid-epoch
+        self._paths = [os.path.normpath(path) for path, _ in self.samples]
+        self.captions = index_captions(self.root, self._paths)
+        self.missing_captions = (
+            0 if self.captions.empty else sum(not self.captions.has_caption(p) for p in self._paths)
+        )
+        if self.missing_captions:
+            log.warning(
+                "imagefolder %s: %d of %d images have no caption (no %s entry, no .txt beside "
+                "them); their caption is empty",
+                self.root, self.missing_captions, len(self._paths), "metadata.jsonl",
+            )  # fmt: skip
+        if self.captions.unmatched:
+            log.warning(
+                "imagefolder %s: %d metadata.jsonl entries name no image of the data set "
+                "(first: %s)",
+                self.root, len(self.captions.unmatched), self.captions.unmatched[0],
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -166,6 +211,25 @@ class ImageFolderDataset(ImageDataset):
                 )  # fmt: skip
             return None
 
-    def caption(self, index: SupportsIndex) -> str:
-        """The class folder name, underscores as spaces (e.g. ``"golden retriever"``)."""
-        return self.class_names[self.samples[self._check_index(index)][1]].replace("_", " ")
+    @property
+    def caption_source(self) -> str:
+        """``"files"`` (metadata.jsonl / sidecar .txt) or ``"class names"``."""
+        return "class names" if self.captions.empty else "files"
+
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
+        """The caption of the image that ``self[index]`` shows: from ``metadata.jsonl`` or its
+        ``.txt`` sidecar (``""`` if it has neither), or, in a tree without caption files, the
+        class folder name with underscores as spaces (e.g. ``"golden retriever"``).
+
+        An unreadable file is replaced by the next readable one (module docstring); the
+        caption follows the files known to be unreadable in this process, so ask after
+        loading the item. ``epoch`` is ignored (a caption file describes the photo, flipped
+        or not)."""
+        i = self._check_index(index)
+        for offset in range(len(self.samples)):
+            j = (i + offset) % len(self.samples)
+            if self.samples[j][0] not in self.bad_paths:
+                break
+        if self.captions.empty:
+            return self.class_names[self.samples[j][1]].replace("_", " ")
+        return self.captions.caption(self._paths[j])

@@ -12,10 +12,17 @@ Two difficulties (``DIFFICULTIES``), each its own sequence of draws:
 - ``easy`` (the quickstart): the 5 most distinct classes (``EASY_SHAPES``), upright, larger
   (diameters of 64–84 %), near the centre, on plain or two-tone (gradient) backgrounds.
   Colours are drawn as in ``hard``, independently of the class: only the shape tells it.
+
+Captions and discrete attributes (shape, colour, size, position, background, texture) come
+from :mod:`denoiselab.data.shapes_caption`. ``holdout_pairs`` (e.g. ``("red triangle",)``)
+keeps (colour, shape) combinations out of the data for compositional tests: an image that
+draws a held-out pair is re-coloured from a side stream (:func:`avoid_pairs`); every other
+image, and every image when no pair is held out, stays bit-identical.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import SupportsIndex
@@ -24,7 +31,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from denoiselab.data.base import ImageDataset
+from denoiselab.data.base import ImageDataset, flip_decision
+from denoiselab.data.shapes_caption import (
+    COLOUR_NAMES,
+    POSITION_NAMES,
+    SIZE_NAMES,
+    compose,
+    mirror_position,
+    parse_pair,
+    phrasing_of,
+    position_bin,
+    size_bin,
+)
 from denoiselab.data.shapes_draw import (
     HEART_MAX_TILT,
     LUMA,
@@ -52,13 +70,7 @@ EASY_CENTRE_JITTER = 0.06  # centre within ±this (fraction of the side) of the 
 EASY_TEXTURES = ("plain", "gradient")
 EASY_ANGLE = {"square": math.pi / 4}  # upright: the square's SDF has a vertex up; others 0
 _EASY_STREAM = 0xEA5E  # the easy draws: a stream of their own, so ``hard`` stays as it was
-_TEXTURE_PHRASE = {
-    "plain": "plain {} background",
-    "stripes": "striped {} background",
-    "checker": "checkered {} background",
-    "dots": "dotted {} background",
-    "gradient": "{} gradient background",
-}
+_HOLDOUT_STREAM = 0x401D  # re-colouring of images that drew a held-out pair
 
 
 @dataclass(frozen=True)
@@ -87,14 +99,27 @@ class ShapeSpec:
     @property
     def size_word(self) -> str:
         """``small`` / ``medium`` / ``large`` by thirds of the radius range."""
-        lo, hi = self.radius_range
-        third = (self.radius - lo) / (hi - lo) * 3
-        return ("small", "medium", "large")[min(int(third), 2)]
+        return SIZE_NAMES[size_bin(self.radius, self.radius_range)]
 
-    def caption(self) -> str:
-        """E.g. ``"a small red triangle on a striped blue background"``."""
-        background = _TEXTURE_PHRASE[self.texture].format(self.bg)
-        return f"a {self.size_word} {self.fg} {self.shape} on a {background}"
+    @property
+    def position_word(self) -> str:
+        """Where the centre lies on a 3×3 grid (``shapes_caption.position_bin``)."""
+        return POSITION_NAMES[position_bin(self.cx, self.cy)]
+
+    def words(self, with_position: bool = True) -> dict[str, str]:
+        """The attribute names of this scene (``shapes_caption`` module docstring)."""
+        words = {
+            "shape": self.shape,
+            "colour": self.fg,
+            "size": self.size_word,
+            "background": self.bg,
+            "texture": self.texture,
+        }
+        return {**words, "position": self.position_word} if with_position else words
+
+    def caption(self, phrasing: int = 0, with_position: bool = True) -> str:
+        """E.g. ``"a small red triangle in the top left on a striped blue background"``."""
+        return compose(self.words(with_position), phrasing)
 
 
 def _draw_angle(rng: np.random.Generator, symmetry: int) -> float:
@@ -158,6 +183,42 @@ def draw_easy_spec(seed: int, index: int, channels: int = 3) -> ShapeSpec:
     )  # fmt: skip
 
 
+def avoid_pairs(
+    spec: ShapeSpec, held_out: frozenset[tuple[str, str]], stream: tuple[int, ...], channels: int
+) -> ShapeSpec:
+    """``spec`` itself unless its ``(shape, colour)`` is in ``held_out``; then the same scene
+    with a foreground colour drawn (seeded by ``stream``) among those that contrast with the
+    background and are not held out for the shape (the background is redrawn too in the rare
+    case that none is left). Geometry, texture and size never change."""
+    if (spec.shape, spec.fg) not in held_out:
+        return spec
+    rng = np.random.default_rng((_SHAPES_STREAM, _HOLDOUT_STREAM, *stream))
+    pairs = _PAIRS[channels]
+    allowed = [(bg, fg) for bg in PALETTE for fg in pairs[bg] if (spec.shape, fg) not in held_out]
+    same_bg = [pair for pair in allowed if pair[0] == spec.bg]
+    bg, fg = (same_bg or allowed)[rng.integers(len(same_bg or allowed))]
+    return recolour(spec, fg, rng, channels, bg)
+
+
+def recolour(
+    spec: ShapeSpec,
+    colour: str,
+    rng: np.random.Generator,
+    channels: int = 3,
+    background: str | None = None,
+) -> ShapeSpec:
+    """``spec`` with foreground ``colour`` (jittered from ``rng``) on ``background`` (default:
+    its own if ``colour`` stands out from it, else one drawn among those it stands out from)."""
+    pairs = _PAIRS[channels]
+    bg = background or spec.bg
+    if colour not in pairs[bg]:
+        options = [b for b in PALETTE if colour in pairs[b]]
+        bg = options[rng.integers(len(options))]
+    fg_rgb = _jitter(rng, colour)
+    bg_rgb = spec.bg_rgb if bg == spec.bg else _jitter(rng, bg)
+    return dataclasses.replace(spec, fg=colour, fg_rgb=fg_rgb, bg=bg, bg_rgb=bg_rgb)
+
+
 def render(spec: ShapeSpec, size: int, channels: int = 3) -> np.ndarray:
     """Rasterise ``spec`` to ``float32 [channels, size, size]`` in ``[0, 1]``."""
     bg = np.array(spec.bg_rgb, dtype=np.float32)
@@ -186,6 +247,7 @@ class ShapesDataset(ImageDataset):
         hflip: bool = False,
         textures: tuple[str, ...] | None = None,
         difficulty: str = "hard",
+        holdout_pairs: tuple[str, ...] | None = None,
     ) -> None:
         if channels not in MIN_CONTRAST:
             raise ValueError(f"channels={channels!r}; valid: 1, 3")
@@ -205,6 +267,17 @@ class ShapesDataset(ImageDataset):
         self.channels, self.hflip = channels, hflip
         self.class_names = list(EASY_SHAPES if difficulty == "easy" else SHAPE_NAMES)
         self.num_classes = len(self.class_names)
+        shapes = tuple(self.class_names)
+        self.held_out = frozenset(parse_pair(p, shapes) for p in holdout_pairs or ())
+        # What attributes(i) indexes into; easy shapes are always centred: no position.
+        self.attribute_names: dict[str, tuple[str, ...]] = {
+            "shape": shapes,
+            "colour": COLOUR_NAMES,
+            "size": SIZE_NAMES,
+            **({} if difficulty == "easy" else {"position": POSITION_NAMES}),
+            "background": COLOUR_NAMES,
+            "texture": EASY_TEXTURES if difficulty == "easy" else self.textures,
+        }
 
     def __len__(self) -> int:
         return self.num_images
@@ -215,14 +288,36 @@ class ShapesDataset(ImageDataset):
 
     def _spec(self, index: int) -> ShapeSpec:
         if self.difficulty == "easy":
-            return draw_easy_spec(self.seed, index, self.channels)
-        return draw_spec(self.seed, index, self.channels, self.textures)
+            spec = draw_easy_spec(self.seed, index, self.channels)
+        else:
+            spec = draw_spec(self.seed, index, self.channels, self.textures)
+        return avoid_pairs(spec, self.held_out, (self.seed, index), self.channels)
 
     def _load(self, index: int) -> tuple[Tensor, int]:
         spec = self._spec(index)
         image = render(spec, self.image_size, self.channels)
         return torch.from_numpy(image * 2 - 1), spec.label
 
-    def caption(self, index: SupportsIndex) -> str:
-        """E.g. ``"a small red triangle on a striped blue background"`` (ignores flips)."""
-        return self.spec(index).caption()
+    def words(self, index: SupportsIndex, epoch: int | None = None) -> dict[str, str]:
+        """The attribute names of image ``index`` (keys of ``attribute_names``); with an
+        ``epoch`` and ``hflip`` on, of the image as ``get_item(index, epoch)`` mirrors it."""
+        i = self._check_index(index)
+        words = self.spec(i).words(with_position="position" in self.attribute_names)
+        mirrored = epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
+        if mirrored and "position" in words:
+            words["position"] = mirror_position(words["position"])
+        return words
+
+    def attributes(self, index: SupportsIndex, epoch: int | None = None) -> dict[str, int]:
+        """What image ``index`` shows: ``{attribute: index into attribute_names[attribute]}``
+        (``epoch``: as :meth:`words`)."""
+        words = self.words(index, epoch)
+        return {key: names.index(words[key]) for key, names in self.attribute_names.items()}
+
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
+        """E.g. ``"a small red triangle in the top left on a striped blue background"``, in
+        a phrasing drawn per image (``shapes_caption.PHRASINGS``). Without ``epoch`` it
+        describes the un-flipped image; with it, the image ``get_item(index, epoch)`` returns
+        (left and right swap on a mirrored one)."""
+        i = self._check_index(index)
+        return compose(self.words(i, epoch), phrasing_of(self.seed, i))

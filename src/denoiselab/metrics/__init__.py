@@ -4,9 +4,12 @@ Metric maths run in float64 and stream or chunk over samples (50K × 2048 featur
 memory). Metrics take ``uint8 [B, 3, H, W]`` images only; :func:`to_uint8` is the single
 conversion from ``[-1, 1]`` floats. Pretrained extractors (TF-Inception, CLIP, DINOv2) load
 only from local files; the probe metrics (``fd_probe``, ``mmd_probe``, ``acc_probe``,
-``pr_probe``) need no download at all.
+``pr_probe``) need no download at all, nor does the compositional score of text-to-image
+runs on ``shapes`` (:func:`compositional_score`, judged by :func:`load_attribute_probe`).
 """
 
+from .attribute_probe import AttributeProbe, AttributeProbeConfig, load_attribute_probe
+from .compositional import ShapePrompt, compositional_score, real_images, shapes_prompts
 from .evaluate import METRICS, MetricSpec, balanced_labels, batch_seed, evaluate
 from .extractors import (
     ClassifierExtractor,
@@ -27,6 +30,8 @@ from .reference import ReferenceStats, ReferenceStatsError, load_reference_npz, 
 
 __all__ = [
     "METRICS",
+    "AttributeProbe",
+    "AttributeProbeConfig",
     "ClassifierExtractor",
     "Extractor",
     "GaussianStats",
@@ -40,10 +45,12 @@ __all__ = [
     "ProbeExtractor",
     "ReferenceStats",
     "ReferenceStatsError",
+    "ShapePrompt",
     "StreamingGaussianStats",
     "balanced_labels",
     "batch_seed",
     "check_uint8_images",
+    "compositional_score",
     "ensure_rgb",
     "evaluate",
     "frechet_distance",
@@ -52,6 +59,7 @@ __all__ = [
     "inception_score",
     "kid",
     "l2_normalize",
+    "load_attribute_probe",
     "load_clip",
     "load_dinov2",
     "load_inception",
@@ -60,6 +68,8 @@ __all__ = [
     "mmd2",
     "mmd_rbf",
     "precision_recall",
+    "real_images",
     "reference_stats",
+    "shapes_prompts",
     "to_uint8",
 ]
