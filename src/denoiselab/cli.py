@@ -20,6 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     from denoiselab.train import checkpoint as ckpt_io
     from denoiselab.train.build import config_from_yaml_text, load_train_config
     from denoiselab.train.config import TrainConfig
+    from denoiselab.train.distributed import shutdown
     from denoiselab.train.loop import train
     from denoiselab.train.preempt import EXIT_PREEMPTED, Preempted
 
@@ -64,8 +65,10 @@ def _train(args: argparse.Namespace) -> int:
         # the process only exits now: torchrun, seeing another rank exit first, would
         # otherwise kill this one with SIGTERM while it shuts down (exit -15, not 75)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        shutdown()
         print(f"denoiselab train: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    shutdown()
     return 0
 
 

@@ -245,6 +245,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"denoiselab eval: error: {e}", file=sys.stderr)
         return 2
+    from denoiselab.train.distributed import shutdown
+
+    shutdown()  # every rank has its result: no collective follows
     if result.pop("rank") != 0:
         return 0  # rank 0 writes eval.json
     out = Path(args.out)

@@ -99,8 +99,12 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Destroy this process's process group, if it has one, before the interpreter exits:
+    left to interpreter shutdown, its teardown could abort the process (``terminate called
+    without an active exception``, exit -6) after the work was done. Only after the last
+    collective; not after a failed one (the command exits with its own error then)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
