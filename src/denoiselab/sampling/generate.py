@@ -28,14 +28,18 @@ def generate(
     eta: float = 1.0,
     noise_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    negative: Tensor | None = None,
 ) -> Tensor:
     """Samples ``[B, C, H, W]`` for class ``labels [B]`` from ``noise`` (already × noise_scale).
 
     ``noise`` fixes the randomness of the ODE solvers: the same noise and labels give the same
     images; ``solver="euler_maruyama"`` also draws from ``generator`` (``eta``,
-    ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`).
+    ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`). ``negative``: the
+    unconditional branch's condition (a negative prompt's ids) instead of ``null_class``.
     """
-    fn = ClassifierFreeGuidance(net, to_velocity, labels, null_class, cfg_scale, interval)
+    fn = ClassifierFreeGuidance(
+        net, to_velocity, labels, null_class, cfg_scale, interval, y_null=negative
+    )
     return sample(fn, noise, steps, solver, eta=eta, noise_scale=noise_scale, generator=generator)
 
 
@@ -51,6 +55,8 @@ class Sampler:
         net: ``net(z_t, t, y) -> raw output``; ``velocity`` turns it into a velocity.
         shape: ``(C, H, W)`` of the network's input (latent cells for latent runs).
         num_classes: classes of the network; label ``num_classes`` is the unconditional one.
+        null: the unconditional label when it is not ``num_classes`` (a text run: the padding
+            id, all padding being the empty prompt).
         noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
         decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
         autocast: context for the network calls (e.g. the run's bf16 autocast).
@@ -66,6 +72,7 @@ class Sampler:
     autocast: Callable[[], contextlib.AbstractContextManager] = field(
         default=contextlib.nullcontext
     )
+    null: int | None = None
 
     @torch.no_grad()
     def __call__(
@@ -78,10 +85,12 @@ class Sampler:
         cfg_scale: float = 1.0,
         interval: tuple[float, float] = (0.1, 1.0),
         eta: float = 1.0,
+        negative: Tensor | None = None,
     ) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (on ``device``) for
-        ``labels [n]``; the initial noise (and the SDE's noise, ``solver="euler_maruyama"``
-        with ``eta``) is a function of ``seed`` alone."""
+        ``labels [n]`` (a text run: token ids ``[n, L]``); the initial noise (and the SDE's
+        noise, ``solver="euler_maruyama"`` with ``eta``) is a function of ``seed`` alone.
+        ``negative``: the unconditional branch's condition (a negative prompt's ids)."""
         noise = noise_for(seed, len(labels), self.shape, self.noise_scale, self.device)
         sde_noise = torch.Generator().manual_seed(sde_seed(seed))
         with self.autocast():
@@ -90,7 +99,7 @@ class Sampler:
                 self.velocity,
                 labels.to(self.device),
                 noise,
-                null_class=self.num_classes,
+                null_class=self.num_classes if self.null is None else self.null,
                 steps=steps,
                 solver=solver,
                 cfg_scale=cfg_scale,
@@ -98,6 +107,7 @@ class Sampler:
                 eta=eta,
                 noise_scale=self.noise_scale,
                 generator=sde_noise,
+                negative=None if negative is None else negative.to(self.device),
             )
         return self.decode(x.float()).float()
 
