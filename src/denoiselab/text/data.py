@@ -11,6 +11,7 @@ exact resume are the class run's code paths unchanged.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any, SupportsIndex
 
@@ -90,6 +91,12 @@ def text_dataset(dataset: ImageDataset, model_cfg: Any) -> ImageDataset:
     """The dataset a run trains on: ``dataset`` itself (class run) or :class:`CaptionTokens`."""
     if model_cfg.text is None:
         return dataset
+    if dataset.hflip:
+        warnings.warn(
+            "data.hflip mirrors images but not their captions: a caption naming left or right "
+            "is then wrong for half the samples; set data.hflip=false if captions name positions",
+            stacklevel=2,
+        )
     return CaptionTokens(dataset, tokenizer_for(model_cfg.text))
 
 
