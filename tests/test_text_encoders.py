@@ -87,6 +87,11 @@ def test_transformers_encoder_through_the_interface(tmp_path, kind):
 
 
 def test_missing_or_pickled_encoder_is_a_named_error(tmp_path):
+    bare = _save("clip", tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    cfg = model_config("JiT-Micro-T2I", text=TextConfig(encoder="clip", path=str(bare)))
+    with pytest.raises(ConfigError, match=r"holds no tokenizer\.json"):
+        resolve_text(cfg, None)
     missing = TextConfig(encoder="t5", path=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"model.text.path=.*nope' holds no config.json"):
         resolve_text(model_config("JiT-Micro-T2I", text=missing), dataset=None)

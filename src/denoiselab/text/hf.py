@@ -2,7 +2,8 @@
 
 Nothing is downloaded (``local_files_only``) and weights load only as safetensors, through
 the loader the teachers and metric extractors share (:func:`denoiselab.encoders.hf.load_pretrained`).
-The tokenizer is the directory's own. The empty prompt is all padding (the unconditional
+The tokenizer is the directory's own ``tokenizer.json`` (read as JSON by ``tokenizers``, with
+``model_max_length`` from ``tokenizer_config.json``). The empty prompt is all padding (the unconditional
 input), whatever the tokenizer would add for ``""``.
 """
 
@@ -50,13 +51,25 @@ class HFTokenizer:
 
     def __init__(self, cfg: TextConfig) -> None:
         transformers = import_transformers("model.text.encoder", ConfigError)
+        from tokenizers import Tokenizer
+
         path = text_dir(cfg)
-        try:
-            self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
+        file = path / "tokenizer.json"
+        if not file.is_file():
             raise ConfigError(
-                f"model.text.path={str(path)!r}: no usable tokenizer: {err}"
-            ) from None
+                f"model.text.path={str(path)!r} holds no tokenizer.json: denoiselab reads "
+                "tokenizers only from that JSON file (no code, no pickle); write it once with "
+                "transformers (load the tokenizer with AutoTokenizer, then save_pretrained to DIR)"
+            )
+        config = path / "tokenizer_config.json"
+        limit = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+        try:
+            self.tok = transformers.PreTrainedTokenizerFast(
+                tokenizer_object=Tokenizer.from_file(str(file)),
+                **({"model_max_length": limit} if isinstance(limit, int) else {}),
+            )
+        except Exception as err:  # a malformed file: say which
+            raise ConfigError(f"{str(file)!r}: not a usable tokenizer: {err}") from None
         self.max_len = cfg.max_len or default_max_len(self.tok)
 
     def __call__(self, prompts: Sequence[str]) -> Tensor:
