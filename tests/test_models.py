@@ -258,14 +258,15 @@ def test_every_preset_counts_on_meta(name: str) -> None:
     (depth − 1) real blocks (so even JiT-G is checked without building it)."""
     from dataclasses import replace
 
-    from denoiselab.models.jit import JiTBlock
-    from denoiselab.models.registry import model_config
+    from denoiselab.models.flops import with_placeholder_text
+    from denoiselab.models.registry import build_network, model_config
 
-    cfg = model_config(name)
+    cfg = with_placeholder_text(model_config(name))  # text presets: counted sizes of info
     n = count_params(name)  # built on the meta device
     one = replace(cfg, depth=1, in_context_start=min(cfg.in_context_start, 1))
-    real_one = sum(p.numel() for p in JiT(one).parameters())
-    real_block = sum(p.numel() for p in JiTBlock(cfg, 0.0).parameters())
+    real_one = sum(p.numel() for p in build_network(one, load_encoder=False).parameters())
+    block_type = build_network(one, load_encoder=False).block_type  # JiTBlock or TextJiTBlock
+    real_block = sum(p.numel() for p in block_type(cfg, 0.0).parameters())
     assert real_block > 0 and n == real_one + (cfg.depth - 1) * real_block
     if name.startswith("JLT-B"):  # B-width trunk, no bottleneck or in-context tokens
         assert 125e6 < n < 135e6

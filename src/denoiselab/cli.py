@@ -104,6 +104,7 @@ def _sample(args: argparse.Namespace) -> int:
     from denoiselab.data.config import class_names
     from denoiselab.images import save_grid, save_images
     from denoiselab.sampling.generate import balanced_labels
+    from denoiselab.text.sampling import write_prompts
     from denoiselab.train.build import restore
     from denoiselab.train.distributed import resolve_device
 
@@ -114,13 +115,20 @@ def _sample(args: argparse.Namespace) -> int:
     ema: float | str | None = "auto" if args.ema is None else args.ema
     if args.no_ema:
         ema = None
+    from denoiselab.text.cli import check_condition_flags, read_prompts, sample_prompts
+
+    prompts = read_prompts(args)
     r = restore(args.run, ema=ema, device=device, compile=args.compile)
+    check_condition_flags(args, r, prompts)
+    out = Path(args.out)
+    settings = r.settings(args.steps, args.solver, args.cfg, args.cfg_interval, args.eta)
+    if prompts:
+        return sample_prompts(args, r, prompts, settings, out)
     num_classes = r.model_cfg.num_classes
     label = None
     if args.class_id is not None:
         label = class_label(args.class_id, class_names(r.cfg.data), num_classes)
-    out = Path(args.out)
-    settings = r.settings(args.steps, args.solver, args.cfg, args.cfg_interval, args.eta)
+    args.num = 64 if args.num is None else args.num
     images = []
     for start in range(0, args.num, args.batch):
         n = min(args.batch, args.num - start)
@@ -138,6 +146,10 @@ def _sample(args: argparse.Namespace) -> int:
         save_images(x, out, start=start)
         images.append(x.cpu())
     save_grid(torch.cat(images)[:256], out / "grid.png")
+    if r.is_text:  # sampled from captions of the data, one per label: say which
+        write_prompts(
+            out / "prompts.txt", r.sampler.prompts_for(balanced_labels(args.num, num_classes))
+        )
     print(f"{args.num} samples ({r.weights}, step {r.checkpoint.step}) → {out}")
     return 0
 
@@ -290,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a run or checkpoint")
     s.add_argument("run", help="run folder or checkpoint file")
-    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--num", type=int, help="samples without prompts (default 64)")
+    s.add_argument("--prompt", action="append", help="a text run: sample this prompt (repeatable)")
+    s.add_argument("--prompts", metavar="FILE", help="a text run: prompts, one a line")
+    s.add_argument(
+        "--negative-prompt",
+        help="CFG's unconditional branch instead of the empty prompt",
+    )
+    s.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
     add_sampler_arguments(s)
     s.add_argument(
         "--ema",

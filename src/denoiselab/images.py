@@ -55,3 +55,26 @@ def save_images(images: Tensor, directory: str | Path, start: int = 0) -> list[P
         save_png(img.permute(1, 2, 0).numpy(), p)
         paths.append(p)
     return paths
+
+
+def save_labelled_grid(
+    images: Tensor, labels: list[str], path: str | Path, per_row: int, min_cell: int = 64
+) -> None:
+    """A grid of ``per_row`` images per row, each row's text (e.g. its prompt) written to the
+    left of it; cells are enlarged (nearest) to at least ``min_cell`` pixels so that small
+    samples stay visible beside the text. ``labels``: one per row."""
+    from PIL import ImageDraw
+
+    grid = make_grid(images, per_row)
+    h_img = images.shape[-2]
+    scale = max(1, -(-min_cell // h_img))
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    cell = (h_img + 2) * scale
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = 12 + int(max((measure.textlength(t) for t in labels), default=0))
+    canvas = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, text in enumerate(labels):
+        draw.text((4, row * cell + cell // 2 - 4), text, fill="black")
+    save_png(np.asarray(canvas), path)

@@ -51,7 +51,11 @@ class ImageDataset(Dataset):
         cache: keep each loaded (un-flipped) sample in memory after its first load, so
             later epochs skip decoding or rendering; costs ``4·C·H·W`` bytes per sample
             (in each loader worker process).
+        captions_follow_flips: ``caption(i, epoch)`` describes the mirrored image when the
+            flip mirrors it (``shapes``: left and right swap); False where captions are fixed.
     """
+
+    captions_follow_flips: bool = False
 
     num_classes: int
     channels: int

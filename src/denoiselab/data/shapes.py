@@ -238,6 +238,8 @@ class ShapesDataset(ImageDataset):
     """``num_images`` shapes images of side ``image_size``; ``difficulty`` ``"hard"`` (8 classes
     named in ``SHAPE_NAMES``) or ``"easy"`` (the 5 of ``EASY_SHAPES``; module docstring)."""
 
+    captions_follow_flips = True  # caption(i, epoch) swaps left and right with the flip
+
     def __init__(
         self,
         num_images: int = 50_000,

@@ -113,6 +113,11 @@ def export_run(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
     r = restore(run, ema=ema)
+    if r.is_text:  # from_pretrained builds class-conditional networks only
+        raise ConvertError(
+            f"{str(run)!r} is a text-to-image run (model.text): export holds class-conditional "
+            "models only; sample the run folder itself (denoiselab sample RUN --prompt …)"
+        )
     if r.cfg.data.name == "latents":
         raise ConvertError(
             "export holds pixel-space models only: a latent run also needs its autoencoder, "

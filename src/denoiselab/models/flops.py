@@ -11,12 +11,14 @@ convention: JiT-B/16 at 256 is ≈ 25 GMACs ≈ 50 GFLOPs per image.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from .jit import JiT, JiTConfig
+from .jit import JiTConfig
 from .layers import swiglu_hidden
-from .registry import model_config
+from .registry import build_network, model_config
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to the time-embedding MLP
 
@@ -25,16 +27,38 @@ def _resolve(cfg: JiTConfig | str) -> JiTConfig:
     return model_config(cfg) if isinstance(cfg, str) else cfg
 
 
+PLACEHOLDER_VOCAB, PLACEHOLDER_LEN = 64, 32  # text sizes counted before the data gives them
+
+
+def with_placeholder_text(cfg: JiTConfig) -> JiTConfig:
+    """``cfg`` with an unresolved ``model.text`` given placeholder sizes (a 64-word
+    vocabulary, 32 tokens, D_text = width), so a preset's parameters can be counted."""
+    text = cfg.text
+    if text is None or text.resolved:
+        return cfg
+    vocab = text.vocab or tuple(f"w{i}" for i in range(PLACEHOLDER_VOCAB))
+    return replace(
+        cfg,
+        text=replace(
+            text,
+            dim=text.dim or cfg.hidden_size,
+            max_len=text.max_len or PLACEHOLDER_LEN,
+            vocab=vocab if text.encoder == "words" else (),
+        ),
+    )
+
+
 def count_params(cfg_or_model: JiTConfig | str | nn.Module) -> int:
     """Number of parameters (fixed sin-cos position embedding excluded: it is a buffer).
 
-    A config or preset name is built on the meta device, so even JiT-G costs no memory.
+    A config or preset name is built on the meta device, so even JiT-G costs no memory. A
+    frozen transformers text encoder is not part of the network and is not counted.
     """
     if isinstance(cfg_or_model, nn.Module):
         model = cfg_or_model
     else:
         with torch.device("meta"):
-            model = JiT(_resolve(cfg_or_model))
+            model = build_network(with_placeholder_text(_resolve(cfg_or_model)), load_encoder=False)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -94,6 +118,19 @@ def describe_config(name: str, cfg: JiTConfig) -> str:
         else ""
     )
     embed = f"bottleneck {cfg.bottleneck}" if cfg.bottleneck else "plain"
+    text = []
+    if cfg.text is not None:
+        t = cfg.text
+        sizes = (
+            f"{len(t.vocab)} words, {t.max_len} tokens"
+            if t.resolved
+            else f"counted with {PLACEHOLDER_VOCAB} words, {PLACEHOLDER_LEN} tokens until the "
+            "data resolves them"
+        )
+        text = [
+            f"text: {t.mode} attention, encoder {t.encoder} ({sizes}); forward cost below "
+            "counts image tokens only; a frozen transformers encoder is not counted"
+        ]
     return "\n".join(
         [
             f"model: {name}",
@@ -102,6 +139,7 @@ def describe_config(name: str, cfg: JiTConfig) -> str:
             f"tokens: {cfg.num_patches}{in_ctx}",
             f"width {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, "
             f"dropout {cfg.dropout}, classes {cfg.num_classes}",
+            *text,
             f"params: {count_params(cfg) / 1e6:.1f}M",
             f"forward: {macs['gmacs']:.2f} GMACs / {macs['gflops']:.2f} GFLOPs per image "
             "(linear layers + attention matmuls; 1 MAC = 2 FLOPs)",

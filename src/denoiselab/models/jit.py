@@ -7,10 +7,13 @@ Time convention: ``t = 1`` is data, ``t = 0`` is noise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from denoiselab.text.config import TextConfig
 
 from .layers import (
     AdaLNModulation,
@@ -40,6 +43,9 @@ class JiTConfig:
     use_rope / use_qknorm: the "Just Advanced" switches of Table 4.
     routing: token routing while training (TREAD, SPRINT; ``models.routing``); a mapping of
         its fields is accepted.
+    text: text conditioning (:class:`~denoiselab.text.config.TextConfig`; a mapping is
+        converted); None = class-conditional. A text network takes token ids as its
+        condition, uses no class labels and no in-context class tokens.
     """
 
     image_size: int = 32
@@ -57,9 +63,24 @@ class JiTConfig:
     use_rope: bool = True
     use_qknorm: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    text: TextConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "routing", routing_config(self.routing))
+        if isinstance(self.text, Mapping):
+            from denoiselab.config import from_dict
+
+            object.__setattr__(self, "text", from_dict(TextConfig, self.text, "model.text"))
+        _require(
+            self.text is None or self.in_context_len == 0,
+            f"in_context_len={self.in_context_len} must be 0 with text conditioning "
+            "(in-context tokens repeat a class embedding; text tokens replace them)",
+        )
+        _require(
+            self.text is None or not self.routing.enabled,
+            "model.routing with text conditioning is not supported yet (the routed pass does "
+            "not carry the text tokens); use model.routing.kind: none for text runs",
+        )
         for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth"):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
         _require(self.num_heads >= 1, f"num_heads={self.num_heads!r} must be >= 1")
@@ -174,6 +195,8 @@ class JiT(nn.Module):
     ``cond_embedder`` maps the condition batch ``y`` to [B, D]; default :class:`ClassEmbedder`.
     """
 
+    block_type: type[nn.Module] = JiTBlock  # the text network's blocks add text attention
+
     def __init__(self, config: JiTConfig, cond_embedder: nn.Module | None = None) -> None:
         super().__init__()
         cfg = self.config = config
@@ -194,7 +217,9 @@ class JiT(nn.Module):
             self.rope = AxialRoPE(cfg.head_dim, cfg.grid_size)
             if cfg.in_context_len > 0:
                 self.rope_in_context = AxialRoPE(cfg.head_dim, cfg.grid_size, cfg.in_context_len)
-        self.blocks = nn.ModuleList(JiTBlock(cfg, cfg.block_dropout(i)) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            self.block_type(cfg, cfg.block_dropout(i)) for i in range(cfg.depth)
+        )
         self.final_layer = FinalLayer(d, cfg.patch_dim)
         self.router: TokenRouter | None = None
         if cfg.routing.enabled:

@@ -172,14 +172,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rope: AxialRoPE | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: AxialRoPE | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``mask``: optional bool ``[B, 1, 1, N]``, True where a key may be attended
+        (padding of text tokens is False)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.drop(self.proj(out))
 

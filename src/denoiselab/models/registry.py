@@ -63,6 +63,33 @@ def _cpu_preset(**fields: Any) -> dict[str, Any]:
     return {**base, **fields}
 
 
+def _text(preset: dict[str, Any], mode: str = "joint", **text: Any) -> dict[str, Any]:
+    """A text-conditioned copy of ``preset``: no in-context class tokens, ``model.text``
+    defaults to the offline ``words`` encoder (a run's config can name a transformers one)."""
+    return {**preset, "in_context_len": 0, "text": {"mode": mode, "encoder": "words", **text}}
+
+
+def _prx(patch: int) -> dict[str, Any]:
+    """PRX-like ≈1.2B single-stream text-to-image model (seeds/002: width 1792, depth 16,
+    28 heads). The logbook gives no MLP width: ratio 6.5 brings the total to ≈1.2B.
+    Patch 32 on 1024-px pixels (JiT-style, bottleneck 256) or patch 2 on 256-px Flux-VAE
+    latents (16 channels, 32×32 cells)."""
+    pixels = patch >= 8
+    return _text(
+        dict(
+            image_size=1024 if pixels else 32,
+            patch_size=patch,
+            in_channels=3 if pixels else 16,
+            hidden_size=1792,
+            depth=16,
+            num_heads=28,
+            mlp_ratio=6.5,
+            bottleneck=256 if pixels else None,
+            num_classes=1,
+        )
+    )
+
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "JiT-B/16": _jit_preset("B", 16),
     "JiT-B/32": _jit_preset("B", 32),
@@ -100,6 +127,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         in_context_start=1,
     ),
 }
+# Text-to-image presets: the same sizes with text tokens in joint attention.
+MODEL_PRESETS.update(
+    {
+        "JiT-Micro-T2I": _text(MODEL_PRESETS["JiT-Micro"]),
+        "JiT-T/4-T2I": _text(MODEL_PRESETS["JiT-T/4"]),
+        "JiT-S/8-T2I": _text(MODEL_PRESETS["JiT-S/8"]),
+        "JiT-B/16-T2I": _text(MODEL_PRESETS["JiT-B/16"]),
+        "PRX-1.2B/32": _prx(32),
+        "PRX-1.2B/2": _prx(2),
+    }
+)
 
 
 def model_config(name: str, **overrides: Any) -> JiTConfig:
@@ -116,4 +154,20 @@ def model_config(name: str, **overrides: Any) -> JiTConfig:
 
 def build_model(name: str, **overrides: Any) -> JiT:
     """Build preset ``name`` (see ``MODEL_PRESETS``) with ``overrides`` applied."""
-    return JiT(model_config(name, **overrides))
+    return build_network(model_config(name, **overrides))
+
+
+def build_network(cfg: JiTConfig, *, load_encoder: bool = True) -> JiT:
+    """The network of ``cfg``: :class:`JiT`, or :class:`~.text_jit.TextJiT` when ``cfg.text``
+    is set (its frozen transformers encoder loaded from ``cfg.text.path`` unless
+    ``load_encoder`` is False, e.g. for counting parameters)."""
+    if cfg.text is None:
+        return JiT(cfg)
+    from .text_jit import TextJiT, attach_encoder
+
+    net = TextJiT(cfg)
+    if load_encoder and cfg.text.encoder != "words":
+        from denoiselab.text.hf import load_text_encoder
+
+        attach_encoder(net, load_text_encoder(cfg.text))
+    return net

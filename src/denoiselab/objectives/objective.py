@@ -33,6 +33,7 @@ from denoiselab.objectives.parameterization import (
     preconditioner_coefficients,
 )
 from denoiselab.objectives.path import TimeSamplerConfig, expand_t, interpolate, sample_t
+from denoiselab.text.config import PAD as TEXT_PAD
 
 if TYPE_CHECKING:
     from denoiselab.models.routing import RouteSampler
@@ -50,7 +51,8 @@ class ObjectiveConfig:
     (``TrainConfig.resolved``: ``image_size/256`` for pixels, 1.0 for latents); a
     :class:`DenoisingObjective` needs the number.
     ``t_eps`` clamps ``1 − t`` (and ``t`` for ε-prediction) wherever it divides.
-    ``label_drop`` replaces the class by the null class with this probability (for CFG).
+    ``label_drop`` replaces the class by the null class with this probability (for CFG); in
+    a text run it is caption dropout: the prompt becomes the empty prompt (all padding).
     ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
     seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
     ``weighting: min_snr``: Min-SNR-γ (Hang et al. 2023, γ = ``min_snr_gamma``), applied so
@@ -312,7 +314,10 @@ class DenoisingObjective(nn.Module):
         eps = eps * self.cfg.noise_scale
         if self.cfg.label_drop > 0:
             drop = torch.rand(b, generator=generator, device=x.device) < self.cfg.label_drop
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            if y.dim() == 1:  # class labels: the null class
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            else:  # a text run's token ids [B, L]: the empty prompt, all padding (-1)
+                y = torch.where(drop[:, None], torch.full_like(y, TEXT_PAD), y)
         return t, eps, y
 
     # -- the loss ----------------------------------------------------------------------------

@@ -31,14 +31,18 @@ def generate(
     eta: float = 1.0,
     noise_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    negative: Tensor | None = None,
 ) -> Tensor:
     """Samples ``[B, C, H, W]`` for class ``labels [B]`` from ``noise`` (already × noise_scale).
 
     ``noise`` fixes the randomness of the ODE solvers: the same noise and labels give the same
     images; ``solver="euler_maruyama"`` also draws from ``generator`` (``eta``,
-    ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`).
+    ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`). ``negative``: the
+    unconditional branch's condition (a negative prompt's ids) instead of ``null_class``.
     """
-    fn = ClassifierFreeGuidance(net, to_velocity, labels, null_class, cfg_scale, interval)
+    fn = ClassifierFreeGuidance(
+        net, to_velocity, labels, null_class, cfg_scale, interval, y_null=negative
+    )
     return sample(fn, noise, steps, solver, eta=eta, noise_scale=noise_scale, generator=generator)
 
 
@@ -54,6 +58,8 @@ class Sampler:
         net: ``net(z_t, t, y) -> raw output``; ``velocity`` turns it into a velocity.
         shape: ``(C, H, W)`` of the network's input (latent cells for latent runs).
         num_classes: classes of the network; label ``num_classes`` is the unconditional one.
+        null: the unconditional label when it is not ``num_classes`` (a text run: the padding
+            id, all padding being the empty prompt).
         noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
         decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
         autocast: context for the network calls (e.g. the run's bf16 autocast).
@@ -72,6 +78,7 @@ class Sampler:
         default=contextlib.nullcontext
     )
     routes: Any = None
+    null: int | None = None
 
     @torch.no_grad()
     def __call__(
@@ -86,20 +93,28 @@ class Sampler:
         eta: float = 1.0,
         guidance: str = "cfg",
         sparse_ratio: float = 0.5,
+        negative: Tensor | None = None,
     ) -> Tensor:
         """Decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` (on ``device``) for
-        ``labels [n]``; the initial noise (and the SDE's noise, ``solver="euler_maruyama"``
-        with ``eta``) is a function of ``seed`` alone.
+        ``labels [n]`` (a text run: token ids ``[n, L]``); the initial noise (and the SDE's
+        noise, ``solver="euler_maruyama"`` with ``eta``) is a function of ``seed`` alone.
 
         ``guidance``: ``cfg`` (classifier-free, scale ``cfg_scale``) or ``sparse`` (the full
         network guided by itself with ``sparse_ratio`` of the patch tokens routed,
-        :class:`~denoiselab.sampling.guidance.SparseGuidance`; routes seeded by ``seed``)."""
+        :class:`~denoiselab.sampling.guidance.SparseGuidance`; routes seeded by ``seed``).
+        ``negative``: the unconditional branch's condition (a negative prompt's ids)."""
         noise = noise_for(seed, len(labels), self.shape, self.noise_scale, self.device)
         sde_noise = torch.Generator().manual_seed(sde_seed(seed))
         labels = labels.to(self.device)
         if guidance == "cfg":
             fn: Callable[[Tensor, float], Tensor] = ClassifierFreeGuidance(
-                self.net, self.velocity, labels, self.num_classes, cfg_scale, interval
+                self.net,
+                self.velocity,
+                labels,
+                self.num_classes if self.null is None else self.null,
+                cfg_scale,
+                interval,
+                y_null=None if negative is None else negative.to(self.device),
             )
         elif guidance == "sparse":
             fn = SparseGuidance(self.net, self.velocity, labels,

@@ -26,7 +26,10 @@ class ClassifierFreeGuidance:
     Args:
         net: ``net(z_t [B,...], t [B], y [B]) -> raw output``.
         to_velocity: converts the raw output to velocity (prediction-space aware).
-        y: class labels ``[B]``; ``null_class`` is the unconditional label.
+        y: class labels ``[B]`` (or a text run's token ids ``[B, L]``); ``null_class`` is the
+            unconditional label (a text run's padding id: all padding = the empty prompt).
+        y_null: the unconditional condition instead of ``null_class`` everywhere, e.g. a
+            negative prompt's ids ``[B, L]``.
         scale: guidance scale ω (1 disables guidance entirely).
         interval: ``(lo, hi)``; guidance applies where ``lo < t < hi`` (``lo = 0`` inclusive),
             the rule of the JiT reference code. Default ``(0.1, 1.0)`` (JiT Table 9).
@@ -42,12 +45,20 @@ class ClassifierFreeGuidance:
     interval: tuple[float, float] = (0.1, 1.0)
     calls: int = 0
     images_evaluated: int = 0
+    y_null: Tensor | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"cfg interval {self.interval!r} must satisfy 0 <= lo <= hi <= 1")
-        self._y_null = torch.full_like(self.y, self.null_class)
+        if self.y_null is not None and self.y_null.shape != self.y.shape:
+            raise ValueError(
+                f"unconditional input of shape {list(self.y_null.shape)} does not match the "
+                f"condition's {list(self.y.shape)}"
+            )
+        self._y_null = (
+            torch.full_like(self.y, self.null_class) if self.y_null is None else self.y_null
+        )
         self._y_both = torch.cat([self.y, self._y_null])
 
     def guided(self, t: float) -> bool:

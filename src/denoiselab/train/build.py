@@ -21,10 +21,12 @@ from denoiselab.config import (
     load_yaml,
     to_dict,
 )
-from denoiselab.models import JiT, JiTConfig, model_config
+from denoiselab.models import JiTConfig, model_config
+from denoiselab.models.registry import build_network
 from denoiselab.models.routing import RouteSampler
 from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.generate import Sampler, compile_for_sampling
+from denoiselab.text.config import PAD as TEXT_PAD
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
@@ -108,7 +110,22 @@ def run_sampler(
         device=device,
         autocast=autocast,
         routes=RouteSampler.for_model(mc),
+        null=None if mc.text is None else TEXT_PAD,  # text: the empty prompt
     )
+
+
+def text_sampler(
+    sampler: Sampler, model_cfg: JiTConfig, table: Callable[[], list[list[str]]]
+) -> Any:
+    """A text run's ``sampler`` keyed by labels (``table()[y]``: prompts of class y, see
+    :func:`~denoiselab.text.data.class_prompts`) or prompts
+    (:class:`~denoiselab.text.sampling.PromptSampler`); a class run's unchanged."""
+    if model_cfg.text is None:
+        return sampler
+    from denoiselab.text import tokenizer_for
+    from denoiselab.text.sampling import PromptSampler
+
+    return PromptSampler(sampler, tokenizer_for(model_cfg.text), table)
 
 
 @dataclass
@@ -132,10 +149,22 @@ class Restored:
 
             decode = decoder_for(self.cfg.data, self.device)
             net = compile_for_sampling(self.net) if self.compile else self.net
-            self._sampler = run_sampler(
+            sampler = run_sampler(
                 net, self.objective, self.cfg, self.model_cfg, decode, self.device
             )
+            self._sampler = text_sampler(sampler, self.model_cfg, self._class_prompts)
         return self._sampler
+
+    def _class_prompts(self) -> list[list[str]]:
+        from denoiselab.data import build_dataset
+        from denoiselab.text.data import class_prompts
+
+        return class_prompts(build_dataset(self.cfg.data))
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the run is text-conditioned (``model.text``): sampled from prompts."""
+        return self.model_cfg.text is not None
 
     def settings(
         self,
@@ -162,7 +191,25 @@ class Restored:
         (``steps``, ``solver``, ``cfg_scale``, ``interval``, ``eta``)."""
         return self.sampler(labels, seed, **settings)
 
-    _sampler: Sampler | None = None
+    def sample_prompts(
+        self,
+        prompts: list[str],
+        seed: int,
+        *,
+        negative_prompt: str | None = None,
+        **settings: Any,
+    ) -> Tensor:
+        """A text run's decoded samples ``float [n, C, H, W]`` in ``[-1, 1]`` for ``prompts``
+        (one image each; the initial noise a function of ``seed`` alone); CFG's
+        unconditional branch is ``negative_prompt`` (default: the empty prompt)."""
+        if not self.is_text:
+            raise ConfigError(
+                f"{self.checkpoint.path} is a class-conditional run: prompts need a text run "
+                "(model.text); sample it with class labels (--class)"
+            )
+        return self.sampler.prompts(prompts, seed, negative_prompt=negative_prompt, **settings)
+
+    _sampler: Any = None
 
 
 def restore(
@@ -181,7 +228,7 @@ def restore(
     ckpt = load_checkpoint(path, with_state=False)
     cfg = config_from_yaml_text(ckpt.config_yaml).resolved()  # runs record a number already
     model_cfg = _model_cfg_from_checkpoint(ckpt, cfg)
-    net = JiT(model_cfg)
+    net = build_network(model_cfg)
     if ema == "auto":
         ema = auto_decay(tuple(ckpt.ema), ckpt.step) if ckpt.ema else None
     if ema is None:

@@ -12,6 +12,7 @@ SIGUSR1 is ``train.preempt``'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -28,8 +29,9 @@ from denoiselab.config import ConfigError
 from denoiselab.data import build_dataset
 from denoiselab.data.loader import StepLoader
 from denoiselab.latents import decoder_for
-from denoiselab.models import JiT
+from denoiselab.models.registry import build_network
 from denoiselab.sampling.generate import Sampler
+from denoiselab.text.data import class_prompts, resolve_text, text_dataset
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train import state
 from denoiselab.train.allocator import retain_freed_memory
@@ -38,6 +40,7 @@ from denoiselab.train.build import (
     config_yaml_with_model,
     resolve_model_config,
     run_sampler,
+    text_sampler,
 )
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.distributed import DistributedError, init_distributed, is_comm_failure
@@ -137,8 +140,11 @@ class Trainer:
             channels=self.dataset.channels,
             num_classes=self.dataset.num_classes,
         )
+        # a text run: vocabulary/max_len from the data, captions as token ids instead of labels
+        self.model_cfg = resolve_text(self.model_cfg, self.dataset)
+        self.dataset = text_dataset(self.dataset, self.model_cfg)
         torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
-        self.model = JiT(self.model_cfg).to(self.device)
+        self.model = build_network(self.model_cfg).to(self.device)
         terms = TermContext(self.model_cfg, cfg.objective, cfg.data, self.dataset, self.device)
         self.objective = build_objective(cfg, self.model_cfg.num_classes, terms).to(self.device)
         # network + loss terms: what DDP averages (FSDP shards) and the optimizer, clipping and
@@ -382,9 +388,15 @@ class Trainer:
     def sampler(self, net: nn.Module) -> Sampler:
         """``net`` (this run's network or an EMA copy) ready to draw decoded images under the
         run's autocast."""
-        return run_sampler(
+        sampler = run_sampler(
             net, self.objective, self.cfg, self.model_cfg, self.decode, self.device, self.autocast
         )
+        return text_sampler(sampler, self.model_cfg, self.class_prompts)
+
+    @functools.cache  # noqa: B019 - one table per trainer, kept while it lives
+    def class_prompts(self) -> list[list[str]]:
+        """A text run's prompts per class for label-keyed grids and evaluation."""
+        return class_prompts(self.dataset)
 
     def sample_grid(self, step: int) -> None:
         """Samples from fixed noise and labels with an EMA copy, saved as ``samples/*.png``."""

@@ -19,7 +19,9 @@ from denoiselab.config import ConfigError
 from denoiselab.images import save_grid
 from denoiselab.metrics import evaluate
 from denoiselab.metrics.images import to_uint8
+from denoiselab.models.text_jit import share_text_encoder
 from denoiselab.sampling.generate import Sampler, balanced_labels
+from denoiselab.text.sampling import write_prompts
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
 from denoiselab.train.run import plot_eval
@@ -92,9 +94,11 @@ def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:
     steps: ``ema`` a trained decay, ``"auto"`` (:func:`~denoiselab.train.ema.auto_decay`; the
     raw weights if no EMA is kept) or ``"none"`` (the raw weights). Under FSDP the weights
     are gathered whole (a collective: every rank must call it)."""
-    from denoiselab.models import JiT
+    from denoiselab.models.registry import build_network
 
-    net = JiT(trainer.model_cfg).to(trainer.device).eval()
+    net = build_network(trainer.model_cfg, load_encoder=False)
+    share_text_encoder(net, trainer.model)  # the frozen encoder (if any) is not copied
+    net = net.to(trainer.device).eval()
     net.load_state_dict(trainer.parallel.gather(trainer.model.state_dict()))
     decays = trainer.ema.decays
     if ema == "none" or not decays:
@@ -144,7 +148,8 @@ def draw_grid(trainer: Any, step: int) -> None:
     if not trainer.dist.is_main:
         return
     labels = balanced_labels(cfg.num_grid, mc.num_classes)
-    images = trainer.sampler(net)(
+    sampler = trainer.sampler(net)
+    images = sampler(
         labels,
         trainer.cfg.seed + 1,
         steps=cfg.steps,
@@ -155,5 +160,7 @@ def draw_grid(trainer: Any, step: int) -> None:
     )
     square = cfg.num_grid % mc.num_classes == 0 and mc.num_classes <= 16
     path = trainer.run_dir.root / "samples" / f"step_{step:09d}.png"
+    if mc.text is not None:  # a text run: the prompts beside the grid, in grid order
+        write_prompts(path.with_suffix(".txt"), sampler.prompts_for(labels))
     save_grid(images, path, mc.num_classes if square else None)
     trainer.run_dir.log_image("samples", path, step)
