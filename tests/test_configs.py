@@ -90,3 +90,33 @@ def test_a_non_editable_install_finds_the_configs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
     ).stdout.strip()  # fmt: skip
     assert where.startswith(str(target)), where
+
+
+def test_speedrun_is_quickstart_hard_plus_the_changes_its_header_names():
+    """The speedrun's header names the evidence for each change; every other key must stay
+    quickstart_hard's, or the claim compares more than it says."""
+    from denoiselab.config import to_dict
+    from denoiselab.train.build import load_train_config
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    base = flat(to_dict(load_train_config("quickstart_hard")))
+    fast = flat(to_dict(load_train_config("speedrun")))
+    changed = {k: fast[k] for k in base.keys() | fast.keys() if base.get(k) != fast.get(k)}
+    assert changed == {
+        "objective.contrastive": 0.05,
+        "compile": True,
+        "duration_nimg": 103680,
+        "sample_every_nimg": 103680,
+        "ckpt_every_nimg": 51840,
+    }
+    assert fast["duration_nimg"] == 0.6 * base["duration_nimg"]
+    header = (CONFIG_DIR / "speedrun.yaml").read_text().split("\ndata:")[0]
+    assert all(f"CHANGED {k}" in header for k in ("objective.contrastive", "compile"))

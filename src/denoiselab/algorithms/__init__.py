@@ -100,7 +100,8 @@ def _load_builtin() -> None:
     # Each import registers its technique; the import order is the registry order.
     import denoiselab.algorithms.repa  # noqa: I001 - registers "repa"
     import denoiselab.algorithms.irepa
-    import denoiselab.algorithms.lpips  # noqa: F401 - registers "lpips"
+    import denoiselab.algorithms.lpips
+    import denoiselab.algorithms.pdino  # noqa: F401 - registers "pdino"
 
 
 __all__ = ["TERMS", "TermContext", "TermSpec", "build_terms", "parse_terms", "register"]

@@ -18,12 +18,20 @@ Everything else (λ, block, teacher, schedule, logging as ``irepa/lambda``) is R
 (:mod:`denoiselab.algorithms.repa`). PRX saw iREPA help with DINOv2 and hurt with DINOv3 and
 kept it out of its default recipe. The normalisation is applied to the teacher tokens after
 their grid is matched to the student's, so its statistics are over the tokens aligned.
+
+Token routing: a routed block's output holds only the kept tokens; the others carry values
+from before the routed range. A 3×3 convolution over that mixed grid would align block-k
+tokens with shallower neighbours, and its gradient would reach the skipped tokens' earlier
+blocks as if they were block k's. PRX refuses the conv projector under TREAD too (it offers
+an attention projector instead). So iREPA on a block that ``model.routing`` routes is a
+:class:`RoutedAlignmentError` when the run is built; blocks before or after the routed
+range are fine (all tokens go through them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -31,6 +39,11 @@ from denoiselab.algorithms import TermContext, register
 from denoiselab.algorithms.repa import REPA, AlignConfig, build_alignment, describe_alignment
 from denoiselab.config import ConfigError
 from denoiselab.objectives import StepContext
+
+
+class RoutedAlignmentError(ConfigError):
+    """iREPA asked to align a block that token routing makes sparse."""
+
 
 SpatialNorm = Literal["reference", "prx_per_token_gamma", "none"]
 
@@ -76,6 +89,28 @@ class IREPA(REPA):
         b, _, d = h.shape
         grid = h.transpose(1, 2).reshape(b, d, *self.grid)
         return self.projector(grid).flatten(2).transpose(1, 2)
+
+    @classmethod
+    def check_routing(cls, block: int, model_cfg: Any, key: str) -> None:
+        """:class:`RoutedAlignmentError` when ``model.routing`` routes the aligned block."""
+        routing = getattr(model_cfg, "routing", None)
+        if routing is None or not routing.enabled:
+            return
+        routed = routing.blocks(model_cfg.depth)
+        if block - 1 in routed:
+            raise RoutedAlignmentError(
+                f"{key}.block={block} aligns the output of block index {block - 1}, which "
+                f"model.routing ({routing.kind}) routes (block indices {routed.start} … "
+                f"{routed.stop - 1}): iREPA's 3×3 conv projector needs the whole token grid, "
+                f"and only the kept tokens went through that block. Set {key}.block to at "
+                f"most {routed.start} or more than {routed.stop}, or use terms.repa (its "
+                "per-token projector aligns just the tokens that went through)"
+            )
+
+    def forward(self, ctx: StepContext) -> Tensor:
+        if ctx.tokens_through(self.hidden_blocks[0]) is not None:  # refused when built
+            raise RoutedAlignmentError("iREPA on a routed block (see IREPA.check_routing)")
+        return super().forward(ctx)
 
     def targets(self, ctx: StepContext) -> Tensor:
         cfg = self.cfg

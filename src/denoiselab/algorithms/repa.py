@@ -22,6 +22,13 @@ Here, per sample, ``repa = −λ(nimg) · (1/N) Σ_n cos(y_n, h_φ(h_n))`` ``[B]
   ``constant``, ``stop`` (λ → 0 at ``until_nimg``) or ``linear`` (λ falls linearly to 0 over
   the ``decay_nimg`` images before ``until_nimg``). Logged as ``repa/lambda``.
 
+Token routing (``model.routing``, :mod:`denoiselab.models.routing`): when block k is one of
+the routed blocks, only the K kept tokens went through it; the rows of the others carry the
+value they had entering the routed range. The sum then runs over the kept tokens only,
+``repa = −λ·(1/K) Σ_{n ∈ kept} cos(y_n, h_φ(h_n))`` (``StepContext.tokens_through``), as
+PRX's REPA gathers TREAD's visible tokens; the teacher still sees the whole image, so its
+features are those of the full grid, gathered at the kept positions.
+
 Gradients reach the projector and the network's blocks up to k; the teacher runs under
 ``no_grad`` in eval mode (in the run's autocast) and is held outside the module tree, so it is
 never trained, averaged or checkpointed. When λ = 0 the teacher is not run at all; the term
@@ -50,6 +57,7 @@ from denoiselab.encoders import (
     teacher_dim,
     teacher_weights_id,
 )
+from denoiselab.models.routing import gather_tokens
 from denoiselab.objectives import LossTerm, StepContext
 
 Schedule = Literal["constant", "stop", "linear"]
@@ -198,15 +206,25 @@ class REPA(nn.Module, LossTerm):
 
     def forward(self, ctx: StepContext) -> Tensor:
         lam = self.cfg.weight_at(ctx.nimg)
-        h = ctx.hidden[self.hidden_blocks[0]]
+        block = self.hidden_blocks[0]
+        h = ctx.hidden[block]
         if lam == 0.0:  # no teacher forward; exact zero gradients keep DDP's reduction complete
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return h.new_zeros(h.shape[0], dtype=torch.float32) + zero
         with torch.no_grad():
             y = self.targets(ctx)
+        keep = ctx.tokens_through(block)
+        if keep is not None:  # a routed step: only the rows that went through block k count
+            h, y = gather_tokens(h, keep), gather_tokens(y, keep)
         p = self.project(h)
         cos = (F.normalize(p.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(-1)
         return -lam * cos.mean(1)
+
+    @classmethod
+    def check_routing(cls, block: int, model_cfg: Any, key: str) -> None:
+        """Whether this alignment can be computed when ``model.routing`` routes block
+        ``block`` (1-based, the tokens after it); REPA's per-token MLP can (it uses only the
+        tokens that went through), so nothing to check here."""
 
     def logs(self, nimg: int) -> dict[str, float]:
         return {f"{self.name}/lambda": self.cfg.weight_at(nimg)}
@@ -235,6 +253,7 @@ def build_alignment(
 
     mc = ctx.model_cfg
     cfg = replace(cfg, block=resolve_block(cfg, mc.depth, key))
+    cls.check_routing(cfg.block, mc, key)
     if ctx.data.name == "latents":
         record = _cached_teacher(cfg.teacher, ctx, key)
         grid, dim = tuple(record["grid"]), int(record["dim"])
@@ -280,6 +299,7 @@ def describe_alignment(cls: type[REPA], cfg: AlignConfig, model_cfg: Any, key: s
     from dataclasses import replace
 
     cfg = replace(cfg, block=resolve_block(cfg, model_cfg.depth, key))
+    cls.check_routing(cfg.block, model_cfg, key)
     dim = teacher_dim(cfg.teacher, f"{key}.teacher")
     grid = (model_cfg.grid_size, model_cfg.grid_size)
     term = cls(cfg, model_cfg.hidden_size, model_cfg.grid_size, None, grid, dim)

@@ -85,6 +85,11 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """Patch features ``[B, h·w, D_t]`` of ``[-1, 1]`` images (no gradient, eval mode)."""
+        return self.features(x)
+
+    def features(self, x: Tensor) -> Tensor:
+        """:meth:`forward` with the graph kept: differentiable in ``x`` (the weights stay
+        frozen), for a loss on a prediction's features (``terms.pdino``)."""
         out = self.tokens(self.preprocess(x))
         h, w = self.grid
         if out.shape[1] != h * w:
