@@ -163,3 +163,45 @@ def test_text_run_two_ddp_ranks_match_one_process(tmp_path):
     assert evals[0] and evals[1]
     for key in ("eval/acc_probe", "eval/fd_probe"):
         assert evals[0][-1][key] == pytest.approx(evals[1][-1][key], rel=1e-3, abs=1e-4)
+
+
+def test_eval_compositional_scores_prompted_samples_of_a_text_run(tmp_path, capsys):
+    """``denoiselab eval --metrics compositional`` on a text run equals the compositional score
+    computed here from the run's own prompt sampler (same prompts, seeds and settings), and
+    scores the never-seen pairs apart; a class run is a named error."""
+    import json
+
+    from denoiselab.cli import main
+    from denoiselab.metrics import AttributeProbeConfig, compositional_score, shapes_prompts
+    from denoiselab.metrics.images import to_uint8
+    from denoiselab.train.build import restore
+
+    cfg = text_cfg(**{"data.num_images": 256, "data.holdout_pairs": "[red triangle]"})
+    run = train(cfg, tmp_path / "run", quiet=True)
+    cache = tmp_path / "cache"
+    argv = ["eval", str(run), "--metrics", "compositional", "--num", "8", "--batch", "4",
+            "--steps", "2", "--probe-steps", "30", "--cache-dir", str(cache), "--ema", "0.99",
+            "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())
+    r = restore(run, ema=0.99)
+    settings = r.settings(2)
+    prompts = shapes_prompts(r.cfg.data, 8, 0)
+    assert sum(p.unseen for p in prompts) == 4  # half ask for the held-out pair
+
+    def generate(texts, seed):
+        return to_uint8(r.sample_prompts(list(texts), seed, **settings).cpu())
+
+    ref = compositional_score(generate, prompts, dataset_cfg=r.cfg.data, batch=4, seed=0,
+                              probe_config=AttributeProbeConfig(steps=30), cache_dir=cache)  # fmt: skip
+    assert got["compositional"]["accuracy"] == ref["accuracy"]
+    assert got["compositional"]["batch_seeds"] == ref["batch_seeds"]
+    assert got["metrics"]["compositional/all_correct"] == ref["all_correct"]
+    assert got["metrics"]["compositional_unseen/shape"] == ref["unseen"]["accuracy"]["shape"]
+    capsys.readouterr()
+    from .test_train import tiny
+
+    class_run = train(tiny(), tmp_path / "class", quiet=True)
+    argv[1], argv[-1] = str(class_run), str(tmp_path / "e2")
+    assert main(argv) == 2
+    assert "compositional' scores prompts" in capsys.readouterr().err

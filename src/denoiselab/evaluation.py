@@ -100,9 +100,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     device = str(dev)
     main_rank = info.is_main
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    compositional = COMPOSITIONAL in metrics  # not a registry metric: scored from prompts
+    metrics = [m for m in metrics if m != COMPOSITIONAL]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+        raise ValueError(
+            f"unknown metric(s) {unknown}; valid: {', '.join([*METRICS, COMPOSITIONAL])}"
+        )
+    if args.sweep_cfg and not metrics:
+        raise ValueError("--sweep-cfg picks by the first registry metric: add one to --metrics")
     paths = {
         k: v
         for k, v in (("inception", args.inception), ("clip", args.clip), ("dinov2", args.dinov2))
@@ -129,7 +135,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             guidance=args.guidance,
             sparse_ratio=args.sparse_ratio,
         )
-        out = evaluate(
+        out: dict[str, Any] = {"metrics": {}}
+        if compositional:
+            out["compositional"] = score_compositional(r, own, scale, num, seed, args, device)
+            out["metrics"].update(compositional_summary(out["compositional"]))
+        if not metrics:
+            return {**out, "num": num, "probe_real_accuracy": None, "ema": ema, "cfg": scale}
+        registry = evaluate(
             gen,
             metrics=metrics,
             num=num,
@@ -145,7 +157,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             num_ref=args.num_ref,
             reference_files={"inception": args.ref_stats} if args.ref_stats else None,
         )
-        return {**out, "ema": ema, "cfg": scale}
+        registry["metrics"].update(out["metrics"])
+        return {**out, **registry, "ema": ema, "cfg": scale}
 
     sweep: list[dict[str, Any]] = []
     ckpt = base.checkpoint
@@ -178,13 +191,64 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return final
 
 
+COMPOSITIONAL = "compositional"
+
+
+def score_compositional(
+    r: Restored, own: dict[str, Any], scale: float, num: int, seed: int, args: Any, device: str
+) -> dict[str, Any]:
+    """The compositional score (:func:`denoiselab.metrics.compositional_score`) of a text run
+    on ``shapes``: ``num`` held-out prompts (``shapes_prompts``; with ``data.holdout_pairs``
+    half ask for pairs never seen in training), one sample each, the run's sampler."""
+    from denoiselab.metrics import AttributeProbeConfig, compositional_score, shapes_prompts
+
+    if not r.is_text:
+        raise ValueError(
+            f"metric {COMPOSITIONAL!r} scores prompts: {args.run} is a class-conditional run"
+        )
+    if r.cfg.data.name != "shapes":
+        raise ValueError(
+            f"metric {COMPOSITIONAL!r} judges shapes scenes; this run trains on "
+            f"data.name={r.cfg.data.name!r}"
+        )
+    settings = {**own, "cfg_scale": scale}
+
+    def generate(prompts: list[str], batch_seed: int) -> Tensor:
+        return to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
+
+    prompts = shapes_prompts(r.cfg.data, num, seed)
+    return compositional_score(
+        generate,
+        prompts,
+        dataset_cfg=r.cfg.data,
+        probe_config=AttributeProbeConfig(steps=args.probe_steps) if args.probe_steps else None,
+        batch=args.batch,
+        seed=seed,
+        cache_dir=args.cache_dir,
+        device=device,
+    )
+
+
+def compositional_summary(result: dict[str, Any]) -> dict[str, float]:
+    """Flat ``metrics`` entries of a compositional score: ``compositional/<attribute>``,
+    ``compositional/all_correct`` and the same for never-seen pairs (``…_unseen``)."""
+    out = {f"compositional/{k}": float(v) for k, v in result["accuracy"].items()}
+    out["compositional/all_correct"] = float(result["all_correct"])
+    unseen = result.get("unseen")
+    if unseen:
+        out.update({f"compositional_unseen/{k}": float(v) for k, v in unseen["accuracy"].items()})
+        out["compositional_unseen/all_correct"] = float(unseen["all_correct"])
+    return out
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument(
         "--metrics",
         default="fd_probe,mmd_probe,acc_probe,pr_probe",
-        help=f"comma-separated; valid: {', '.join(METRICS)}",
+        help=f"comma-separated; valid: {', '.join(METRICS)}, {COMPOSITIONAL} (a text run "
+        "on shapes: per-attribute accuracy of prompted samples, never-seen pairs apart)",
     )
     p.add_argument(
         "--num",
