@@ -19,6 +19,13 @@ from torch import Tensor
 ToVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def guided_at(t: float, scale: float, interval: tuple[float, float]) -> bool:
+    """Whether guidance acts at time ``t``: a scale other than 1 and ``t`` inside the interval
+    ``(lo, hi)`` (``lo`` included when it is 0, JiT's convention)."""
+    lo, hi = interval
+    return scale != 1.0 and t < hi and (lo == 0.0 or t > lo)
+
+
 @dataclass
 class ClassifierFreeGuidance:
     """A velocity function ``fn(z, t)`` for the solvers, built from a network.
@@ -62,8 +69,7 @@ class ClassifierFreeGuidance:
         self._y_both = torch.cat([self.y, self._y_null])
 
     def guided(self, t: float) -> bool:
-        lo, hi = self.interval
-        return self.scale != 1.0 and t < hi and (lo == 0.0 or t > lo)
+        return guided_at(t, self.scale, self.interval)
 
     def __call__(self, z: Tensor, t: float) -> Tensor:
         b = z.shape[0]
@@ -107,8 +113,7 @@ class SparseGuidance:
             raise ValueError(f"guidance interval {self.interval!r} must satisfy 0 <= lo <= hi <= 1")
 
     def guided(self, t: float) -> bool:
-        lo, hi = self.interval
-        return self.scale != 1.0 and t < hi and (lo == 0.0 or t > lo)
+        return guided_at(t, self.scale, self.interval)
 
     def __call__(self, z: Tensor, t: float) -> Tensor:
         b = z.shape[0]
