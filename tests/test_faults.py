@@ -50,9 +50,10 @@ FAULT_RUN = dict(
 DETERMINISTIC_FIELDS = ("step", "nimg", "loss", "loss/denoise", "grad_norm", "lr")
 
 
-def state_of(run: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's newest checkpoint (weights, EMA, optimizer, loss terms)."""
-    ck = ckpt_io.load_checkpoint(run)
+def state_of(run: Path | ckpt_io.Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (a run's newest, a file, or one loaded): weights, EMAs,
+    optimizer state, loss terms, log window."""
+    ck = run if isinstance(run, ckpt_io.Checkpoint) else ckpt_io.load_checkpoint(run)
     out = {f"model.{k}": v for k, v in ck.model.items()}
     out.update({f"ema.{d}.{k}": v for d, p in ck.ema.items() for k, v in p.items()})
     out.update({f"opt.{i}.{k}": v for i, s in ck.optimizer["state"].items()

@@ -29,6 +29,7 @@ from denoiselab.train import sharded
 from denoiselab.train.loop import Trainer, train
 from denoiselab.train.run import read_metrics
 
+from .test_faults import state_of
 from .test_terms import GainConfig, _build, _free_port, with_gain
 from .test_train import _weights, tiny
 
@@ -42,18 +43,6 @@ def _equal(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _state(run: Path | ckpt_io.Checkpoint) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: weights, EMAs, optimizer state, loss terms, log window."""
-    ck = run if isinstance(run, ckpt_io.Checkpoint) else ckpt_io.load_checkpoint(run)
-    out = {f"model.{k}": v for k, v in ck.model.items()}
-    out.update({f"ema.{d}.{k}": v for d, p in ck.ema.items() for k, v in p.items()})
-    out.update({f"opt.{i}.{k}": v for i, s in ck.optimizer["state"].items()
-                for k, v in s.items() if isinstance(v, torch.Tensor)})  # fmt: skip
-    out.update({f"objective.{k}": v for k, v in (ck.objective or {}).items()})
-    out.update(ck.state_tensors or {})
-    return out
-
-
 # -- one process ------------------------------------------------------------------------------
 def test_fsdp_on_one_process_equals_ddp_and_says_so(tmp_path, capsys):
     ref = train(tiny(device="cpu"), tmp_path / "ddp", quiet=True)
@@ -65,9 +54,9 @@ def test_fsdp_on_one_process_equals_ddp_and_says_so(tmp_path, capsys):
     assert names == ["step_000000004.dcp", "step_000000008.dcp", "step_000000008.safetensors",
                      "step_000000008.state.safetensors"], names  # fmt: skip
     assert "consolidated step_000000008.dcp → step_000000008.safetensors" in err
-    assert not _equal(_state(ref), _state(run))  # the pair, bit for bit
+    assert not _equal(state_of(ref), state_of(run))  # the pair, bit for bit
     # the sharded folder itself, read whole, holds the same state
-    assert not _equal(_state(ref), _state(run / "checkpoints" / "step_000000008.dcp"))
+    assert not _equal(state_of(ref), state_of(run / "checkpoints" / "step_000000008.dcp"))
     assert torch.distributed.is_initialized() is False  # its one-rank group was released
     # the loss log is the same
     rows = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
@@ -82,13 +71,13 @@ def test_fsdp_resume_from_sharded_checkpoint_and_from_pair_is_bit_exact(tmp_path
     assert "resumed from " + str(half / "checkpoints" / "step_000000004.dcp") in (
         capsys.readouterr().err
     )
-    assert not _equal(_state(full), _state(half))
+    assert not _equal(state_of(full), state_of(half))
     # a safetensors pair (e.g. consolidated, or written by DDP) resumes FSDP too: each rank
     # cuts its slices from the whole tensors
     pair = train(fsdp(duration_nimg=32), tmp_path / "pair", quiet=True)
     sharded.remove(pair / "checkpoints" / "step_000000004.dcp")
     train(fsdp(), pair, resume=pair / "checkpoints" / "step_000000004.safetensors", quiet=True)
-    assert not _equal(_state(full), _state(pair))
+    assert not _equal(state_of(full), state_of(pair))
 
 
 def test_ddp_resumes_a_sharded_checkpoint_bit_exactly(tmp_path):
@@ -96,7 +85,7 @@ def test_ddp_resumes_a_sharded_checkpoint_bit_exactly(tmp_path):
     half = train(fsdp(duration_nimg=32, consolidate_at_end=False), tmp_path / "half", quiet=True)
     assert not (half / "checkpoints" / "step_000000004.safetensors").exists()
     train(tiny(device="cpu"), half, resume=half, quiet=True)  # reads the folder whole
-    assert not _equal(_state(full), _state(half))
+    assert not _equal(state_of(full), state_of(half))
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):
@@ -150,7 +139,7 @@ def test_consolidate_command_writes_the_pair_of_a_sharded_checkpoint(tmp_path, c
     assert main(["consolidate", str(run), "--step", "4"]) == 0
     pair = run / "checkpoints" / "step_000000004.safetensors"
     assert str(pair) in capsys.readouterr().out
-    assert not _equal(_state(pair), _state(dcp4))
+    assert not _equal(state_of(pair), state_of(dcp4))
     assert main(["consolidate", str(run), "--step", "5"]) == 2
     assert "no sharded checkpoint of step 5" in capsys.readouterr().err
     # sample/eval read a run with only sharded checkpoints as they are
@@ -273,7 +262,7 @@ def test_two_fsdp_ranks_equal_one_process_resume_and_reshard(tmp_path, gain_term
     one_cfg = with_gain(device="cpu", strategy="fsdp", grad_accum=2)
     one = train(one_cfg, tmp_path / "one", quiet=True)
     torch.multiprocessing.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
-    a, b, d, o = (_state(tmp_path / x) for x in ("A", "B", "D", "one"))
+    a, b, d, o = (state_of(tmp_path / x) for x in ("A", "B", "D", "one"))
     # FSDP on 2 ranks = one process (float tolerance: a reduce-scatter sums in another order)
     for k in o:
         torch.testing.assert_close(a[k], o[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -285,7 +274,7 @@ def test_two_fsdp_ranks_equal_one_process_resume_and_reshard(tmp_path, gain_term
     # 2 → 1: one process resumes A's step-4 sharded checkpoint
     c = train(one_cfg, tmp_path / "C", resume=tmp_path / "A" / "checkpoints" /
               "step_000000004.dcp", quiet=True)  # fmt: skip
-    for k, v in _state(c).items():
+    for k, v in state_of(c).items():
         torch.testing.assert_close(v, a[k], rtol=1e-4, atol=1e-5, msg=k)
     for k in d:  # 1 → 2
         torch.testing.assert_close(d[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -301,7 +290,7 @@ def test_two_fsdp_ranks_equal_one_process_resume_and_reshard(tmp_path, gain_term
     assert rows == pytest.approx(ref, rel=1e-4)
     # sensitive: one micro-batch instead of the two shards trains other weights
     other = train(with_gain(device="cpu", strategy="fsdp"), tmp_path / "other", quiet=True)
-    assert max((_state(other)[k] - a[k]).abs().max().item() for k in a) > 1e-3
+    assert max((state_of(other)[k] - a[k]).abs().max().item() for k in a) > 1e-3
 
 
 @pytest.fixture

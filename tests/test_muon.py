@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from denoiselab.train.muon import Muon, native_bf16, resolve_ns_dtype
 from denoiselab.train.optim import build_optimizer, has_muon
 
 from .test_optim import _module
+from .test_terms import _free_port
 from .test_train import tiny
 
 SHAPES = [(24, 8), (8, 24), (16, 16)]  # tall (iterated transposed), wide, square
@@ -144,12 +144,6 @@ def test_state_dicts_are_torch_muons() -> None:
         ours.step()
     assert all(torch.equal(p, q) for p, q in zip(theirs_p, ours_p))
     assert ours.ns_dtype == torch.bfloat16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MUON = {"optim.name": "muon", "optim.muon.ns_dtype": "fp32", "device": "cpu", "duration_nimg": 32}

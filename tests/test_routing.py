@@ -6,7 +6,6 @@ real training loop (bit-exact resume, DDP equality)."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -24,6 +23,7 @@ from denoiselab.train.build import load_train_config, restore
 from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
 
+from .test_terms import _free_port
 from .test_train import tiny
 
 
@@ -314,12 +314,6 @@ def test_routed_run_resumes_bit_exactly_and_samples_dense(tmp_path, kind) -> Non
     assert r.objective.routes is None and r.model_cfg.routing.kind == kind
     images = r.sample(torch.arange(2), 0, steps=2)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:

@@ -125,6 +125,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             if ema is not None
             else base
         )
+        out: dict[str, Any] = {"metrics": {}}
+        if compositional:
+            out["compositional"] = score_compositional(r, own, scale, num, seed, args, device)
+            out["metrics"].update(compositional_summary(out["compositional"]))
+        if not metrics:
+            return {**out, "num": num, "probe_real_accuracy": None, "ema": ema, "cfg": scale}
         gen = make_generator(
             r,
             cfg_scale=scale,
@@ -135,12 +141,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             guidance=args.guidance,
             sparse_ratio=args.sparse_ratio,
         )
-        out: dict[str, Any] = {"metrics": {}}
-        if compositional:
-            out["compositional"] = score_compositional(r, own, scale, num, seed, args, device)
-            out["metrics"].update(compositional_summary(out["compositional"]))
-        if not metrics:
-            return {**out, "num": num, "probe_real_accuracy": None, "ema": ema, "cfg": scale}
         registry = evaluate(
             gen,
             metrics=metrics,
