@@ -40,3 +40,31 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "denoiselab", "info", "JiT-T/4"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "params: 4.2M" in proc.stdout, proc.stderr
+
+
+def test_a_torchrun_process_exits_with_its_status_and_all_its_output():
+    """Under torchrun (WORLD_SIZE > 1) the entry point ends through ``end_process``
+    (``os._exit``, no interpreter teardown): stdout is still complete and the exit status
+    is the command's, for success, bad input and a crash alike."""
+    env = {**__import__("os").environ, "WORLD_SIZE": "2"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "denoiselab", *args], capture_output=True,
+                              text=True, env=env)  # fmt: skip
+
+    ok = run("info", "JiT-T/4")
+    assert ok.returncode == 0 and "params: 4.2M" in ok.stdout, ok.stderr
+    bad = run("info", "JiT-Q/3")
+    assert bad.returncode == 2 and "JiT-T/4" in bad.stderr, bad.stderr  # names valid presets
+    usage = run("--no-such-flag")
+    assert usage.returncode == 2 and "error:" in usage.stderr, usage.stderr
+
+
+def test_end_process_flushes_and_exits_with_the_code():
+    code = (
+        "import sys\nfrom denoiselab.train.distributed import end_process\n"
+        "print('kept', end='')\nsys.stderr.write('also kept')\nend_process(3)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "kept", "also kept")

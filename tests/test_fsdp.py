@@ -26,6 +26,7 @@ from denoiselab.cli import main
 from denoiselab.config import ConfigError
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train import sharded
+from denoiselab.train.distributed import end_process
 from denoiselab.train.loop import Trainer, train
 from denoiselab.train.run import read_metrics
 
@@ -252,6 +253,7 @@ def _two_rank_worker(rank: int, port: int, root: str) -> None:
         train(cfg, r / "D", resume=r / "one" / "checkpoints" / "step_000000004.dcp", quiet=True)
     finally:
         torch.distributed.destroy_process_group()
+    end_process(0)  # a clean exit of a gloo process: see end_process's docstring
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 from denoiselab.config import ConfigError
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config
+from denoiselab.train.distributed import end_process
 from denoiselab.train.loop import train
 from denoiselab.train.muon import Muon, native_bf16, resolve_ns_dtype
 from denoiselab.train.optim import build_optimizer, has_muon
@@ -157,6 +158,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         train(tiny(**MUON), out, quiet=True)
     finally:
         torch.distributed.destroy_process_group()
+    end_process(0)  # a clean exit of a gloo process: see end_process's docstring
 
 
 @pytest.mark.slow

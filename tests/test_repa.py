@@ -23,6 +23,7 @@ from denoiselab.encoders.base import ImageEncoder
 from denoiselab.models import JiT, model_config
 from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
 from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train.distributed import end_process
 from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
 
@@ -254,6 +255,7 @@ def _ddp_worker(rank: int, port: int, out: str, cache: str) -> None:
         train(replace(cfg, device="cpu"), out, quiet=True)
     finally:
         torch.distributed.destroy_process_group()
+    end_process(0)  # a clean exit of a gloo process: see end_process's docstring
 
 
 @pytest.mark.slow

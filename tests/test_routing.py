@@ -20,6 +20,7 @@ from denoiselab.models.routing import RouteSampler, RoutingConfig, draw_route, g
 from denoiselab.objectives import DenoisingObjective, LossTerm, ObjectiveConfig, StepContext
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config, restore
+from denoiselab.train.distributed import end_process
 from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
 
@@ -324,6 +325,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         train(routed("sprint", device="cpu", duration_nimg=32), out, quiet=True)
     finally:
         torch.distributed.destroy_process_group()
+    end_process(0)  # a clean exit of a gloo process: see end_process's docstring
 
 
 @pytest.mark.slow

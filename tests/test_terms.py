@@ -23,6 +23,7 @@ from denoiselab.config import ConfigError
 from denoiselab.objectives import LossTerm, StepContext
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config
+from denoiselab.train.distributed import end_process
 from denoiselab.train.loop import UnusedTermParametersError, train
 from denoiselab.train.run import read_metrics
 
@@ -166,6 +167,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         train(with_gain(device="cpu", duration_nimg=32, stop_nimg=16), out, quiet=True)
     finally:
         torch.distributed.destroy_process_group()
+    end_process(0)  # a clean exit of a gloo process: see end_process's docstring
 
 
 @pytest.mark.slow

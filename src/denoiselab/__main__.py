@@ -1,5 +1,5 @@
 """``python -m denoiselab`` → the ``denoiselab`` command."""
 
-from denoiselab.cli import main
+from denoiselab.cli import run
 
-raise SystemExit(main())
+run()

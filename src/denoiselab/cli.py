@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from denoiselab.cliutil import ArgumentParser, add_sampler_arguments, check_sampler_flags, guarded
 
@@ -369,5 +370,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return guarded(f"denoiselab {args.command}", lambda: args.func(args))
 
 
+def run() -> NoReturn:
+    """The process entry point (the ``denoiselab`` script and ``python -m denoiselab``):
+    :func:`main`, then exit with its status. A process that torchrun started (``WORLD_SIZE``
+    > 1) ends through :func:`denoiselab.train.distributed.end_process`, so that gloo's
+    worker threads cannot abort it in interpreter teardown after its work was done."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise SystemExit(main())
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: -h, usage errors
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except KeyboardInterrupt:
+        print("denoiselab: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:  # a bug: its traceback, then the same way out as any failure
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    from denoiselab.train.distributed import end_process
+
+    end_process(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    run()

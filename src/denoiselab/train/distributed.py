@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,12 +104,35 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    """Destroy this process's process group, if it has one, before the interpreter exits:
-    left to interpreter shutdown, its teardown could abort the process (``terminate called
-    without an active exception``, exit -6) after the work was done. Only after the last
-    collective; not after a failed one (the command exits with its own error then)."""
+    """Destroy this process's process group, if it has one. Only after the last collective;
+    not after a failed one (the command exits with its own error then). This alone does not
+    make the process's exit safe: see :func:`end_process`."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """End a process that took part in collectives with exit status ``code``, skipping the
+    interpreter's teardown.
+
+    Why: gloo runs collectives on its own worker threads, and a worker drops its reference
+    to a finished collective's tensors a moment *after* the caller's wait returned. Dropping
+    a tensor that Python created takes the GIL. If the main thread has meanwhile reached
+    interpreter teardown, that GIL request ends the worker thread from inside a C++
+    destructor and the process aborts ("terminate called without an active exception",
+    exit -6) after all its work was done. :func:`shutdown` does not prevent it: DDP keeps
+    the process group, and so its worker threads, alive past ``destroy_process_group``.
+    (torch 2.13; core dump: ``ProcessGroupGloo::runLoop`` → ``~AsyncWork`` → ``take_gil``.)
+    So the group is destroyed, logging and the standard streams are flushed, and the process
+    exits with ``os._exit``; the only thing skipped is ``atexit`` handlers and object
+    finalisers, which denoiselab does not use for anything that must reach disk (checkpoints
+    and results are written atomically and closed before their function returns)."""
+    shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or a broken pipe: nothing to save
+            stream.flush()
+    os._exit(code)
 
 
 _COMM_FAILURES = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")
