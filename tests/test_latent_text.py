@@ -140,3 +140,42 @@ def test_imagefolder_captions_and_missing_ones_survive_caching(ae_dir, tmp_path,
     cache_latents(data, load_autoencoder(ae_dir), tmp_path / "c", shard_size=4)
     again = DataConfig(name="latents", root=str(tmp_path / "c"), image_size=16, hflip=False)
     assert build_dataset(again).caption(4) == "an edited caption"
+
+
+def test_t2i_prx_256_latent_config_validates_and_info_counts_its_parameters(tmp_path, capsys):
+    """The shipped 256-px latent recipe: dry-run validates it; on a captioned imagefolder cached
+    into 16×16×128 latents (a FLUX.2 VAE's folded shape, made by a tiny AE) with a tiny T5
+    encoder, ``info`` counts PRX-1.2B with patch 1, 128 input channels and D_text = 16."""
+    from denoiselab.cli import main
+    from denoiselab.models.flops import count_params
+    from denoiselab.models.registry import model_config
+    from denoiselab.text import TextConfig
+
+    from .test_text_encoders import _save
+
+    assert main(["train", "t2i_prx_256_latent", "--dry-run"]) == 0
+    shown = capsys.readouterr().out
+    assert "name: PRX-1.2B/2" in shown and "name: latents" in shown and "encoder: auto" in shown
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        pixels = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{k}.png")
+        (root / f"{k}.txt").write_text("a small red circle")
+    torch.manual_seed(0)
+    ae = save_ae(TinyAE(TinyAEConfig(latent_channels=128, patch=16, widths=(8,))), tmp_path / "ae",
+                 latent_mean=torch.zeros(128), latent_std=torch.ones(128), info={})  # fmt: skip
+    data = DataConfig(name="imagefolder", root=str(root), image_size=256, hflip=False)
+    m = cache_latents(data, load_autoencoder(ae), tmp_path / "c", flips=False)
+    assert m.latent_shape == (128, 16, 16)
+    t5 = _save("t5", tmp_path / "t5")
+    argv = ["info", "t2i_prx_256_latent", f"data.root={tmp_path / 'c'}", f"model.text.path={t5}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "input: 128×16×16, patch 1" in out and "tokens: 256" in out
+    assert "encoder auto (D_text 16, 128 tokens)" in out
+    text = TextConfig(mode="joint", encoder="auto", path=str(t5), dim=16, max_len=128)
+    ref = model_config("PRX-1.2B/2", image_size=16, in_channels=128, patch_size=1, text=text)
+    n = count_params(ref)
+    assert 1.15e9 < n < 1.25e9 and f"params: {n / 1e6:.1f}M" in out
