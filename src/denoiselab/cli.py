@@ -267,6 +267,11 @@ PASSTHROUGH_SPECS = {
     ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
+    "cache-text": (
+        "denoiselab.text.embed_cli",
+        "cache_text_main",
+        "encode every caption once with a run's frozen text encoder (model.text.cache)",
+    ),
     "repa-e": (
         "denoiselab.latents.repa_e",
         "repa_e_main",
