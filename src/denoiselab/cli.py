@@ -181,6 +181,7 @@ def _describe_run(path: str, overrides: list[str]) -> str:
     from denoiselab.algorithms import TERMS
     from denoiselab.data import build_dataset
     from denoiselab.models.flops import describe_config
+    from denoiselab.text.data import resolve_text
     from denoiselab.train.build import load_train_config, resolve_model_config
 
     cfg = load_train_config(path, overrides)
@@ -188,6 +189,9 @@ def _describe_run(path: str, overrides: list[str]) -> str:
     mc = resolve_model_config(
         cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
     )
+    # a text run: D_text and max_len from the encoder's files, the vocabulary from the data,
+    # as training resolves them (the text projection's size depends on them)
+    mc = resolve_text(mc, ds)
     lines = [describe_config(cfg.model["name"], mc)]
     for name, term_cfg in cfg.terms.items():
         describe = TERMS[name].describe
@@ -263,6 +267,11 @@ PASSTHROUGH_SPECS = {
     ),
     "train-ae": ("denoiselab.latents", "train_ae_main", "train the small offline autoencoder"),
     "cache-latents": ("denoiselab.latents", "cache_latents_main", "encode a dataset to latents"),
+    "cache-text": (
+        "denoiselab.text.embed_cli",
+        "cache_text_main",
+        "encode every caption once with a run's frozen text encoder (model.text.cache)",
+    ),
     "repa-e": (
         "denoiselab.latents.repa_e",
         "repa_e_main",

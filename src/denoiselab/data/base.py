@@ -111,6 +111,12 @@ class ImageDataset(Dataset):
         whose words depend on the flip (``shapes`` says left or right); others ignore it."""
         return self.class_names[self[index][1]]
 
+    def caption_variant(self, index: SupportsIndex, mirrored: bool) -> str:
+        """The caption of sample ``index`` un-flipped (``mirrored=False``) or mirrored, whatever
+        ``hflip`` says: what a latent cache stores beside each flip variant. Datasets whose
+        captions ignore flips return :meth:`caption` for both."""
+        return self.caption(index)
+
     def _check_index(self, index: SupportsIndex) -> int:
         i = operator.index(index)
         if not 0 <= i < len(self):

@@ -12,11 +12,17 @@ pixel dataset would have returned.
 A cache written with ``--teacher`` also stores a frozen teacher's patch features of the
 original pixels (and of the mirror); after ``request_extras(("teacher",))`` items are
 ``(latent, label, {"teacher": float32 [N_t, D_t]})``, the features of the same flip variant.
+
+``caption(i, epoch)`` is the caption the pixel dataset gave image ``i`` (stored in the cache;
+for ``shapes``, that of the flip variant ``get_item(i, epoch)`` returns), so a text run trains
+on latents exactly as on pixels. Images cached without a caption are counted
+(``missing_captions``) and warned about once, as the imagefolder does.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 from pathlib import Path
 from typing import Any, SupportsIndex
 
@@ -25,7 +31,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from denoiselab.data.base import ImageDataset, flip_decision
+from denoiselab.latents import captions as cap
 from denoiselab.latents.manifest import CacheManifest, LatentCacheError, read_manifest
+
+log = logging.getLogger(__name__)
 
 
 class LatentDataset(ImageDataset):
@@ -60,8 +69,18 @@ class LatentDataset(ImageDataset):
         self.channels, self.image_size = m.latent_shape[0], m.latent_shape[1]
         self.num_classes, self.class_names, self.seed = m.num_classes, m.class_names, seed
         self._starts = [s.start for s in m.shards]
+        self._offsets: dict[str, list[Tensor]] = {name: [] for name in cap.NAMES}
         self._labels = self._read_labels(m)
         self._handles: dict[int, Any] = {}
+        record = m.captions or {}
+        self.captions_follow_flips = bool(record.get("follow_flips", False))
+        self.caption_source = record.get("source")
+        self.missing_captions = int(record.get("missing", 0))
+        if self.missing_captions:
+            log.warning(
+                "%s: %d of %d cached images have no caption; their caption is empty",
+                where, self.missing_captions, m.num_images,
+            )  # fmt: skip
 
     def _read_labels(self, m: CacheManifest) -> list[int]:
         labels: list[int] = []
@@ -69,6 +88,9 @@ class LatentDataset(ImageDataset):
             with self._open(k, shard.file) as f:
                 shape = tuple(f.get_slice("latents").get_shape())
                 shard_labels = f.get_tensor("labels").tolist()
+                for name in cap.NAMES if m.captions else ():
+                    if f"{name}_offsets" in f.keys():  # noqa: SIM118 - not a mapping
+                        self._offsets[name].append(f.get_tensor(f"{name}_offsets"))
             if shape != (shard.count, *m.latent_shape) or shard.start != len(labels):
                 raise LatentCacheError(
                     f"latent cache {str(self.root)!r}: {shard.file} holds latents of shape "
@@ -99,10 +121,33 @@ class LatentDataset(ImageDataset):
         """The stored (un-normalised) latent ``float32 [c, h, w]`` of sample ``index``
         (``what="teacher"``: its teacher features ``[N_t, D_t]``)."""
         k = bisect.bisect_right(self._starts, index) - 1
+        name = f"{what}_flip" if flipped else what
+        return self._handle(k).get_slice(name)[index - self._starts[k]].float()
+
+    def _handle(self, k: int) -> Any:
         if k not in self._handles:
             self._handles[k] = self._open(k, self.manifest.shards[k].file)
-        name = f"{what}_flip" if flipped else what
-        return self._handles[k].get_slice(name)[index - self._starts[k]].float()
+        return self._handles[k]
+
+    def caption_variant(self, index: SupportsIndex, mirrored: bool) -> str:
+        """The stored caption of image ``index`` (``mirrored``: of its mirror, which differs
+        only where captions follow flips)."""
+        i = self._check_index(index)
+        if self.manifest.captions is None:
+            raise LatentCacheError(
+                f"latent cache {str(self.root)!r} stores no captions (written before "
+                "cache-latents stored them): a text run needs them; re-run `denoiselab "
+                "cache-latents` into a new directory"
+            )
+        name = "caption_flip" if mirrored and self.captions_follow_flips else "caption"
+        k = bisect.bisect_right(self._starts, i) - 1
+        return cap.read_one(self._handle(k), self._offsets[name][k], i - self._starts[k], name)
+
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
+        """The caption of image ``index`` as ``get_item(index, epoch)`` shows it (module doc)."""
+        i = self._check_index(index)
+        mirrored = epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
+        return self.caption_variant(i, mirrored)
 
     def available_extras(self) -> tuple[str, ...]:
         return ("teacher",) if self.manifest.teacher is not None else ()

@@ -304,8 +304,12 @@ class ShapesDataset(ImageDataset):
         """The attribute names of image ``index`` (keys of ``attribute_names``); with an
         ``epoch`` and ``hflip`` on, of the image as ``get_item(index, epoch)`` mirrors it."""
         i = self._check_index(index)
+        return self._words(
+            i, epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
+        )
+
+    def _words(self, i: int, mirrored: bool) -> dict[str, str]:
         words = self.spec(i).words(with_position="position" in self.attribute_names)
-        mirrored = epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
         if mirrored and "position" in words:
             words["position"] = mirror_position(words["position"])
         return words
@@ -323,3 +327,9 @@ class ShapesDataset(ImageDataset):
         (left and right swap on a mirrored one)."""
         i = self._check_index(index)
         return compose(self.words(i, epoch), phrasing_of(self.seed, i))
+
+    def caption_variant(self, index: SupportsIndex, mirrored: bool) -> str:
+        """The caption of image ``index`` (mirrored: left and right swapped), whatever
+        ``hflip`` says; ``caption(i, epoch)`` is the variant ``get_item(i, epoch)`` shows."""
+        i = self._check_index(index)
+        return compose(self._words(i, mirrored), phrasing_of(self.seed, i))

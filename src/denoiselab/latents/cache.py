@@ -10,6 +10,9 @@ variants) become the ``dataset`` normalisation.
 (``teacher``, and ``teacher_flip`` of the mirror) beside the latents, so REPA on latents needs
 neither a VAE decode nor a teacher forward per step. Size: ``n · N_t · D_t`` numbers per
 variant (20k shapes with the offline teacher: 20k × 64 × 64 × 4 B ≈ 330 MB per variant).
+
+Every shard also stores each image's caption (and, for ``shapes``, the caption of its mirror),
+so a text-conditioned run trains on the cache (:mod:`denoiselab.latents.captions`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import (
@@ -42,6 +45,7 @@ from denoiselab.config import (
 )
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
+from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
     MANIFEST,
@@ -111,6 +115,9 @@ def cache_latents(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until the end
     record, src_fp = encoder_record(ae), _source_fingerprint(data)
+    captions = cap.caption_record(source, flips)
+    if captions["missing"] and log:
+        log(f"{captions['missing']} of {len(source)} images have no caption (stored as empty)")
     stats, shards, n = _ChannelStats(shape[0]), [], len(source)
     for k in range(math.ceil(n / shard_size)):
         shard = ShardRecord(f"shard_{k:05d}.safetensors", k * shard_size, 0)
@@ -123,14 +130,17 @@ def cache_latents(
             "flips": str(flips),
             "dtype": store_dtype,
             "teacher": json.dumps(teacher.identity() if teacher else None, sort_keys=True),
+            "captions": _caption_digest(source, shard, captions["follow_flips"]),
         }
         tensors = _reuse(out / shard.file, meta)
         if tensors is None:
             tensors = _encode_range(
                 source, ae, shard, batch_size, flips, data.resolved_num_workers, teacher
             )
+            if not captions["follow_flips"]:
+                tensors = {k_: v for k_, v in tensors.items() if not k_.startswith("caption_flip")}
             tensors = {
-                k_: v.to(STORE_DTYPES[store_dtype]) if k_ != "labels" else v
+                k_: v.to(STORE_DTYPES[store_dtype]) if v.is_floating_point() else v
                 for k_, v in tensors.items()
             }
             _atomic_save(tensors, meta, out / shard.file)
@@ -156,6 +166,7 @@ def cache_latents(
         dtype=store_dtype,
         extra={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source_fingerprint": src_fp},
         teacher=teacher.identity() if teacher else None,
+        captions=captions,
     )
     write_manifest(out, manifest)
     return manifest
@@ -184,19 +195,33 @@ def _encode_range(
     workers: int,
     teacher: ImageEncoder | None = None,
 ) -> dict[str, Tensor]:
-    """``latents [n, c, h, w]``, ``latents_flip`` (if ``flips``), ``labels [n]`` of a shard,
-    and with ``teacher`` its features ``teacher [n, N_t, D_t]`` (and ``teacher_flip``)."""
+    """``latents [n, c, h, w]``, ``latents_flip`` (if ``flips``), ``labels [n]`` and the packed
+    captions (``caption_*``, ``caption_flip_*``) of a shard, and with ``teacher`` its features
+    ``teacher [n, N_t, D_t]`` (and ``teacher_flip``)."""
     indices = range(shard.start, shard.start + shard.count)
-    loader = DataLoader(Subset(source, indices), batch_size=batch, num_workers=workers)
+    loader = DataLoader(cap.WithCaptions(source, indices), batch_size=batch, num_workers=workers)
     parts: dict[str, list[Tensor]] = {}
+    texts: dict[str, list[str]] = {"caption": [], "caption_flip": []}
     encoders = {"latents": ae.encode, "teacher": teacher} if teacher else {"latents": ae.encode}
-    for x, y in loader:
+    for x, y, caption, caption_flip in loader:
+        texts["caption"] += caption
+        texts["caption_flip"] += caption_flip
         for name, encode in encoders.items():
             parts.setdefault(name, []).append(encode(x).float().cpu())
             if flips:
                 parts.setdefault(f"{name}_flip", []).append(encode(x.flip(-1)).float().cpu())
         parts.setdefault("labels", []).append(torch.as_tensor(y, dtype=torch.long))
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    out = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    for name, captions in texts.items():
+        out.update(cap.pack(captions, name))
+    return out
+
+
+def _caption_digest(source: Any, shard: ShardRecord, follow_flips: bool) -> str:
+    """Fingerprint of a shard's captions: a finished shard is reused only if they are the same."""
+    indices = range(shard.start, shard.start + shard.count)
+    variants = (False, True) if follow_flips else (False,)
+    return cap.digest([source.caption_variant(i, m) for m in variants for i in indices])
 
 
 def _reuse(path: Path, meta: dict[str, str]) -> dict[str, Tensor] | None:

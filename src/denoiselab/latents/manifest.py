@@ -3,6 +3,8 @@
 ```
 <cache>/manifest.json             written last (atomically): its presence means complete
 <cache>/shard_00000.safetensors   latents [n, c, h, w], latents_flip [n, c, h, w], labels int64 [n]
+                                  caption_bytes uint8, caption_offsets int64 [n + 1]
+                                  (shapes) caption_flip_bytes, caption_flip_offsets
                                   (optional) teacher [n, N_t, D_t], teacher_flip [n, N_t, D_t]
 ```
 
@@ -14,6 +16,8 @@ chooses the normalisation at load time and sampling decodes with the same autoen
 ``teacher`` (optional) identifies the frozen image encoder whose patch features of the
 original pixels (and of their mirror) are stored beside the latents, for REPA on latents
 (``kind``, ``weights_id``, ``resolution``, ``grid``, ``dim``, ``name``).
+``captions`` (absent in caches written before captions were stored) says where the shards'
+captions came from (:mod:`denoiselab.latents.captions`).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class CacheManifest:
     dtype: str
     extra: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, Any] | None = None
+    captions: dict[str, Any] | None = None
 
     def norm(self, name: str) -> LatentNorm:
         """The normalisation called ``name`` (``"none"`` = identity)."""

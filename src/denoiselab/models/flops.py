@@ -122,7 +122,8 @@ def describe_config(name: str, cfg: JiTConfig) -> str:
     if cfg.text is not None:
         t = cfg.text
         sizes = (
-            f"{len(t.vocab)} words, {t.max_len} tokens"
+            (f"{len(t.vocab)} words" if t.encoder == "words" else f"D_text {t.dim}")
+            + f", {t.max_len} tokens"
             if t.resolved
             else f"counted with {PLACEHOLDER_VOCAB} words, {PLACEHOLDER_LEN} tokens until the "
             "data resolves them"

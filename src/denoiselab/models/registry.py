@@ -167,7 +167,9 @@ def build_network(cfg: JiTConfig, *, load_encoder: bool = True) -> JiT:
 
     net = TextJiT(cfg)
     if load_encoder and cfg.text.encoder != "words":
-        from denoiselab.text.hf import load_text_encoder
+        from denoiselab.text.hf import LazyTextEncoder, load_text_encoder
 
-        attach_encoder(net, load_text_encoder(cfg.text))
+        # with cached embeddings training never runs it: load it when a prompt is sampled
+        text = cfg.text
+        attach_encoder(net, LazyTextEncoder(text) if text.cache else load_text_encoder(text))
     return net

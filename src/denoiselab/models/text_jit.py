@@ -67,8 +67,19 @@ class TextConditioner(nn.Module):
         nn.init.normal_(self.null, std=0.02)
 
     def encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """The text encoder alone: ids ``[B, L]`` → ``(tokens [B, L, D_text], mask [B, L])``."""
+        """The text encoder alone: ids ``[B, L]`` → ``(tokens [B, L, D_text], mask [B, L])``.
+
+        A floating ``ids [B, L, D_text + 1]`` is the encoder's output already computed (a
+        ``model.text.cache``): tokens, then the mask as the last channel (all zero = the empty
+        prompt, as the encoder gives for all-padding ids)."""
         cfg = self.cfg
+        if ids.is_floating_point():
+            if ids.dim() != 3 or ids.shape[1:] != (cfg.max_len, cfg.dim + 1):
+                raise ValueError(
+                    f"cached text embeddings must be [B, {cfg.max_len}, {cfg.dim + 1}] (tokens "
+                    f"+ mask channel), got {list(ids.shape)}"
+                )
+            return ids[..., :-1], ids[..., -1] > 0.5
         if ids.dim() != 2 or ids.shape[1] != cfg.max_len or ids.dtype != torch.long:
             raise ValueError(
                 f"a text network takes token ids int64 [B, {cfg.max_len}] as its condition "

@@ -316,8 +316,10 @@ class DenoisingObjective(nn.Module):
             drop = torch.rand(b, generator=generator, device=x.device) < self.cfg.label_drop
             if y.dim() == 1:  # class labels: the null class
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            else:  # a text run's token ids [B, L]: the empty prompt, all padding (-1)
+            elif y.dim() == 2:  # a text run's token ids [B, L]: the empty prompt, all padding
                 y = torch.where(drop[:, None], torch.full_like(y, TEXT_PAD), y)
+            else:  # cached embeddings [B, L, D + 1]: zeros, the encoder's empty prompt
+                y = torch.where(drop[:, None, None], torch.zeros_like(y), y)
         return t, eps, y
 
     # -- the loss ----------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class TextConfig:
         transformers encoders: the tokenizer's ``model_max_length``, at most 256).
     vocab: the ``words`` vocabulary (resolved from the data's captions; recorded in the run's
         config so sampling tokenises exactly as training did).
+    cache: a directory written by ``denoiselab cache-text`` (transformers encoders only):
+        training reads each caption's stored embeddings instead of running the encoder, which
+        is then loaded only when a prompt is sampled (:mod:`denoiselab.text.embed_cache`).
     """
 
     mode: str = "joint"
@@ -41,6 +44,7 @@ class TextConfig:
     dim: int = 0
     max_len: int = 0
     vocab: tuple[str, ...] = ()
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +60,11 @@ class TextConfig:
             raise ValueError(
                 f"model.text.path is required for model.text.encoder={self.encoder!r}: a local "
                 "directory holding the encoder's config.json, model.safetensors and tokenizer"
+            )
+        if self.encoder == "words" and self.cache is not None:
+            raise ValueError(
+                f"model.text.cache={self.cache!r} is for a frozen transformers encoder; the "
+                "'words' table is trained with the model and cannot be cached"
             )
         if self.encoder != "words" and self.vocab:
             raise ValueError("model.text.vocab is only for encoder='words'")

@@ -18,7 +18,7 @@ from typing import Any, SupportsIndex
 import numpy as np
 from torch import Tensor
 
-from denoiselab.data.base import ImageDataset
+from denoiselab.data.base import ImageDataset, flip_decision
 from denoiselab.text import Tokenizer, build_vocab, tokenizer_for
 
 
@@ -56,8 +56,8 @@ def resolve_text(model_cfg: Any, dataset: Any) -> Any:
 class CaptionTokens(ImageDataset):
     """``dataset`` with each label replaced by its caption's token ids ``int64 [max_len]``."""
 
-    def __init__(self, dataset: ImageDataset, tokenizer: Tokenizer) -> None:
-        self.dataset, self.tokenizer = dataset, tokenizer
+    def __init__(self, dataset: ImageDataset, tokenizer: Tokenizer, embeddings: Any = None) -> None:
+        self.dataset, self.tokenizer, self.embeddings = dataset, tokenizer, embeddings
         for name in ("num_classes", "channels", "image_size", "class_names", "seed", "hflip"):
             setattr(self, name, getattr(dataset, name))
 
@@ -77,6 +77,10 @@ class CaptionTokens(ImageDataset):
 
     def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Any, ...]:
         image, _label, *extras = self.dataset.get_item(index, epoch)
+        if self.embeddings is not None:  # model.text.cache: the stored encoder output
+            i, d = int(index), self.dataset
+            mirrored = d.hflip and d.captions_follow_flips and flip_decision(d.seed, i, epoch)
+            return (image, self.embeddings.get(i, mirrored), *extras)
         ids = self.tokenizer([self.dataset.caption(index, epoch)])[0]  # the image as flipped
         return (image, ids, *extras)
 
@@ -97,7 +101,12 @@ def text_dataset(dataset: ImageDataset, model_cfg: Any) -> ImageDataset:
             "is then wrong for half the samples; set data.hflip=false if captions name positions",
             stacklevel=2,
         )
-    return CaptionTokens(dataset, tokenizer_for(model_cfg.text))
+    embeddings = None
+    if model_cfg.text.cache:
+        from denoiselab.text.embed_cache import TextEmbeddings
+
+        embeddings = TextEmbeddings(model_cfg.text.cache, model_cfg.text, dataset)
+    return CaptionTokens(dataset, tokenizer_for(model_cfg.text), embeddings)
 
 
 def class_prompts(dataset: Any, per_class: int = 8, seed: int = 0) -> list[list[str]]:

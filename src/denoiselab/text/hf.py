@@ -113,6 +113,24 @@ class FrozenTextEncoder(nn.Module):
         return torch.where(mask[..., None], tokens.float(), 0.0)
 
 
+class LazyTextEncoder:
+    """:func:`load_text_encoder` of ``cfg`` on first call (ids → tokens, as the encoder):
+    a run on cached embeddings loads its encoder only to sample prompts."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        self.cfg, self.encoder = cfg, None
+        text_dir(cfg)  # a missing directory fails at build time, not at the first grid
+
+    def to(self, device: torch.device | str) -> LazyTextEncoder:
+        if self.encoder is None:
+            self.encoder = load_text_encoder(self.cfg)
+        self.encoder = self.encoder.to(device)
+        return self
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        return self.to(ids.device).encoder(ids)
+
+
 def load_text_encoder(cfg: TextConfig) -> FrozenTextEncoder:
     """The frozen encoder ``cfg.encoder`` from ``cfg.path`` (float32, eval, no gradients)."""
     path = text_dir(cfg)

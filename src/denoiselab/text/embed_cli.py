@@ -1,0 +1,54 @@
+"""``denoiselab cache-text CONFIG --out DIR``: a run's frozen text encoder over every caption of
+its data, stored once (:mod:`denoiselab.text.embed_cache`); train with ``model.text.cache=DIR``."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from denoiselab.cliutil import ArgumentParser
+from denoiselab.config import ConfigError
+from denoiselab.text.embed_cache import DTYPES, cache_text
+
+
+def cache_text_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``denoiselab cache-text`` (returns the exit status)."""
+    p = ArgumentParser(prog="denoiselab cache-text", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="training config (YAML or shipped name) with model.text")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="stored dtype")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    from denoiselab.data import build_dataset
+    from denoiselab.text.data import resolve_text
+    from denoiselab.train.build import load_train_config, resolve_model_config
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        ds = build_dataset(cfg.data)
+        mc = resolve_model_config(
+            cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
+        )
+        if mc.text is None:
+            raise ConfigError(f"{args.config} has no model.text: nothing to encode")
+        mc = resolve_text(mc, ds)
+        start = time.perf_counter()
+        m = cache_text(
+            ds, mc.text, args.out, dtype=args.dtype, batch_size=args.batch, device=device,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"denoiselab cache-text: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{m['num_images']} captions{' (+ mirrored)' if m['flips'] else ''} → [{m['max_len']}, "
+        f"{m['dim']}] {m['dtype']} embeddings in {time.perf_counter() - start:.1f}s → {args.out}"
+    )
+    return 0
