@@ -3,6 +3,7 @@ grids/evaluation keyed by captions, ``sample --prompt`` and its named errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from denoiselab.cli import main
 from denoiselab.config import apply_overrides, from_dict
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train.build import load_train_config, restore
+from denoiselab.train.checkpoint import CheckpointError
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
@@ -205,3 +207,18 @@ def test_eval_compositional_scores_prompted_samples_of_a_text_run(tmp_path, caps
     argv[1], argv[-1] = str(class_run), str(tmp_path / "e2")
     assert main(argv) == 2
     assert "compositional' scores prompts" in capsys.readouterr().err
+
+
+def test_resuming_with_another_vocabulary_is_a_named_error(tmp_path):
+    """Word ids follow the sorted vocabulary: one word swapped for another keeps every shape
+    but would read the embedding rows as other words. Refused, naming both words."""
+    cfg = text_cfg(duration_nimg=32)
+    run = train(cfg, tmp_path / "a", quiet=True)
+    vocab = yaml.safe_load((run / "config.yaml").read_text())["resolved_model"]["text"]["vocab"]
+    swapped = sorted([w for w in vocab if w != vocab[0]] + ["zebra"])
+    other = text_cfg(**{"duration_nimg": 64, "model.text.vocab": json.dumps(swapped)})
+    with pytest.raises(CheckpointError, match=rf"added \['zebra'\], removed \['{vocab[0]}'\]"):
+        train(other, tmp_path / "b", resume=run, quiet=True)
+    # the recorded vocabulary itself resumes
+    same = text_cfg(**{"duration_nimg": 64, "model.text.vocab": json.dumps(vocab)})
+    assert ckpt_io.load_checkpoint(train(same, tmp_path / "c", resume=run, quiet=True)).step == 8

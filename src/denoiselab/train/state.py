@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from denoiselab.config import ConfigError
@@ -189,9 +190,32 @@ def claim_run_folder(trainer: Any, resuming: bool) -> None:
         )
 
 
+def _same_vocabulary(trainer: Any, ck: Checkpoint) -> None:
+    """A ``words`` text run numbers its words in sorted order, so captions with other words
+    shift the ids: resuming would read every embedding row as another word's, silently when
+    the count stays the same. The checkpoint records its vocabulary: a change is refused,
+    naming the words that came and went."""
+    text = getattr(trainer.model_cfg, "text", None)
+    if text is None or text.encoder != "words":
+        return
+    saved = (yaml.safe_load(ck.config_yaml or "") or {}).get("resolved_model") or {}
+    before = tuple((saved.get("text") or {}).get("vocab") or ())
+    if not before or before == text.vocab:
+        return
+    added, removed = sorted(set(text.vocab) - set(before)), sorted(set(before) - set(text.vocab))
+    raise CheckpointError(
+        f"{ck.path}: this run's caption vocabulary differs from the checkpoint's "
+        f"({len(before)} → {len(text.vocab)} words; added {added or 'none'}, removed "
+        f"{removed or 'none'}): its word embeddings would be read as other words. Resume "
+        "with the captions the run was trained on (the checkpoint's config.yaml records "
+        "them as resolved_model.text.vocab)"
+    )
+
+
 def restore(trainer: Any, ck: Checkpoint) -> int:
     """Load ``ck`` into ``trainer`` (network, loss terms, optimizer, EMAs, log window);
     returns its step. A checkpoint that does not fit this run is a named error."""
+    _same_vocabulary(trainer, ck)
     _localise(trainer, ck)
     try:
         trainer.model.load_state_dict(ck.model)
