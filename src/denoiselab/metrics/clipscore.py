@@ -153,6 +153,14 @@ def load_clip_scorer(
         )
     model = load_pretrained(path, "CLIPModel", f"clipscore ({flag})", MissingExtractorError)
     transformers = import_transformers("clipscore", MissingExtractorError)
+    has_files = (path / "tokenizer.json").is_file() or all(
+        (path / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+    if not has_files:  # transformers 5 would build an empty tokenizer (every word unknown)
+        raise MissingExtractorError(
+            f"{flag} {str(path)!r}: no usable CLIP tokenizer there (neither tokenizer.json nor "
+            f"vocab.json + merges.txt); clipscore needs {need}"
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
