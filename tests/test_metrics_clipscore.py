@@ -250,3 +250,35 @@ def test_eval_clipscore_and_registry_metrics_on_a_text_run(tmp_path, tiny_clip, 
             ]
         )
     assert stop.value.code == 2 and "add clipscore to --metrics" in capsys.readouterr().err
+
+
+def test_text_run_on_a_flat_imagefolder(tmp_path, tiny_clip, capsys):
+    """A text run on one flat folder of captioned images (one class): clipscore is scored on
+    the data's captions; acc_probe is a named error (no prompt has a class to check)."""
+    from denoiselab.cli import main
+    from denoiselab.train.loop import train
+
+    from .test_text_train import text_cfg
+
+    root = tmp_path / "pics"
+    root.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    lines = []
+    for k in range(12):
+        name, rgb = list(colours.items())[k % 3]
+        Image.new("RGB", (20, 20), rgb).save(root / f"{k}.png")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": f"a plain {name} square"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = text_cfg(**{"data.name": "imagefolder", "data.root": str(root), "data.num_images": 12, "data.hflip": "false",
+                      "duration_nimg": 16})  # fmt: skip
+    run = train(cfg, tmp_path / "run", quiet=True)
+    argv = ["eval", str(run), "--metrics", "clipscore", "--clip", str(tiny_clip[0]), "--num", "4",
+            "--batch", "4", "--steps", "2", "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert got["clipscore"]["prompts"] == "captions of the data (seeded draw)"
+    assert 0 <= got["metrics"]["clipscore"] <= 2.5
+    capsys.readouterr()
+    argv[3] = "fd_probe,acc_probe"
+    assert main(argv) == 2
+    assert "acc_probe: this text run's data (imagefolder) has 1 class" in capsys.readouterr().err
