@@ -15,12 +15,13 @@ embeddings, sample ``x_i`` generated from prompt ``p_i``:
 Preprocessing is the extractor's: images ``uint8 [B, 3, H, W]`` are resized to the vision
 tower's ``image_size`` (PIL-style bicubic, as the CMMD extractor), scaled to ``[0, 1]`` and
 normalised with the directory's ``preprocessor_config.json`` mean/std (else CLIP's); prompts
-are tokenised by the directory's tokenizer, truncated (with a warning) to the text tower's
+are tokenised by the directory's tokenizer.json, truncated (with a warning) to the text tower's
 ``max_position_embeddings`` (77 for OpenAI CLIP). Weights load only as safetensors.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -131,11 +132,9 @@ def load_clip_scorer(
     """A :class:`CLIPScorer` from a local directory holding a whole ``CLIPModel``
     (``model_type: clip``: both towers) and its tokenizer, e.g. openai/clip-vit-large-patch14
     or -336. ``flag`` names where the path came from in errors."""
-    from denoiselab.encoders.hf import import_transformers
-
     need = (
         "a local directory with a whole CLIP (config.json with model_type 'clip', "
-        "model.safetensors, tokenizer files), e.g. `huggingface-cli download "
+        "model.safetensors, tokenizer.json), e.g. `huggingface-cli download "
         "openai/clip-vit-large-patch14-336 --local-dir DIR`"
     )
     if model_dir is None:
@@ -152,21 +151,7 @@ def load_clip_scorer(
             f"towers (model_type 'clip', as CLIPModel saves it): {need}"
         )
     model = load_pretrained(path, "CLIPModel", f"clipscore ({flag})", MissingExtractorError)
-    transformers = import_transformers("clipscore", MissingExtractorError)
-    has_files = (path / "tokenizer.json").is_file() or all(
-        (path / name).is_file() for name in ("vocab.json", "merges.txt")
-    )
-    if not has_files:  # transformers 5 would build an empty tokenizer (every word unknown)
-        raise MissingExtractorError(
-            f"{flag} {str(path)!r}: no usable CLIP tokenizer there (neither tokenizer.json nor "
-            f"vocab.json + merges.txt); clipscore needs {need}"
-        )
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise MissingExtractorError(
-            f"{flag} {str(path)!r}: no usable CLIP tokenizer there ({err}); clipscore needs {need}"
-        ) from None
+    tokenizer = _load_tokenizer(path, flag, need)
     mean, std = normalisation(path, CLIP_MEAN, CLIP_STD)
     return CLIPScorer(
         model,
@@ -177,6 +162,36 @@ def load_clip_scorer(
         std=std,
         device=torch.device(device),
     )
+
+
+def _load_tokenizer(path: Path, flag: str, need: str) -> Any:
+    """The directory's ``tokenizer.json`` (no code, no pickle: as :class:`~denoiselab.text.hf.
+    HFTokenizer`), padding with ``tokenizer_config.json``'s ``pad_token`` (CLIP's
+    ``<|endoftext|>``; padding positions are masked and CLIP pools at the first end token)."""
+    from denoiselab.encoders.hf import import_transformers
+
+    transformers = import_transformers("clipscore", MissingExtractorError)
+    from tokenizers import Tokenizer
+
+    file, config = path / "tokenizer.json", path / "tokenizer_config.json"
+    if not file.is_file():  # transformers 5 would build an empty tokenizer (every word unknown)
+        raise MissingExtractorError(
+            f"{flag} {str(path)!r}: no usable CLIP tokenizer there (no tokenizer.json; "
+            f"denoiselab reads tokenizers only from that file); clipscore needs {need}"
+        )
+    pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
+    pad = (pad.get("content") if isinstance(pad, dict) else pad) or "<|endoftext|>"
+    try:
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_file(str(file)), pad_token=pad
+        )
+    except Exception as err:  # a malformed file: say which
+        raise MissingExtractorError(f"{str(file)!r}: not a usable tokenizer: {err}") from None
+    if tokenizer.pad_token_id is None or tokenizer.convert_tokens_to_ids(pad) is None:
+        raise MissingExtractorError(
+            f"{str(file)!r}: its pad token {pad!r} is not in the vocabulary"
+        )
+    return tokenizer
 
 
 def clip_score(
