@@ -21,13 +21,19 @@ from typing import Any
 from torch import Tensor
 
 from denoiselab.cliutil import ArgumentParser, add_sampler_arguments, check_sampler_flags
+from denoiselab.evaluation_clip import (
+    CLIPSCORE,
+    check_acc_probe_run,
+    check_clipscore_run,
+    score_clipscore,
+)
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.train.build import Restored, restore
 from denoiselab.train.ema import auto_decay
 
 # Metrics where larger is better; all others (distances) are minimised.
-_HIGHER_IS_BETTER = ("acc", "is", "precision", "recall")
+_HIGHER_IS_BETTER = ("acc", "is", "precision", "recall", "clipscore")
 
 
 def make_generator(
@@ -100,12 +106,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     device = str(dev)
     main_rank = info.is_main
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    compositional = COMPOSITIONAL in metrics  # not a registry metric: scored from prompts
-    metrics = [m for m in metrics if m != COMPOSITIONAL]
+    compositional = COMPOSITIONAL in metrics  # not registry metrics: scored from prompts
+    clipscore = CLIPSCORE in metrics
+    metrics = [m for m in metrics if m not in (COMPOSITIONAL, CLIPSCORE)]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(
-            f"unknown metric(s) {unknown}; valid: {', '.join([*METRICS, COMPOSITIONAL])}"
+            f"unknown metric(s) {unknown}; valid: {', '.join([*METRICS, COMPOSITIONAL, CLIPSCORE])}"
         )
     if args.sweep_cfg and not metrics:
         raise ValueError("--sweep-cfg picks by the first registry metric: add one to --metrics")
@@ -117,6 +124,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     probe_cfg = ProbeConfig(steps=args.probe_steps) if args.probe_steps else None
     base = restore(args.run, ema=None, device=device, compile=args.compile)
     own = base.settings(args.steps, args.solver, args.cfg, args.cfg_interval, args.eta)
+    check_acc_probe_run(base, metrics)
+    scorer = None
+    if clipscore:  # refused or loaded before anything is generated
+        from denoiselab.metrics.clipscore import load_clip_scorer
+        from denoiselab.metrics.extractors import resolve_extractor_path
+
+        check_clipscore_run(base, args.run)
+        clip_dir = resolve_extractor_path("clip", args.clip, args.cache_dir)
+        scorer = load_clip_scorer(clip_dir, device, flag="--clip")
     decays = [args.ema] if args.ema is not None else sorted(base.checkpoint.ema) or [None]
 
     def score(ema: float | None, scale: float, num: int, seed: int) -> dict[str, Any]:
@@ -129,6 +145,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if compositional:
             out["compositional"] = score_compositional(r, own, scale, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
+        if clipscore:
+            out[CLIPSCORE] = score_clipscore(
+                r, own, scale, num, seed, scorer, args.batch, args.prompts
+            )
+            out["metrics"].update(out[CLIPSCORE]["metrics"])
         if not metrics:
             return {**out, "num": num, "probe_real_accuracy": None, "ema": ema, "cfg": scale}
         gen = make_generator(
@@ -158,6 +179,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             reference_files={"inception": args.ref_stats} if args.ref_stats else None,
         )
         registry["metrics"].update(out["metrics"])
+        if r.is_text:  # the label-keyed generator samples each label from a caption
+            registry["prompts"] = "captions of the data's images of each label (class_prompts)"
         return {**out, **registry, "ema": ema, "cfg": scale}
 
     sweep: list[dict[str, Any]] = []
@@ -248,7 +271,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         "--metrics",
         default="fd_probe,mmd_probe,acc_probe,pr_probe",
         help=f"comma-separated; valid: {', '.join(METRICS)}, {COMPOSITIONAL} (a text run "
-        "on shapes: per-attribute accuracy of prompted samples, never-seen pairs apart)",
+        f"on shapes: per-attribute accuracy of prompted samples, never-seen pairs apart), "
+        f"{CLIPSCORE} (a text run: 2.5·mean max(cos, 0) of CLIP image/prompt embeddings, "
+        "Hessel et al. 2021, and 100·mean cos as clipscore_cos100; needs --clip)",
     )
     p.add_argument(
         "--num",
@@ -293,7 +318,17 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="real images behind reference statistics computed from the data (default: --num; "
         "the whole dataset if smaller)",
     )
-    p.add_argument("--clip", help="local CLIP ViT-L/14@336 directory (for cmmd)")
+    p.add_argument(
+        "--clip",
+        help="local CLIP directory: ViT-L/14@336 for cmmd (vision tower); a whole CLIPModel "
+        "with its tokenizer for clipscore (e.g. openai/clip-vit-large-patch14-336 holds both)",
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="clipscore prompts, one a line, cycled to --num (default: held-out shapes prompts, "
+        "else captions of the data)",
+    )
     p.add_argument("--dinov2", help="local DINOv2 ViT-L/14-reg directory (for dino_mmd)")
     p.add_argument(
         "--probe-steps", type=int, help="training steps of the offline probe (default 1000)"
@@ -302,6 +337,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ref_stats and "fid" not in args.metrics.split(","):
         p.error("--ref-stats holds Inception statistics for fid: add fid to --metrics")
+    if args.prompts and CLIPSCORE not in args.metrics.split(","):
+        p.error(f"--prompts are the prompts of {CLIPSCORE}: add {CLIPSCORE} to --metrics")
     if args.num_ref is not None and args.num_ref < 2:
         p.error(f"--num-ref {args.num_ref}: must be >= 2")
     try:

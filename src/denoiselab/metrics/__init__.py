@@ -6,9 +6,11 @@ conversion from ``[-1, 1]`` floats. Pretrained extractors (TF-Inception, CLIP, D
 only from local files; the probe metrics (``fd_probe``, ``mmd_probe``, ``acc_probe``,
 ``pr_probe``) need no download at all, nor does the compositional score of text-to-image
 runs on ``shapes`` (:func:`compositional_score`, judged by :func:`load_attribute_probe`).
+CLIPScore of text runs (:func:`clip_score`) reads a local CLIP (:func:`load_clip_scorer`).
 """
 
 from .attribute_probe import AttributeProbe, AttributeProbeConfig, load_attribute_probe
+from .clipscore import CLIPScorer, clip_score, clipscore_values, load_clip_scorer
 from .compositional import ShapePrompt, compositional_score, real_images, shapes_prompts
 from .evaluate import METRICS, MetricSpec, balanced_labels, batch_seed, evaluate
 from .extractors import (
@@ -32,6 +34,7 @@ __all__ = [
     "METRICS",
     "AttributeProbe",
     "AttributeProbeConfig",
+    "CLIPScorer",
     "ClassifierExtractor",
     "Extractor",
     "GaussianStats",
@@ -50,6 +53,8 @@ __all__ = [
     "balanced_labels",
     "batch_seed",
     "check_uint8_images",
+    "clip_score",
+    "clipscore_values",
     "compositional_score",
     "ensure_rgb",
     "evaluate",
@@ -61,6 +66,7 @@ __all__ = [
     "l2_normalize",
     "load_attribute_probe",
     "load_clip",
+    "load_clip_scorer",
     "load_dinov2",
     "load_inception",
     "load_probe",

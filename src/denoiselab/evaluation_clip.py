@@ -1,0 +1,95 @@
+"""``denoiselab eval --metrics clipscore``: the prompts a text run is scored on, and its
+CLIPScore (:mod:`denoiselab.metrics.clipscore`) from the local CLIP of ``--clip``.
+
+``--clip`` serves both CMMD and CLIPScore: the directory a user downloads
+(openai/clip-vit-large-patch14-336) holds both towers and the tokenizer, and CMMD reads
+only its vision tower. Class-conditional runs are refused rather than prompted with their
+class names: imagefolder class names are folder names (``n01440764``), not captions, and the
+probe's ``acc_probe`` already measures class fidelity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from denoiselab.metrics import to_uint8
+from denoiselab.train.build import Restored
+
+CLIPSCORE = "clipscore"
+
+
+def check_clipscore_run(r: Restored, run: str) -> None:
+    """A named error for a run CLIPScore cannot score (before anything is generated)."""
+    if not r.is_text:
+        raise ValueError(
+            f"metric {CLIPSCORE!r} scores samples against their prompts: {run} is a "
+            "class-conditional run (no model.text); class names are no captions (imagefolder "
+            "classes are folder names) — use acc_probe for class fidelity"
+        )
+
+
+def check_acc_probe_run(r: Restored, metrics: list[str]) -> None:
+    """``acc_probe`` on a text run asks whether each sample shows the class of the image whose
+    caption prompted it; data with a single class (a flat imagefolder) has no such class."""
+    if "acc_probe" in metrics and r.is_text and r.model_cfg.num_classes < 2:
+        raise ValueError(
+            f"acc_probe: this text run's data ({r.cfg.data.name}) has "
+            f"{r.model_cfg.num_classes} class, so no prompt has a class to check; drop "
+            "acc_probe (fd_probe, mmd_probe, kid, fid, cmmd and clipscore still apply)"
+        )
+
+
+def eval_prompts(
+    r: Restored, num: int, seed: int, prompts_file: str | None = None
+) -> tuple[list[str], str]:
+    """``num`` prompts to score a text run on, and where they come from: ``prompts_file`` (one
+    a line, cycled to ``num``), else on ``shapes`` the held-out prompts of
+    :func:`~denoiselab.metrics.shapes_prompts` (scenes no training index reaches), else the
+    captions of ``num`` images of the data drawn with ``seed``."""
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts {str(path)!r}: no such file (one prompt a line)")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"--prompts {str(path)!r} holds no prompt (one prompt a line)")
+        return list(itertools.islice(itertools.cycle(lines), num)), f"file {path}"
+    if r.cfg.data.name == "shapes":
+        from denoiselab.metrics import shapes_prompts
+
+        texts = [p.prompt for p in shapes_prompts(r.cfg.data, num, seed)]
+        return texts, "shapes_prompts (held-out scenes of the caption grammar)"
+    from denoiselab.data import build_dataset
+
+    data = build_dataset(r.cfg.data)
+    order = np.random.default_rng((0xC119, seed)).permutation(len(data))
+    picks = [int(order[k % len(order)]) for k in range(num)]
+    return [data.caption(i) for i in picks], "captions of the data (seeded draw)"
+
+
+def score_clipscore(
+    r: Restored,
+    own: dict[str, Any],
+    scale: float,
+    num: int,
+    seed: int,
+    scorer: Any,
+    batch: int,
+    prompts_file: str | None = None,
+) -> dict[str, Any]:
+    """CLIPScore of ``num`` samples of text run ``r`` (one per prompt of :func:`eval_prompts`),
+    drawn with the run's sampler settings ``own`` at CFG scale ``scale``."""
+    from denoiselab.metrics.clipscore import clip_score
+
+    settings = {**own, "cfg_scale": scale}
+
+    def generate(prompts: list[str], batch_seed: int) -> Tensor:
+        return to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
+
+    prompts, source = eval_prompts(r, num, seed, prompts_file)
+    return {**clip_score(generate, prompts, scorer, batch=batch, seed=seed), "prompts": source}
