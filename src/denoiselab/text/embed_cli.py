@@ -15,7 +15,14 @@ from denoiselab.text.embed_cache import DTYPES, cache_text
 
 def cache_text_main(argv: list[str] | None = None) -> int:
     """Entry point of ``denoiselab cache-text`` (returns the exit status)."""
-    p = ArgumentParser(prog="denoiselab cache-text", description=__doc__.splitlines()[0])
+    p = ArgumentParser(
+        prog="denoiselab cache-text",
+        description=(
+            "Encode every caption of a run's data once with its frozen text encoder "
+            "(model.text: a transformers encoder from a local directory) and store the "
+            "embeddings; train with model.text.cache=DIR so the encoder does not run each step."
+        ),
+    )
     p.add_argument("config", help="training config (YAML or shipped name) with model.text")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     p.add_argument("--out", required=True, help="cache directory")
