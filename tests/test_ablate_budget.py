@@ -37,7 +37,7 @@ def test_time_budget_runs_each_variant_for_its_images_and_reuses_the_measurement
 ) -> None:
     calls = []
 
-    def fake(suite, device, warmup, repeats):
+    def fake(suite, device, warmup, repeats, names=None):
         calls.append((warmup, repeats))
         return {"speed": {"x": 1.0, "v": 1.5}, "img_per_s": {"x": 100.0, "v": 150.0}}
 
@@ -61,6 +61,26 @@ def test_time_budget_runs_each_variant_for_its_images_and_reuses_the_measurement
     assert (
         load_suite(path).budget == "time" and load_suite(path, budget="images").budget == "images"
     )
+
+
+def test_only_times_the_variants_it_runs(tmp_path, cache, monkeypatch) -> None:
+    """``--only x,v --budget time`` measures the baseline and v alone: a variant that cannot
+    be built on this machine (LPIPS without its weight files) does not stop the others."""
+    monkeypatch.setenv("DENOISELAB_CACHE", str(tmp_path / "empty-cache"))  # no LPIPS weights
+    lp = {"terms.lpips.weight": 0.1}
+    path = write_suite(tmp_path / "s.yaml", cache, budget="time",
+                       variants={"x": {"objective.prediction": "x"}, "v": {"objective.prediction": "v"}, "lp": lp})  # fmt: skip
+    suite = load_suite(path, quick=True)
+    with pytest.raises(ConfigError, match="lpips"):  # all variants: the LPIPS one is timed too
+        measure_speeds(suite, "cpu", warmup=1, repeats=1)
+    out = tmp_path / "out"
+    status = run_suite(suite, out, devices=["cpu"], only=["x", "v"], log=lambda m: None)
+    assert status == {"x": "done", "v": "done"}
+    assert set(json.loads((out / "throughput.json").read_text())["speed"]) == {"x", "v"}
+    assert set(json.loads((out / "suite.json").read_text())["durations"]) == {"x", "v"}
+    # all variants later: the record lacks lp's speed, and says how to re-measure
+    with pytest.raises(ConfigError, match=r"no speed for variant\(s\) \['lp'\]"):
+        run_suite(load_suite(path, quick=True), out, devices=["cpu"], log=lambda m: None)
 
 
 def test_measured_speeds_are_paired_and_relative_to_the_baseline(tmp_path, cache) -> None:

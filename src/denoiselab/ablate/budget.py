@@ -40,11 +40,19 @@ MEASURE_QUICK = {"warmup": 1, "repeats": 3}
 Log = Callable[[str], None]
 
 
-def measure_speeds(suite: Suite, device: str | None, warmup: int, repeats: int) -> dict[str, Any]:
-    """Speed of every variant relative to the baseline (paired, round-robin step times)."""
+def measure_speeds(
+    suite: Suite,
+    device: str | None,
+    warmup: int,
+    repeats: int,
+    names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Speed of each variant in ``names`` (default all) relative to the baseline (paired,
+    round-robin step times; the baseline is always timed)."""
     from denoiselab.bench.variants import paired_speedup, round_robin
 
-    names = [suite.baseline, *(n for n in suite.names if n != suite.baseline)]
+    chosen = suite.names if names is None else names
+    names = [suite.baseline, *(n for n in chosen if n != suite.baseline)]
     dev = None if device in (None, "auto") else device
     load = load_average()
     times, _, _ = round_robin([suite.config(n, device=dev) for n in names], warmup, repeats)
@@ -62,18 +70,27 @@ def measure_speeds(suite: Suite, device: str | None, warmup: int, repeats: int) 
     }
 
 
-def durations_for(suite: Suite, speed: dict[str, float]) -> dict[str, int]:
-    """``duration_nimg`` of each variant for the baseline's budget at relative ``speed``."""
+def durations_for(
+    suite: Suite, speed: dict[str, float], names: list[str] | None = None
+) -> dict[str, int]:
+    """``duration_nimg`` of the baseline and each variant in ``names`` (default all) for the
+    baseline's budget at relative ``speed``."""
     base = suite.config(suite.baseline)
     batch, budget = base.global_batch, base.duration_nimg
-    missing = [n for n in suite.names if n not in speed]
+    wanted = [suite.baseline, *(n for n in (suite.names if names is None else names))]
+    wanted = list(dict.fromkeys(wanted))
+    missing = [n for n in wanted if n not in speed]
     if missing:
         raise ConfigError(f"throughput.json has no speed for variant(s) {missing}; delete it to re-measure")  # fmt: skip
-    return {n: max(1, round(budget * speed[n] / batch)) * batch for n in suite.names}
+    return {n: max(1, round(budget * speed[n] / batch)) * batch for n in wanted}
 
 
-def apply_time_budget(suite: Suite, out: Path, device: str | None, log: Log = print) -> Suite:
-    """The suite with per-variant durations for equal wall-clock (module docstring): speeds
+def apply_time_budget(
+    suite: Suite, out: Path, device: str | None, log: Log = print, names: list[str] | None = None
+) -> Suite:
+    """The suite with durations for equal wall-clock (module docstring) for the baseline and
+    the variants in ``names`` (default all: ``--only`` times only what it runs, so a variant
+    that cannot be built here — LPIPS without its weights — does not stop the others): speeds
     from ``out/throughput.json`` if it exists, else measured now and written there."""
     path = Path(out) / "throughput.json"
     if path.is_file():
@@ -82,10 +99,10 @@ def apply_time_budget(suite: Suite, out: Path, device: str | None, log: Log = pr
     else:
         settings = MEASURE_QUICK if suite.quick else MEASURE
         log(f"equal wall-clock: timing {settings['repeats']} training steps of each variant")
-        record = measure_speeds(suite, device, **settings)
+        record = measure_speeds(suite, device, **settings, names=names)
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(path, record)
-    durations = durations_for(suite, record["speed"])
+    durations = durations_for(suite, record["speed"], names)
     shown = ", ".join(f"{n} ×{record['speed'][n]:.2f} → {d:,} images" for n, d in durations.items())
     log(f"equal wall-clock budget: {shown}")
     return dataclasses.replace(suite, durations=durations)
