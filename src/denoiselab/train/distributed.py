@@ -123,11 +123,13 @@ def end_process(code: int = 0) -> NoReturn:
     exit -6) after all its work was done. :func:`shutdown` does not prevent it: DDP keeps
     the process group, and so its worker threads, alive past ``destroy_process_group``.
     (torch 2.13; core dump: ``ProcessGroupGloo::runLoop`` → ``~AsyncWork`` → ``take_gil``.)
-    So the group is destroyed, logging and the standard streams are flushed, and the process
-    exits with ``os._exit``; the only thing skipped is ``atexit`` handlers and object
-    finalisers, which denoiselab does not use for anything that must reach disk (checkpoints
-    and results are written atomically and closed before their function returns)."""
-    shutdown()
+    So the group is destroyed (on success only), logging and the standard streams are
+    flushed, and the process exits with ``os._exit``; the only thing skipped is ``atexit``
+    handlers and object finalisers, which denoiselab does not use for anything that must
+    reach disk (checkpoints and results are written atomically and closed before their
+    function returns)."""
+    if code == 0:  # every collective done; after a failure the group may be broken, and
+        shutdown()  # destroying it could wait on a dead peer (os._exit closes its sockets)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed or a broken pipe: nothing to save
