@@ -65,22 +65,32 @@ def test_time_budget_runs_each_variant_for_its_images_and_reuses_the_measurement
 
 def test_only_times_the_variants_it_runs(tmp_path, cache, monkeypatch) -> None:
     """``--only x,v --budget time`` measures the baseline and v alone: a variant that cannot
-    be built on this machine (LPIPS without its weight files) does not stop the others."""
+    be built on this machine (LPIPS without its weight files) does not stop the others. A
+    later ``--only w`` times w against the baseline and adds it, keeping v's speed."""
     monkeypatch.setenv("DENOISELAB_CACHE", str(tmp_path / "empty-cache"))  # no LPIPS weights
-    lp = {"terms.lpips.weight": 0.1}
-    path = write_suite(tmp_path / "s.yaml", cache, budget="time",
-                       variants={"x": {"objective.prediction": "x"}, "v": {"objective.prediction": "v"}, "lp": lp})  # fmt: skip
+    variants = {
+        "x": {"objective.prediction": "x"},
+        "v": {"objective.prediction": "v"},
+        "w": {"objective.prediction": "eps"},
+        "lp": {"terms.lpips.weight": 0.1},
+    }
+    path = write_suite(tmp_path / "s.yaml", cache, budget="time", variants=variants)
     suite = load_suite(path, quick=True)
     with pytest.raises(ConfigError, match="lpips"):  # all variants: the LPIPS one is timed too
         measure_speeds(suite, "cpu", warmup=1, repeats=1)
     out = tmp_path / "out"
     status = run_suite(suite, out, devices=["cpu"], only=["x", "v"], log=lambda m: None)
     assert status == {"x": "done", "v": "done"}
-    assert set(json.loads((out / "throughput.json").read_text())["speed"]) == {"x", "v"}
+    first = json.loads((out / "throughput.json").read_text())
+    assert set(first["speed"]) == {"x", "v"}
     assert set(json.loads((out / "suite.json").read_text())["durations"]) == {"x", "v"}
-    # all variants later: the record lacks lp's speed, and says how to re-measure
-    with pytest.raises(ConfigError, match=r"no speed for variant\(s\) \['lp'\]"):
-        run_suite(load_suite(path, quick=True), out, devices=["cpu"], log=lambda m: None)
+    status = run_suite(load_suite(path, quick=True), out, devices=["cpu"], only=["w"],
+                       log=lambda m: None)  # fmt: skip
+    assert status == {"w": "done"}
+    merged = json.loads((out / "throughput.json").read_text())
+    assert set(merged["speed"]) == {"x", "v", "w"} and merged["speed"]["v"] == first["speed"]["v"]
+    assert merged["added"][0]["variants"] == ["w"] and "lp" not in merged["speed"]
+    assert set(json.loads((out / "suite.json").read_text())["durations"]) == {"x", "v", "w"}
 
 
 def test_measured_speeds_are_paired_and_relative_to_the_baseline(tmp_path, cache) -> None:

@@ -10,8 +10,9 @@ forward, backward, optimizer, EMA — what routing and the optimizer change), an
 where D is the suite's ``duration_nimg``, B the global batch and t the paired step times of
 the baseline and of v. The measurement is written to ``OUT/throughput.json`` and reused on
 every later session, so a resumed or parallel run keeps the same durations (and a variant's
-fingerprint, which holds its duration, does not change). Edit or write that file before a run
-to pin the speeds. Evaluation and data loading are outside the measurement: equal wall-clock
+fingerprint, which holds its duration, does not change); variants it lacks (an earlier
+``--only`` run timed others) are timed against the baseline when first run and added. Edit or
+write that file before a run to pin the speeds. Evaluation and data loading are outside the measurement: equal wall-clock
 means equal training-step time.
 
 The measurement runs with the run's own threads and priority. On a machine shared with other
@@ -85,24 +86,51 @@ def durations_for(
     return {n: max(1, round(budget * speed[n] / batch)) * batch for n in wanted}
 
 
+def _merge(record: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the variants of a later measurement ``new`` added (each speed is
+    relative to the baseline timed in its own session; speeds already recorded are kept, so
+    durations of variants that already ran do not change). The later session is listed under
+    ``added`` with its time and load."""
+    out = dict(record)
+    added = [n for n in new["speed"] if n not in record["speed"]]
+    for key in ("speed", "step_s", "img_per_s"):
+        out[key] = {
+            **record.get(key, {}),
+            **{n: new[key][n] for n in added if n in new.get(key, {})},
+        }
+    session = {k: new.get(k) for k in ("measured", "device", "threads", "load_average")}
+    out["added"] = [*record.get("added", []), {**session, "variants": added}]
+    return out
+
+
 def apply_time_budget(
     suite: Suite, out: Path, device: str | None, log: Log = print, names: list[str] | None = None
 ) -> Suite:
     """The suite with durations for equal wall-clock (module docstring) for the baseline and
     the variants in ``names`` (default all: ``--only`` times only what it runs, so a variant
     that cannot be built here — LPIPS without its weights — does not stop the others): speeds
-    from ``out/throughput.json`` if it exists, else measured now and written there."""
+    from ``out/throughput.json`` if it exists (variants it lacks are timed now against the
+    baseline and added), else measured now and written there."""
     path = Path(out) / "throughput.json"
+    settings = MEASURE_QUICK if suite.quick else MEASURE
     if path.is_file():
         record = read_json(path)
         log(f"equal wall-clock: speeds from {path}")
+        wanted = suite.names if names is None else names
+        missing = [n for n in wanted if n != suite.baseline and n not in record["speed"]]
+        if missing:  # an earlier --only run timed others: time these against the baseline
+            log(f"equal wall-clock: timing {settings['repeats']} training steps of {missing}")
+            record = _merge(record, measure_speeds(suite, device, **settings, names=missing))
+            write_json(path, record)
     else:
-        settings = MEASURE_QUICK if suite.quick else MEASURE
         log(f"equal wall-clock: timing {settings['repeats']} training steps of each variant")
         record = measure_speeds(suite, device, **settings, names=names)
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(path, record)
-    durations = durations_for(suite, record["speed"], names)
+    # every variant with a recorded speed (not only this run's), so suite.json keeps them all
+    durations = durations_for(
+        suite, record["speed"], [n for n in suite.names if n in record["speed"]]
+    )
     shown = ", ".join(f"{n} ×{record['speed'][n]:.2f} → {d:,} images" for n, d in durations.items())
     log(f"equal wall-clock budget: {shown}")
     return dataclasses.replace(suite, durations=durations)
