@@ -35,8 +35,8 @@ from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD
 from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
 
 from .evaluate import batch_seed
-from .extractors import MissingExtractorError
-from .images import check_uint8_images, ensure_rgb, resize_uint8
+from .extractors import MissingExtractorError, PixelNorm
+from .images import check_uint8_images, ensure_rgb
 
 __all__ = ["CLIPScorer", "clip_score", "clipscore_values", "load_clip_scorer"]
 
@@ -76,18 +76,12 @@ class CLIPScorer:
     ) -> None:
         self.model, self.tokenizer, self.device = model.eval().to(device), tokenizer, device
         self.name, self.weights_id = name, weights_id
-        self.size = int(model.config.vision_config.image_size)
         self.max_len = int(model.config.text_config.max_position_embeddings)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.pixels = PixelNorm(int(model.config.vision_config.image_size), mean, std, device)
         self.truncated = 0  # prompts cut to max_len so far
         self.preprocessing = {
             "implementation": "transformers.CLIPModel (vision and text towers + projections)",
-            "resize": "PIL-style bicubic (antialiased, 8-bit rounding after each pass)",
-            "size": self.size,
-            "scale": "u / 255",
-            "mean": list(mean),
-            "std": list(std),
+            **self.pixels.description,
             "tokenizer": type(tokenizer).__name__,
             "max_len": self.max_len,
             "prompt_prefix": None,
@@ -95,8 +89,7 @@ class CLIPScorer:
 
     @torch.inference_mode()
     def images(self, images: Tensor) -> Tensor:
-        images = ensure_rgb(check_uint8_images(images)).to(self.device)
-        x = (resize_uint8(images, self.size) - self._mean) / self._std
+        x = self.pixels(ensure_rgb(check_uint8_images(images)))
         pooled = self.model.vision_model(pixel_values=x).pooler_output
         return self.model.visual_projection(pooled).float().cpu()
 

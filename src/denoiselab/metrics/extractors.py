@@ -155,8 +155,31 @@ class InceptionExtractor:
         return self.features_and_logits(images)[0]
 
 
+class PixelNorm:
+    """``uint8 [B, 3, H, W]`` → PIL-style bicubic resize to ``size`` → ``u / 255`` →
+    ``(x − mean) / std``, on ``device``: the input of a transformers vision tower (CMMD's
+    and DINO's embedders, CLIPScore's image side)."""
+
+    def __init__(
+        self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+    ) -> None:
+        self.size, self.device = size, device
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.description = {
+            "resize": "PIL-style bicubic (antialiased, 8-bit rounding after each pass)",
+            "size": size,
+            "scale": "u / 255",
+            "mean": list(mean),
+            "std": list(std),
+        }
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return (resize_uint8(images.to(self.device), self.size) - self._mean) / self._std
+
+
 class HFImageEmbedder:
-    """A transformers vision model behind resize → ``[0, 1]`` → mean/std normalisation.
+    """A transformers vision model behind :class:`PixelNorm`.
 
     ``output`` picks the model output: ``image_embeds`` (CLIP projection) or
     ``pooler_output`` (DINOv2: the CLS token after the final layer norm).
@@ -175,23 +198,17 @@ class HFImageEmbedder:
         device: torch.device,
     ) -> None:
         self.model, self.name, self.weights_id = model.eval().to(device), name, weights_id
-        self.size, self.output, self.device = size, output, device
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.output, self.device = output, device
+        self.pixels = PixelNorm(size, mean, std, device)
         self.preprocessing = {
             "implementation": f"transformers.{type(model).__name__}",
-            "resize": "PIL-style bicubic (antialiased, 8-bit rounding after each pass)",
-            "size": size,
-            "scale": "u / 255",
-            "mean": list(mean),
-            "std": list(std),
+            **self.pixels.description,
             "features": output,
         }
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
-        x = (resize_uint8(images.to(self.device), self.size) - self._mean) / self._std
-        out = self.model(pixel_values=x)
+        out = self.model(pixel_values=self.pixels(images))
         return getattr(out, self.output).float().cpu()
 
 
