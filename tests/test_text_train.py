@@ -222,3 +222,20 @@ def test_resuming_with_another_vocabulary_is_a_named_error(tmp_path):
     # the recorded vocabulary itself resumes
     same = text_cfg(**{"duration_nimg": 64, "model.text.vocab": json.dumps(vocab)})
     assert ckpt_io.load_checkpoint(train(same, tmp_path / "c", resume=run, quiet=True)).step == 8
+
+
+def test_prompts_txt_names_the_prompts_each_batch_was_sampled_with(tmp_path, capsys):
+    """Without --prompt a text run is sampled from captions of images of each label, each
+    batch afresh (the j-th repeat of a label in a batch takes the class's j-th caption). With
+    two batches of the same balanced labels, both batches used the same prompts: prompts.txt
+    must say so (it once counted repeats across the whole run instead)."""
+    run = train(text_cfg(duration_nimg=32), tmp_path / "r", quiet=True)
+    k = restore(run, ema=None).model_cfg.num_classes
+    out = tmp_path / "s"
+    flags = ["--steps", "1", "--no-ema", "--num", str(4 * k), "--batch", str(2 * k)]
+    assert main(["sample", str(run), *flags, "--out", str(out)]) == 0, capsys.readouterr().err
+    lines = (out / "prompts.txt").read_text().splitlines()  # "index<TAB>prompt"
+    assert [int(line.split("\t")[0]) for line in lines] == list(range(4 * k))
+    prompts = [line.split("\t", 1)[1] for line in lines]
+    assert prompts[2 * k :] == prompts[: 2 * k]
+    assert prompts[:k] != prompts[k : 2 * k]  # within a batch, a repeated label: next caption

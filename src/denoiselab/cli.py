@@ -130,7 +130,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.class_id is not None:
         label = class_label(args.class_id, class_names(r.cfg.data), num_classes)
     args.num = 64 if args.num is None else args.num
-    images = []
+    images, used = [], []  # used: a text run's prompt of each sample, as the sampler drew it
     for start in range(0, args.num, args.batch):
         n = min(args.batch, args.num - start)
         if label is not None:
@@ -146,11 +146,11 @@ def _sample(args: argparse.Namespace) -> int:
         )
         save_images(x, out, start=start)
         images.append(x.cpu())
+        if r.is_text:  # each batch's labels → captions of the data, as the sampler chose them
+            used += r.sampler.prompts_for(labels)
     save_grid(torch.cat(images)[:256], out / "grid.png")
-    if r.is_text:  # sampled from captions of the data, one per label: say which
-        write_prompts(
-            out / "prompts.txt", r.sampler.prompts_for(balanced_labels(args.num, num_classes))
-        )
+    if r.is_text:
+        write_prompts(out / "prompts.txt", used)
     print(f"{args.num} samples ({r.weights}, step {r.checkpoint.step}) → {out}")
     return 0
 
