@@ -97,7 +97,7 @@ def test_holdout_pairs_never_appear_and_leave_other_images_alone() -> None:
     plain = ShapesDataset(num_images=2000, difficulty="easy")
     held = build_dataset(DataConfig(num_images=2000, difficulty="easy", holdout_pairs=pairs))
     held_out = {tuple(p.split()[::-1]) for p in pairs}
-    seen_before, changed = 0, 0
+    seen_before = 0
     for i in range(len(plain)):
         a, b = plain.spec(i), held.spec(i)
         assert (b.shape, b.fg) not in held_out
@@ -106,10 +106,10 @@ def test_holdout_pairs_never_appear_and_leave_other_images_alone() -> None:
             assert (b.shape, b.cx, b.cy, b.radius, b.texture) == (
                 a.shape, a.cx, a.cy, a.radius, a.texture,
             )  # fmt: skip
-            changed += 1
+            assert b.fg != a.fg  # re-coloured, everything else kept
         else:
             assert a == b
-    assert seen_before > 20 and changed == seen_before  # the pairs were there without holdout
+    assert seen_before > 20  # the pairs were there without holdout
     for i in (0, 1, 2, 3):  # images are rendered from the spec: unaffected ones bit-identical
         if plain.spec(i) == held.spec(i):
             assert torch.equal(plain[i][0], held[i][0])

@@ -11,7 +11,6 @@ probe's ``acc_probe`` already measures class fidelity.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,13 +51,10 @@ def eval_prompts(
     :func:`~denoiselab.metrics.shapes_prompts` (scenes no training index reaches), else the
     captions of ``num`` images of the data drawn with ``seed``."""
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise ValueError(f"--prompts {str(path)!r}: no such file (one prompt a line)")
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise ValueError(f"--prompts {str(path)!r} holds no prompt (one prompt a line)")
-        return list(itertools.islice(itertools.cycle(lines), num)), f"file {path}"
+        from denoiselab.text.cli import read_prompt_file
+
+        lines = read_prompt_file(prompts_file)
+        return list(itertools.islice(itertools.cycle(lines), num)), f"file {prompts_file}"
     if r.cfg.data.name == "shapes":
         from denoiselab.metrics import shapes_prompts
 

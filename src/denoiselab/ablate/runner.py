@@ -251,7 +251,7 @@ def run_suite(
     if suite.budget == "time" and not set(names) <= set(suite.durations):
         from denoiselab.ablate.budget import apply_time_budget
 
-        suite = apply_time_budget(suite, out, devices[0], log, names=names if only else None)
+        suite = apply_time_budget(suite, out, devices[0], log, names=names)
     for name in names:  # settings changed since a variant started: stop before any work
         if (variant_dir(out, name) / "variant.json").is_file():
             check_fingerprint(suite, name, variant_dir(out, name))

@@ -17,7 +17,6 @@ and whether they follow flips.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,13 +37,6 @@ def pack(captions: Sequence[str], name: str = "caption") -> dict[str, Tensor]:
         f"{name}_bytes": blob.clone() if blob is not None else torch.zeros(0, dtype=torch.uint8),
         f"{name}_offsets": offsets,
     }
-
-
-def unpack(tensors: dict[str, Tensor], name: str = "caption") -> list[str]:
-    """The captions :func:`pack` stored under ``name``."""
-    blob = bytes(tensors[f"{name}_bytes"].numpy().tobytes())
-    offsets = tensors[f"{name}_offsets"].tolist()
-    return [blob[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
 
 
 def read_one(handle: Any, offsets: Tensor, j: int, name: str = "caption") -> str:

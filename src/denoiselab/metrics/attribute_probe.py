@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import __version__
 from .cache import atomic_write, cache_root, content_hash, to_jsonable
 from .images import check_uint8_images, dataset_uint8, from_uint8
-from .probe_train import augment
+from .probe_train import _conv, augment
 
 __all__ = [
     "ATTRIBUTE_PROBE_VERSION",
@@ -101,10 +101,6 @@ class AttributeNet(nn.Module):
         h = self.trunk(x)
         features = torch.cat([h.mean(dim=(2, 3)), self.where(h)], dim=1)
         return {name: head(features) for name, head in self.heads.items()}
-
-
-def _conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
 
 
 class AttributeProbe:

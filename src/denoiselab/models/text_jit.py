@@ -206,8 +206,9 @@ class TextJiT(JiT):
             keep = torch.cat([keep, keep.new_ones(x.shape[0], x.shape[1] - prefix)], dim=1)
         mask = keep[:, None, None, :]  # [B, 1, 1, keys]
         rope = self.rope_text if joint else self.rope
+        context = None if joint else ctx.to(x.dtype)  # cross-attention keys/values
         for i, block in enumerate(self.blocks):
-            x = block(x, c, rope, mask, None if joint else ctx.to(x.dtype))
+            x = block(x, c, rope, mask, context)
             if hidden_out is not None and i in hidden_out:
                 hidden_out[i] = x[:, prefix:]
         return self.unpatchify(self.final_layer(x[:, prefix:], c))

@@ -14,16 +14,23 @@ from denoiselab.images import save_images, save_labelled_grid
 from denoiselab.text.sampling import write_prompts
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of ``--prompts FILE``: one a line, blank lines skipped; a missing or
+    empty file is a named error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts {str(path)!r}: no such file (one prompt a line)")
+    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {str(path)!r} holds no prompt (one prompt a line)")
+    return prompts
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``--prompt`` (repeatable) then ``--prompts FILE`` (one a line)."""
     prompts = list(args.prompt or [])
     if args.prompts is not None:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise ValueError(f"--prompts {str(path)!r}: no such file (one prompt a line)")
-        prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {str(path)!r} holds no prompt (one prompt a line)")
+        prompts += read_prompt_file(args.prompts)
     if args.per_prompt < 1:
         raise ValueError(f"--per-prompt {args.per_prompt} must be >= 1")
     return prompts

@@ -87,9 +87,6 @@ class CaptionTokens(ImageDataset):
     def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         return self.dataset.caption(index, epoch)
 
-    def label(self, index: SupportsIndex) -> int:
-        return int(self.dataset[index][1])
-
 
 def text_dataset(dataset: ImageDataset, model_cfg: Any) -> ImageDataset:
     """The dataset a run trains on: ``dataset`` itself (class run) or :class:`CaptionTokens`."""

@@ -12,7 +12,6 @@ SIGUSR1 is ``train.preempt``'s.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -143,6 +142,7 @@ class Trainer:
         # a text run: vocabulary/max_len from the data, captions as token ids instead of labels
         self.model_cfg = resolve_text(self.model_cfg, self.dataset)
         self.dataset = text_dataset(self.dataset, self.model_cfg)
+        self._class_prompts: list[list[str]] | None = None  # class_prompts(), built on demand
         torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
         self.model = build_network(self.model_cfg).to(self.device)
         terms = TermContext(self.model_cfg, cfg.objective, cfg.data, self.dataset, self.device)
@@ -393,10 +393,12 @@ class Trainer:
         )
         return text_sampler(sampler, self.model_cfg, self.class_prompts)
 
-    @functools.cache  # noqa: B019 - one table per trainer, kept while it lives
     def class_prompts(self) -> list[list[str]]:
-        """A text run's prompts per class for label-keyed grids and evaluation."""
-        return class_prompts(self.dataset)
+        """A text run's prompts per class for label-keyed grids and evaluation (built once
+        per trainer: a method cache would keep every trainer alive)."""
+        if self._class_prompts is None:
+            self._class_prompts = class_prompts(self.dataset)
+        return self._class_prompts
 
     def sample_grid(self, step: int) -> None:
         """Samples from fixed noise and labels with an EMA copy, saved as ``samples/*.png``."""
