@@ -116,12 +116,9 @@ def build_pdino(cfg: PDINOConfig, ctx: TermContext) -> PDINOTerm:
         raise ConfigError(
             f"terms.pdino compares RGB or grey images; the data has {channels} channels"
         )
-    # the global RNG must not depend on whether the offline teacher was trained, loaded
-    # from the cache or built by transformers
-    with torch.random.fork_rng(devices=[]):
-        teacher = build_teacher(
-            cfg.teacher, pixel_data_config(ctx.data), ctx.device, key="terms.pdino.teacher"
-        )
+    teacher = build_teacher(  # leaves the global RNG as it was
+        cfg.teacher, pixel_data_config(ctx.data), ctx.device, key="terms.pdino.teacher"
+    )
     return PDINOTerm(cfg, teacher, differentiable_decoder(ctx.data, ctx.device))
 
 

@@ -259,12 +259,10 @@ def build_alignment(
         grid, dim = tuple(record["grid"]), int(record["dim"])
         ctx.dataset.request_extras(("teacher",))
         return cls(cfg, mc.hidden_size, mc.grid_size, None, grid, dim, **kwargs)
-    # the global RNG (which then initialises the projector) must not depend on whether the
-    # teacher was trained, loaded from the cache or built by transformers
-    with torch.random.fork_rng(devices=[]):
-        teacher = build_teacher(
-            cfg.teacher, ctx.data, ctx.device, grid=mc.grid_size, key=f"{key}.teacher"
-        )
+    # build_teacher leaves the global RNG (which then initialises the projector) as it was
+    teacher = build_teacher(
+        cfg.teacher, ctx.data, ctx.device, grid=mc.grid_size, key=f"{key}.teacher"
+    )
     return cls(cfg, mc.hidden_size, mc.grid_size, teacher, teacher.grid, teacher.dim, **kwargs)
 
 

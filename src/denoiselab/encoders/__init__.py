@@ -100,7 +100,23 @@ def build_teacher(
     """The frozen teacher of ``cfg`` on ``device``. ``pixel_data``: the pixel ``DataConfig``
     the offline teacher trains on; ``grid``: when ``cfg.resolution`` is unset, a
     transformers teacher gets ``grid × patch`` pixels, i.e. a ``grid × grid`` token grid;
-    ``key`` names the config section in errors."""
+    ``key`` names the config section in errors.
+
+    The global (CPU) RNG is left as it was: what a run initialises after its teacher must not
+    depend on whether the teacher was trained, loaded from the cache or built by transformers.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _build_teacher(cfg, pixel_data, device, grid, key, log)
+
+
+def _build_teacher(
+    cfg: TeacherConfig,
+    pixel_data: Any,
+    device: torch.device | str,
+    grid: int | None,
+    key: str,
+    log: Any,
+) -> ImageEncoder:
     if cfg.kind == "offline":  # learned positions: it runs at the side it was trained at
         teacher: ImageEncoder = load_offline_teacher(
             pixel_data, cfg.ssl_config(), cache_dir=cfg.cache_dir, device=device, log=log
