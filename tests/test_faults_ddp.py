@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from denoiselab.train.distributed import DistributedError
 from denoiselab.train.loop import Trainer, train
 from denoiselab.train.run import read_metrics
 
+from .test_terms import _free_port
 from .test_train import TINY
 
 STEPS = 20
@@ -180,9 +180,7 @@ def _hang_worker(rank: int, port: int, out: Path, result: Path) -> int:
 def test_hung_rank_fails_the_others_after_dist_timeout(tmp_path):
     from .test_faults import run_forked
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     result = tmp_path / "rank0.txt"
     pid1 = os.fork()
     if pid1 == 0:  # pragma: no cover - rank 1
@@ -221,9 +219,7 @@ def test_ranks_that_resume_from_different_checkpoints_refuse_to_train(tmp_path):
                                   "ckpt_every_nimg": 16})  # fmt: skip
     run = train(cfg, tmp_path / "run", quiet=True)
     older, newer = ckpt_io.list_checkpoints(run / "checkpoints")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     pid1 = os.fork()
     if pid1 == 0:  # pragma: no cover - rank 1 sees only the older checkpoint
         os._exit(_resume_worker(1, port, older, tmp_path / "out", tmp_path / "1.txt"))

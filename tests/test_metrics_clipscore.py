@@ -282,3 +282,26 @@ def test_text_run_on_a_flat_imagefolder(tmp_path, tiny_clip, capsys):
     argv[3] = "fd_probe,acc_probe"
     assert main(argv) == 2
     assert "acc_probe: this text run's data (imagefolder) has 1 class" in capsys.readouterr().err
+
+
+def test_prompt_generator_samples_a_batch_once_when_asked_to_remember() -> None:
+    """compositional and clipscore on shapes score the same prompts with the same batch
+    seeds: with ``remember`` the second metric reuses the first one's samples."""
+    from denoiselab.evaluation_clip import prompt_generator
+
+    calls = []
+
+    class Run:  # the one method prompt_generator uses
+        def sample_prompts(self, prompts, seed, **settings):
+            calls.append((tuple(prompts), seed, settings["cfg_scale"]))
+            return torch.linspace(-1, 1, len(prompts) * 48).view(len(prompts), 3, 4, 4)
+
+    own = {"steps": 2}
+    once = prompt_generator(Run(), own, 2.0, remember=True)
+    a, b = once(["x", "y"], 7), once(["x", "y"], 7)
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and calls == [(("x", "y"), 7, 2.0)]
+    once(["x", "y"], 8)  # another seed: drawn
+    assert len(calls) == 2
+    fresh = prompt_generator(Run(), own, 2.0)
+    fresh(["x"], 1), fresh(["x"], 1)
+    assert len(calls) == 4  # without remember every call samples

@@ -25,6 +25,7 @@ from denoiselab.evaluation_clip import (
     CLIPSCORE,
     check_acc_probe_run,
     check_clipscore_run,
+    prompt_generator,
     score_clipscore,
 )
 from denoiselab.latents import pixel_data_config
@@ -142,12 +143,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             else base
         )
         out: dict[str, Any] = {"metrics": {}}
+        # both text metrics on shapes score the same held-out prompts and seeds: sample once
+        both = compositional and clipscore and args.prompts is None
+        generate = prompt_generator(r, own, scale, remember=both) if r.is_text else None
         if compositional:
-            out["compositional"] = score_compositional(r, own, scale, num, seed, args, device)
+            out["compositional"] = score_compositional(r, generate, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
         if clipscore:
             out[CLIPSCORE] = score_clipscore(
-                r, own, scale, num, seed, scorer, args.batch, args.prompts
+                r, generate, num, seed, scorer, args.batch, args.prompts
             )
             out["metrics"].update(out[CLIPSCORE]["metrics"])
         if not metrics:
@@ -218,7 +222,7 @@ COMPOSITIONAL = "compositional"
 
 
 def score_compositional(
-    r: Restored, own: dict[str, Any], scale: float, num: int, seed: int, args: Any, device: str
+    r: Restored, generate: Any, num: int, seed: int, args: Any, device: str
 ) -> dict[str, Any]:
     """The compositional score (:func:`denoiselab.metrics.compositional_score`) of a text run
     on ``shapes``: ``num`` held-out prompts (``shapes_prompts``; with ``data.holdout_pairs``
@@ -234,11 +238,6 @@ def score_compositional(
             f"metric {COMPOSITIONAL!r} judges shapes scenes; this run trains on "
             f"data.name={r.cfg.data.name!r}"
         )
-    settings = {**own, "cfg_scale": scale}
-
-    def generate(prompts: list[str], batch_seed: int) -> Tensor:
-        return to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
-
     prompts = shapes_prompts(r.cfg.data, num, seed)
     return compositional_score(
         generate,

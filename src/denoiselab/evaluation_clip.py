@@ -11,6 +11,7 @@ probe's ``acc_probe`` already measures class fidelity.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,10 +69,34 @@ def eval_prompts(
     return [data.caption(i) for i in picks], "captions of the data (seeded draw)"
 
 
+PromptGenerate = Callable[[list[str], int], Tensor]
+
+
+def prompt_generator(
+    r: Restored, own: dict[str, Any], scale: float, remember: bool = False
+) -> PromptGenerate:
+    """``generate(prompts, batch_seed) -> uint8 [B, 3, H, W]``: samples of text run ``r`` with
+    its sampler settings ``own`` at CFG scale ``scale``. ``remember``: keep every batch, so a
+    second metric over the same prompts and seeds (compositional and clipscore on shapes, both
+    scored on ``shapes_prompts``) reuses the samples instead of drawing them again."""
+    settings = {**own, "cfg_scale": scale}
+    drawn: dict[tuple[tuple[str, ...], int], Tensor] = {}
+
+    def generate(prompts: list[str], batch_seed: int) -> Tensor:
+        key = (tuple(prompts), batch_seed)
+        if key in drawn:
+            return drawn[key]
+        images = to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
+        if remember:
+            drawn[key] = images
+        return images
+
+    return generate
+
+
 def score_clipscore(
     r: Restored,
-    own: dict[str, Any],
-    scale: float,
+    generate: PromptGenerate,
     num: int,
     seed: int,
     scorer: Any,
@@ -79,13 +104,8 @@ def score_clipscore(
     prompts_file: str | None = None,
 ) -> dict[str, Any]:
     """CLIPScore of ``num`` samples of text run ``r`` (one per prompt of :func:`eval_prompts`),
-    drawn with the run's sampler settings ``own`` at CFG scale ``scale``."""
+    drawn by ``generate`` (:func:`prompt_generator`)."""
     from denoiselab.metrics.clipscore import clip_score
-
-    settings = {**own, "cfg_scale": scale}
-
-    def generate(prompts: list[str], batch_seed: int) -> Tensor:
-        return to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
 
     prompts, source = eval_prompts(r, num, seed, prompts_file)
     return {**clip_score(generate, prompts, scorer, batch=batch, seed=seed), "prompts": source}

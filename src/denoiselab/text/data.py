@@ -35,15 +35,16 @@ def resolve_text(model_cfg: Any, dataset: Any) -> Any:
     if text is None or text.resolved:
         return model_cfg
     if text.encoder == "words":
-        vocab, longest = (text.vocab, 0) if text.vocab else build_vocab(captions_of(dataset))
+        vocab, longest = text.vocab, text.max_len
+        if not vocab or not longest:  # one pass over the captions gives both
+            built, most = build_vocab(captions_of(dataset))
+            vocab, longest = vocab or built, longest or most
         if not vocab:
             raise ValueError("model.text: the data's captions hold no words")
-        if not text.max_len and not longest:
-            longest = build_vocab(captions_of(dataset))[1]
         text = replace(
             text,
             vocab=vocab,
-            max_len=text.max_len or longest,
+            max_len=longest,
             dim=text.dim or model_cfg.hidden_size,
         )
     else:
