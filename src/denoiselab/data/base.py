@@ -111,6 +111,16 @@ class ImageDataset(Dataset):
         whose words depend on the flip (``shapes`` says left or right); others ignore it."""
         return self.class_names[self[index][1]]
 
+    def mirrored(self, index: SupportsIndex, epoch: int | None) -> bool:
+        """Whether ``caption(index, epoch)`` describes the mirror image: ``get_item(index,
+        epoch)`` flipped it and this dataset's captions follow flips (no epoch: never)."""
+        return (
+            epoch is not None
+            and self.hflip
+            and self.captions_follow_flips
+            and flip_decision(self.seed, self._check_index(index), epoch)
+        )
+
     def caption_variant(self, index: SupportsIndex, mirrored: bool) -> str:
         """The caption of sample ``index`` un-flipped (``mirrored=False``) or mirrored, whatever
         ``hflip`` says: what a latent cache stores beside each flip variant. Datasets whose

@@ -145,9 +145,7 @@ class LatentDataset(ImageDataset):
 
     def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         """The caption of image ``index`` as ``get_item(index, epoch)`` shows it (module doc)."""
-        i = self._check_index(index)
-        mirrored = epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
-        return self.caption_variant(i, mirrored)
+        return self.caption_variant(index, self.mirrored(index, epoch))
 
     def available_extras(self) -> tuple[str, ...]:
         return ("teacher",) if self.manifest.teacher is not None else ()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from denoiselab.data.base import ImageDataset, flip_decision
+from denoiselab.data.base import ImageDataset
 from denoiselab.data.shapes_caption import (
     COLOUR_NAMES,
     POSITION_NAMES,
@@ -303,10 +303,7 @@ class ShapesDataset(ImageDataset):
     def words(self, index: SupportsIndex, epoch: int | None = None) -> dict[str, str]:
         """The attribute names of image ``index`` (keys of ``attribute_names``); with an
         ``epoch`` and ``hflip`` on, of the image as ``get_item(index, epoch)`` mirrors it."""
-        i = self._check_index(index)
-        return self._words(
-            i, epoch is not None and self.hflip and flip_decision(self.seed, i, epoch)
-        )
+        return self._words(self._check_index(index), self.mirrored(index, epoch))
 
     def _words(self, i: int, mirrored: bool) -> dict[str, str]:
         words = self.spec(i).words(with_position="position" in self.attribute_names)

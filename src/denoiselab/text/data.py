@@ -18,7 +18,7 @@ from typing import Any, SupportsIndex
 import numpy as np
 from torch import Tensor
 
-from denoiselab.data.base import ImageDataset, flip_decision
+from denoiselab.data.base import ImageDataset
 from denoiselab.text import Tokenizer, build_vocab, tokenizer_for
 
 
@@ -79,9 +79,8 @@ class CaptionTokens(ImageDataset):
     def get_item(self, index: SupportsIndex, epoch: int = 0) -> tuple[Any, ...]:
         image, _label, *extras = self.dataset.get_item(index, epoch)
         if self.embeddings is not None:  # model.text.cache: the stored encoder output
-            i, d = int(index), self.dataset
-            mirrored = d.hflip and d.captions_follow_flips and flip_decision(d.seed, i, epoch)
-            return (image, self.embeddings.get(i, mirrored), *extras)
+            mirrored = self.dataset.mirrored(index, epoch)
+            return (image, self.embeddings.get(int(index), mirrored), *extras)
         ids = self.tokenizer([self.dataset.caption(index, epoch)])[0]  # the image as flipped
         return (image, ids, *extras)
 
