@@ -173,7 +173,9 @@ def test_cache_resumes_finished_shards_and_refuses_a_changed_encoder(
     cache_latents(SHAPES16, ae, tmp_path, shard_size=16)
     calls = []
     real = cache_mod._encode_range
-    monkeypatch.setattr(cache_mod, "_encode_range", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(
+        cache_mod, "_encode_range", lambda *a, **k: calls.append(a) or real(*a, **k)
+    )
     cache_latents(SHAPES16, ae, tmp_path, shard_size=16)
     assert calls == []  # both shards reused
     other = tmp_path / "other_ae"

@@ -135,10 +135,9 @@ def cache_latents(
         tensors = _reuse(out / shard.file, meta)
         if tensors is None:
             tensors = _encode_range(
-                source, ae, shard, batch_size, flips, data.resolved_num_workers, teacher
-            )
-            if not captions["follow_flips"]:
-                tensors = {k_: v for k_, v in tensors.items() if not k_.startswith("caption_flip")}
+                source, ae, shard, batch_size, flips, data.resolved_num_workers, teacher,
+                follow_flips=captions["follow_flips"],
+            )  # fmt: skip
             tensors = {
                 k_: v.to(STORE_DTYPES[store_dtype]) if v.is_floating_point() else v
                 for k_, v in tensors.items()
@@ -194,12 +193,14 @@ def _encode_range(
     flips: bool,
     workers: int,
     teacher: ImageEncoder | None = None,
+    follow_flips: bool = False,
 ) -> dict[str, Tensor]:
     """``latents [n, c, h, w]``, ``latents_flip`` (if ``flips``), ``labels [n]`` and the packed
-    captions (``caption_*``, ``caption_flip_*``) of a shard, and with ``teacher`` its features
-    ``teacher [n, N_t, D_t]`` (and ``teacher_flip``)."""
+    captions (``caption_*``, and ``caption_flip_*`` where captions ``follow_flips``) of a
+    shard, and with ``teacher`` its features ``teacher [n, N_t, D_t]`` (and ``teacher_flip``)."""
     indices = range(shard.start, shard.start + shard.count)
-    loader = DataLoader(cap.WithCaptions(source, indices), batch_size=batch, num_workers=workers)
+    with_captions = cap.WithCaptions(source, indices, follow_flips)
+    loader = DataLoader(with_captions, batch_size=batch, num_workers=workers)
     parts: dict[str, list[Tensor]] = {}
     texts: dict[str, list[str]] = {"caption": [], "caption_flip": []}
     encoders = {"latents": ae.encode, "teacher": teacher} if teacher else {"latents": ae.encode}
@@ -213,7 +214,8 @@ def _encode_range(
         parts.setdefault("labels", []).append(torch.as_tensor(y, dtype=torch.long))
     out = {name: torch.cat(chunks) for name, chunks in parts.items()}
     for name, captions in texts.items():
-        out.update(cap.pack(captions, name))
+        if name == "caption" or follow_flips:
+            out.update(cap.pack(captions, name))
     return out
 
 

@@ -66,10 +66,11 @@ def caption_record(source: Any, flips: bool) -> dict[str, Any]:
 
 class WithCaptions(Dataset):
     """``source[i]`` as ``(image, label, caption, caption of the mirrored image)``, the
-    captions read after the image (module docstring)."""
+    captions read after the image (module docstring); the mirrored one only where
+    ``follow_flips`` (else ``""``: it would be the same caption, read twice)."""
 
-    def __init__(self, source: Any, indices: range) -> None:
-        self.source, self.indices = source, indices
+    def __init__(self, source: Any, indices: range, follow_flips: bool) -> None:
+        self.source, self.indices, self.follow_flips = source, indices, follow_flips
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -77,4 +78,5 @@ class WithCaptions(Dataset):
     def __getitem__(self, j: int) -> tuple[Tensor, int, str, str]:
         i = self.indices[j]
         x, y = self.source[i]
-        return x, y, self.source.caption_variant(i, False), self.source.caption_variant(i, True)
+        mirrored = self.source.caption_variant(i, True) if self.follow_flips else ""
+        return x, y, self.source.caption_variant(i, False), mirrored
