@@ -10,7 +10,14 @@ from torch import Tensor
 
 from denoiselab.models import AxialRoPE, apply_rope, axial_rope_angles, build_model
 from denoiselab.models import layers as layers_module
-from denoiselab.models.fused import complex_rope_applies, rms_norm, rope_complex
+from denoiselab.models.fused import (
+    attention,
+    complex_rope_applies,
+    explicit_attention_applies,
+    rms_norm,
+    rope_complex,
+    swiglu,
+)
 from denoiselab.models.layers import RMSNorm, modulate
 
 
@@ -119,7 +126,11 @@ def test_complex_rope_applies_only_to_cpu_float32_whole_vectors() -> None:
     assert not complex_rope_applies(x.double())
     assert not complex_rope_applies(torch.randn(2, 3, 5, 16))  # rows not whole vectors
     assert not complex_rope_applies(torch.randn(2, 3, 5, 64, device="meta"))
-    assert not complex_rope_applies(torch.randn(2, 3, 5, 65)[..., 1:])  # odd storage offset
+    # pairs that cannot be viewed as complex in place (odd storage offset) are copied first
+    odd = torch.randn(2, 3, 5, 65)[..., 1:]
+    assert odd.storage_offset() % 2 == 1 and complex_rope_applies(odd)
+    cos, sin = torch.rand(5, 32), torch.rand(5, 32)
+    torch.testing.assert_close(rope_complex(odd, cos, sin), apply_rope(odd, cos, sin))
 
 
 def test_axial_rope_takes_the_complex_path_when_it_applies(monkeypatch) -> None:
@@ -157,3 +168,106 @@ def test_modulate_and_gated_residual_match_their_formulas() -> None:
         )
         ref = ref + g2[:, None] * block.mlp(block.norm2(ref) * (1 + sc2[:, None]) + s2[:, None])
         torch.testing.assert_close(block(h, c, model.rope), ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+def test_swiglu_forward_is_the_plain_formula_and_its_backward_is_exact() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x12 = torch.randn(4, 9, 2 * 24, generator=gen) * 2
+    g = torch.randn(4, 9, 24, generator=gen)
+    x1, x2 = x12.chunk(2, dim=-1)
+    assert torch.equal(swiglu(x12), torch.nn.functional.silu(x1) * x2)
+    x = x12.clone().requires_grad_()
+    swiglu(x).backward(g)
+    x64 = x12.double().requires_grad_()
+    a, b = x64.chunk(2, dim=-1)
+    (torch.nn.functional.silu(a) * b).backward(g.double())
+    assert _rel(x.grad, x64.grad) < 1e-6
+    # swapping the halves' gradients (the easy mistake) is far outside that tolerance
+    assert _rel(torch.cat(x.grad.chunk(2, dim=-1)[::-1], dim=-1), x64.grad) > 0.5
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _qkv(n_q: int, n_k: int, seed: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, n_q, 32, generator=gen)
+    k, v = torch.randn(2, 3, n_k, 32, generator=gen), torch.randn(2, 3, n_k, 32, generator=gen)
+    return q, k, v
+
+
+def test_explicit_attention_equals_sdpa_forward_and_backward() -> None:
+    q, k, v = _qkv(20, 20)
+    # v as the JiT attention splits it from a fused projection: heads interleaved
+    v = torch.randn(2, 20, 3, 3, 32).unbind(2)[2].transpose(1, 2)
+    assert explicit_attention_applies(q, k, None)
+    g = torch.randn(q.shape)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*ins)
+    out.backward(g)
+    ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_ins)
+    ref.backward(g.double())
+    assert _rel(out, ref) < 1e-6
+    for mine, theirs in zip(ins, ref_ins, strict=True):
+        assert _rel(mine.grad, theirs.grad) < 1e-5
+
+
+def test_attention_takes_the_explicit_product_only_where_it_applies(monkeypatch) -> None:
+    from denoiselab.models import fused
+
+    calls: list[int] = []
+    real = fused._short_attention
+    monkeypatch.setattr(fused, "_short_attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv(8, fused.SHORT_KEYS)
+    fused.attention(q, k, v)
+    assert calls == [1]
+    mask = torch.ones(2, 1, 1, fused.SHORT_KEYS, dtype=torch.bool)
+    fused.attention(q, k, v, mask)  # masked: SDPA
+    fused.attention(q.double(), k.double(), v.double())  # not float32: SDPA
+    q, k, v = _qkv(8, fused.SHORT_KEYS + 1)
+    fused.attention(q, k, v)  # many keys: SDPA's tiled kernel
+    assert calls == [1]
+
+
+def test_the_opaque_operators_pass_torch_library_opcheck() -> None:
+    """Schema, fake (meta) kernels, autograd registration and AOT tracing of the custom
+    operators that ``torch.compile`` sees; a fake kernel with other strides than the real
+    one fails here (and in inductor's stride assertions)."""
+    q, k, v = _qkv(10, 10)
+    v = torch.randn(2, 10, 3, 3, 32).unbind(2)[2].transpose(1, 2)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.denoiselab.short_attention.default, tuple(ins))
+    x = torch.randn(2, 10, 3, 3, 32).unbind(2)[0].transpose(1, 2).requires_grad_()
+    cos, sin = torch.rand(10, 16), torch.rand(10, 16)
+    torch.library.opcheck(torch.ops.denoiselab.rope_rotate.default, (x, cos, sin))
+
+
+def test_compiled_training_step_matches_eager_through_the_custom_operators() -> None:
+    """The network under AOT autograd (what inductor compiles, without code generation):
+    same loss and gradients as eager, RoPE and attention as opaque operators."""
+    torch._dynamo.reset()
+    model = build_model("JiT-Micro")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    cfg = model.config
+    z = torch.randn(3, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    t, y = torch.rand(3, generator=gen), torch.tensor([0, 1, 2])
+    assert cfg.head_dim % 32 == 0  # the complex RoPE and explicit attention apply
+
+    def grads(net) -> tuple[Tensor, list[Tensor]]:
+        model.zero_grad()
+        out = net(z, t, y)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_e, g_e = grads(model)
+    out_c, g_c = grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_c, g_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

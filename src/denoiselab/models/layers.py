@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import complex_rope_applies, rms_norm, rope_complex
+from .fused import attention, complex_rope_applies, rms_norm, rope_complex, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -53,8 +53,11 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.drop(F.silu(x1) * x2))
+        x12 = self.w12(x)
+        if torch.compiler.is_compiling():
+            x1, x2 = x12.chunk(2, dim=-1)
+            return self.w3(self.drop(F.silu(x1) * x2))
+        return self.w3(self.drop(swiglu(x12)))  # same output, a cheaper backward
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
@@ -114,13 +117,14 @@ class AxialRoPE(nn.Module):
     The tables are built once, full width, as non-persistent buffers [num_prefix + grid²,
     head_dim]: ``cos`` holds each pair's cosine twice, ``sin`` holds ``(−sin, +sin)``, and
     the rotation is ``x·cos + swap_pairs(x)·sin``, equal to :func:`apply_rope` bit for bit.
-    Under ``torch.compile`` the pair swap is an exact matmul with :func:`pair_swap_matrix`
-    instead of strided indexing: compiled kernels then stay contiguous and vectorise (with the
-    strided form, inductor fused the qk-norm weight gradient into a scalar reduction that took
-    ~16 % of a compiled JiT-T/4 training step on CPU). Eager mode keeps the index form, so the
-    model's dense-op FLOPs stay exactly those that ``forward_macs`` counts; in float32 on the
-    CPU it is one complex product instead (:func:`~denoiselab.models.fused.rope_complex`,
-    ~4× faster forward + backward than the index form).
+    In float32 on the CPU the rotation is one complex product
+    (:func:`~denoiselab.models.fused.rope_complex`, ~4× faster forward + backward than the
+    index form), an opaque operator also under ``torch.compile``: traced, its pair swap was
+    either strided indexing (inductor then fused the qk-norm weight gradient into a scalar
+    reduction, ~16 % of a compiled JiT-T/4 step) or an exact matmul with
+    :func:`pair_swap_matrix` (~3 %). Elsewhere eager mode keeps the index form, so the
+    model's dense-op FLOPs stay exactly those that ``forward_macs`` counts, and compiled code
+    the matmul.
     """
 
     def __init__(self, head_dim: int, grid: int, num_prefix: int = 0) -> None:
@@ -141,10 +145,10 @@ class AxialRoPE(nn.Module):
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """``x·cos + swap_pairs(x)·sin`` for tables laid out like ``self.cos``/``self.sin``
         (rows of them, e.g. gathered per sample as [B, 1, N′, head_dim] by token routing)."""
+        if complex_rope_applies(x):
+            return rope_complex(x, cos[..., ::2], sin[..., 1::2])
         if torch.compiler.is_compiling():
             swapped = F.linear(x, self.swap.to(x.dtype))  # S is symmetric: x @ Sᵀ = x @ S
-        elif complex_rope_applies(x):
-            return rope_complex(x, cos[..., ::2], sin[..., 1::2])
         else:
             swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
@@ -156,7 +160,8 @@ class AxialRoPE(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with optional per-head RMSNorm qk-norm and RoPE (§4.4).
 
-    Uses ``F.scaled_dot_product_attention``; ``dropout`` acts on the output projection
+    Uses :func:`~denoiselab.models.fused.attention` (SDPA, or the explicit product for few
+    keys on the CPU); ``dropout`` acts on the output projection
     (Appendix A). x: [B, N, dim] -> [B, N, dim].
     """
 
@@ -179,11 +184,14 @@ class Attention(nn.Module):
         (padding of text tokens is False)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
+        # split at dim 2, then transpose: the backward stacks the three gradients straight
+        # into the [B, N, 3, heads, head_dim] layout of qkv (unbinding a permuted view would
+        # stack them elsewhere and copy the whole gradient once more)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, N, head_dim]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.drop(self.proj(out))
 

@@ -23,11 +23,11 @@ tree (not in ``state_dict``, not trained), loaded by :func:`attach_encoder`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from denoiselab.text.config import TextConfig
 
+from .fused import attention
 from .jit import JiT, JiTBlock, JiTConfig, _check_input
 from .layers import AxialRoPE, RMSNorm, modulate
 
@@ -128,7 +128,7 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).reshape(b, n, h, d // h).transpose(1, 2)
         k, v = self.kv(ctx).reshape(b, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        out = attention(self.q_norm(q), self.k_norm(k), v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
