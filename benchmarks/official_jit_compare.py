@@ -56,7 +56,9 @@ from denoiselab.train.allocator import applied, retain_freed_memory
 from denoiselab.train.config import EMAConfig
 
 MODEL = "JiT-T/4"
-VARIANTS = ("official-eager", "official-compile", "ours-eager", "ours-compile")
+VARIANTS = ("official-eager", "official-compile", "ours-eager", "ours-compile", "ours-autotune")
+# ours-autotune: ``train.compile_mode: max-autotune-no-cudagraphs`` (inductor also times its
+# own C++ GEMM templates against the library's; minutes of compile time)
 EMA_DECAYS = (0.9999, 0.9996)  # the official code's ema_decay1, ema_decay2
 
 
@@ -178,8 +180,11 @@ class OursStep:
     """One call = ``Trainer.train_step`` (as ``denoiselab bench`` times it) + the loop's
     per-step finiteness bookkeeping; two EMA decays like the official code."""
 
-    def __init__(self, batch: int, compiled: bool, device, run_dir: Path) -> None:
-        cfg = bench_train_config(MODEL, None, batch, "fp32", compiled, str(device))
+    def __init__(self, batch: int, mode: str, device, run_dir: Path) -> None:
+        compile_mode = "max-autotune-no-cudagraphs" if mode == "autotune" else "default"
+        cfg = bench_train_config(
+            MODEL, None, batch, "fp32", mode != "eager", str(device), compile_mode=compile_mode
+        )
         cfg = dataclasses.replace(cfg, ema=EMAConfig(decays=EMA_DECAYS))
         self.work = TrainWorkload.build(cfg, run_dir)
         _nudge(self.work.trainer.model)
@@ -201,7 +206,7 @@ def _build(name: str, denoiser, batch: int, device, run_dir: Path) -> Callable[[
     side, mode = name.split("-")
     if side == "official":
         return OfficialStep(denoiser, batch, mode == "compile", device)
-    return OursStep(batch, mode == "compile", device, run_dir / name)
+    return OursStep(batch, mode, device, run_dir / name)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}

@@ -165,11 +165,12 @@ _rope_rotate.register_autograd(_rope_rotate_grad, setup_context=_setup_rope_rota
 
 SHORT_KEYS = 128
 """Most keys for which :func:`attention` takes the explicit product on the CPU. Forward +
-backward of one JiT-T/4 attention (batch 64, 3 heads of 64; 2 threads, AVX-512), ms:
+backward of one JiT-T/4 attention (batch 64, 3 heads of 64; 2 threads, AVX-512), ms
+(``benchmarks/attention_kernels.py``, BENCHMARKS.md):
 
-    keys             64     72     96    128    144    256    576
-    SDPA (flash)   10.5   15.2   20.8   29.5   39.0   84.8    426
-    explicit        8.0   10.4   19.2   30.6   35.0    165    787
+    keys             64     72     96    128    160    192    256    576
+    SDPA (flash)   12.2   13.4   18.6   28.3   42.8   51.5   84.7    420
+    explicit       10.1    9.9   14.8   28.1   43.1   62.7    151    781
 
 Beyond ~150 keys the N×N score matrix leaves the cache and the tiled flash kernel wins."""
 
