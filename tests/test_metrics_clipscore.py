@@ -291,17 +291,67 @@ def test_prompt_generator_samples_a_batch_once_when_asked_to_remember() -> None:
 
     calls = []
 
-    class Run:  # the one method prompt_generator uses
+    class Run:  # a run whose sample_prompts prompt_generator calls
         def sample_prompts(self, prompts, seed, **settings):
             calls.append((tuple(prompts), seed, settings["cfg_scale"]))
             return torch.linspace(-1, 1, len(prompts) * 48).view(len(prompts), 3, 4, 4)
 
     own = {"steps": 2}
-    once = prompt_generator(Run(), own, 2.0, remember=True)
+    once = prompt_generator(Run().sample_prompts, own, 2.0, remember=True)
     a, b = once(["x", "y"], 7), once(["x", "y"], 7)
     assert torch.equal(a, b) and a.dtype == torch.uint8 and calls == [(("x", "y"), 7, 2.0)]
     once(["x", "y"], 8)  # another seed: drawn
     assert len(calls) == 2
-    fresh = prompt_generator(Run(), own, 2.0)
+    fresh = prompt_generator(Run().sample_prompts, own, 2.0)
     fresh(["x"], 1), fresh(["x"], 1)
     assert len(calls) == 4  # without remember every call samples
+
+
+def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_clip, monkeypatch):
+    """``eval --metrics cmmd,clipscore`` with one ``--clip``: the weights are read once (the
+    whole CLIPModel; CMMD embeds with its vision tower) and both values, and CMMD's extractor
+    record (a reference-cache key), are those of each metric computed alone."""
+    import denoiselab.metrics.clipscore as clipscore_module
+    import denoiselab.metrics.extractors as extractors_module
+    from denoiselab.cli import main
+    from denoiselab.encoders.hf import load_pretrained
+    from denoiselab.metrics import load_clip, load_clip_scorer
+    from denoiselab.train.loop import train
+
+    from .test_text_train import text_cfg
+
+    path, _ = tiny_clip
+    images = _images(5, 20, seed=3)  # not the tower's size: the resize is part of the features
+    shared = load_clip_scorer(path).image_embedder()
+    assert torch.equal(shared(images), load_clip(path)(images))
+    assert shared.preprocessing == load_clip(path).preprocessing
+
+    loads = []
+
+    def counting(model_path, class_name, *args, **kwargs):
+        loads.append(class_name)
+        return load_pretrained(model_path, class_name, *args, **kwargs)
+
+    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
+    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    run = train(text_cfg(), tmp_path / "run", quiet=True)
+
+    def evaluate(metrics: str) -> tuple[dict, list[str]]:
+        loads.clear()
+        out = tmp_path / metrics.replace(",", "_")
+        argv = ["eval", str(run), "--metrics", metrics, "--clip", str(path), "--num", "6",
+                "--batch", "4", "--steps", "2", "--ema", "0.99", "--cache-dir",
+                str(out / "cache"), "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads((out / "eval.json").read_text()), list(loads)
+
+    cmmd, cmmd_loads = evaluate("cmmd")
+    score, score_loads = evaluate("clipscore")
+    both, both_loads = evaluate("cmmd,clipscore")
+    assert cmmd_loads == ["CLIPVisionModelWithProjection"] and score_loads == ["CLIPModel"]
+    assert both_loads == ["CLIPModel"]
+    for key in ("cmmd", "cmmd_unbiased"):
+        assert both["metrics"][key] == cmmd["metrics"][key]
+    for key in ("clipscore", "clipscore_cos100"):
+        assert both["metrics"][key] == score["metrics"][key]
+    assert both["extractors"]["clip"] == cmmd["extractors"]["clip"]
