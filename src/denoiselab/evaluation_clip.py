@@ -21,8 +21,9 @@ from torch import Tensor
 
 from denoiselab.metrics import to_uint8
 from denoiselab.train.build import Restored
+from denoiselab.train.config import CLIPSCORE
 
-CLIPSCORE = "clipscore"
+__all__ = ["CLIPSCORE", "eval_prompts", "prompt_generator", "score_clipscore"]
 
 
 def check_clipscore_run(r: Restored, run: str) -> None:
