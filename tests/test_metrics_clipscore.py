@@ -291,17 +291,158 @@ def test_prompt_generator_samples_a_batch_once_when_asked_to_remember() -> None:
 
     calls = []
 
-    class Run:  # the one method prompt_generator uses
+    class Run:  # a run whose sample_prompts prompt_generator calls
         def sample_prompts(self, prompts, seed, **settings):
             calls.append((tuple(prompts), seed, settings["cfg_scale"]))
             return torch.linspace(-1, 1, len(prompts) * 48).view(len(prompts), 3, 4, 4)
 
     own = {"steps": 2}
-    once = prompt_generator(Run(), own, 2.0, remember=True)
+    once = prompt_generator(Run().sample_prompts, own, 2.0, remember=True)
     a, b = once(["x", "y"], 7), once(["x", "y"], 7)
     assert torch.equal(a, b) and a.dtype == torch.uint8 and calls == [(("x", "y"), 7, 2.0)]
     once(["x", "y"], 8)  # another seed: drawn
     assert len(calls) == 2
-    fresh = prompt_generator(Run(), own, 2.0)
+    fresh = prompt_generator(Run().sample_prompts, own, 2.0)
     fresh(["x"], 1), fresh(["x"], 1)
     assert len(calls) == 4  # without remember every call samples
+
+
+def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_clip, monkeypatch):
+    """``eval --metrics cmmd,clipscore`` with one ``--clip``: the weights are read once (the
+    whole CLIPModel; CMMD embeds with its vision tower) and both values, and CMMD's extractor
+    record (a reference-cache key), are those of each metric computed alone."""
+    import denoiselab.metrics.clipscore as clipscore_module
+    import denoiselab.metrics.extractors as extractors_module
+    from denoiselab.cli import main
+    from denoiselab.encoders.hf import load_pretrained
+    from denoiselab.metrics import load_clip, load_clip_scorer
+    from denoiselab.train.loop import train
+
+    from .test_text_train import text_cfg
+
+    path, _ = tiny_clip
+    images = _images(5, 20, seed=3)  # not the tower's size: the resize is part of the features
+    shared = load_clip_scorer(path).image_embedder()
+    assert torch.equal(shared(images), load_clip(path)(images))
+    assert shared.preprocessing == load_clip(path).preprocessing
+
+    loads = []
+
+    def counting(model_path, class_name, *args, **kwargs):
+        loads.append(class_name)
+        return load_pretrained(model_path, class_name, *args, **kwargs)
+
+    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
+    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    run = train(text_cfg(), tmp_path / "run", quiet=True)
+
+    def evaluate(metrics: str) -> tuple[dict, list[str]]:
+        loads.clear()
+        out = tmp_path / metrics.replace(",", "_")
+        argv = ["eval", str(run), "--metrics", metrics, "--clip", str(path), "--num", "6",
+                "--batch", "4", "--steps", "2", "--ema", "0.99", "--cache-dir",
+                str(out / "cache"), "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads((out / "eval.json").read_text()), list(loads)
+
+    cmmd, cmmd_loads = evaluate("cmmd")
+    score, score_loads = evaluate("clipscore")
+    both, both_loads = evaluate("cmmd,clipscore")
+    assert cmmd_loads == ["CLIPVisionModelWithProjection"] and score_loads == ["CLIPModel"]
+    assert both_loads == ["CLIPModel"]
+    for key in ("cmmd", "cmmd_unbiased"):
+        assert both["metrics"][key] == cmmd["metrics"][key]
+    for key in ("clipscore", "clipscore_cos100"):
+        assert both["metrics"][key] == score["metrics"][key]
+    assert both["extractors"]["clip"] == cmmd["extractors"]["clip"]
+
+
+def test_periodic_clipscore_of_a_text_run_equals_eval_of_its_checkpoint(
+    tmp_path, tiny_clip, monkeypatch
+):
+    """``eval.metrics: [clipscore, cmmd]`` with ``eval.clip`` during training: the run's eval
+    row holds finite values equal to ``denoiselab eval`` of the checkpoint written at the same
+    step (same EMA, prompts, sampler, samples and seed), and the CLIP is loaded once per
+    evaluation."""
+    import math
+
+    import denoiselab.metrics.clipscore as clipscore_module
+    import denoiselab.metrics.extractors as extractors_module
+    from denoiselab.cli import main
+    from denoiselab.encoders.hf import load_pretrained
+    from denoiselab.train.loop import train
+    from denoiselab.train.run import read_metrics
+
+    from .test_text_train import text_cfg
+
+    path, _ = tiny_clip
+    loads = []
+
+    def counting(model_path, class_name, *args, **kwargs):
+        loads.append(class_name)
+        return load_pretrained(model_path, class_name, *args, **kwargs)
+
+    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
+    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    cache = tmp_path / "cache"
+    cfg = text_cfg(**{"eval.every_nimg": 64, "eval.metrics": "[clipscore, cmmd]", "eval.num": 6,
+                      "eval.batch": 4, "eval.steps": 2, "eval.ema": 0.99, "eval.seed": 3,
+                      "eval.clip": str(path), "eval.cache_dir": str(cache)})  # fmt: skip
+    run = train(cfg, tmp_path / "run", quiet=True)
+    assert loads == ["CLIPModel"]  # one evaluation (the end of the run), one load
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "eval/clipscore" in r]
+    assert len(rows) == 1 and rows[0]["step"] == cfg.steps()
+    logged = rows[0]
+    assert all(
+        math.isfinite(logged[f"eval/{k}"]) for k in ("clipscore", "clipscore_cos100", "cmmd")
+    )
+    argv = ["eval", str(run), "--metrics", "clipscore,cmmd", "--clip", str(path), "--num", "6",
+            "--batch", "4", "--steps", "2", "--ema", "0.99", "--seed", "3", "--cache-dir",
+            str(cache), "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert got["step"] == logged["step"]
+    for key in ("clipscore", "clipscore_cos100", "cmmd"):
+        assert logged[f"eval/{key}"] == got["metrics"][key], key
+
+
+def test_periodic_clipscore_config_errors_name_the_key(tmp_path, tiny_clip):
+    """A class run listing clipscore is refused when the config is built; a text run's
+    ``eval.clip`` that is missing, not a whole CLIP, or unset with nothing in the cache is a
+    ConfigError before the first step (nothing written)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from denoiselab.config import ConfigError
+    from denoiselab.train.loop import train
+
+    from .test_text_train import text_cfg
+    from .test_train import tiny
+
+    refused = "'clipscore', which scores samples against their prompts: this is a class-conditional"
+    with pytest.raises(ConfigError, match=refused):
+        tiny(**{"eval.metrics": "[clipscore]"})
+    with pytest.raises(ConfigError, match=r"eval.metrics has \['nope'\]; valid: .*clipscore"):
+        text_cfg(**{"eval.metrics": "[nope]"})
+    vision = tmp_path / "vision"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=8, intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)).save_pretrained(vision)  # fmt: skip
+    base = {"eval.every_nimg": 32, "eval.metrics": "[clipscore]", "eval.cache_dir": str(tmp_path / "c")}  # fmt: skip
+    need = "clipscore needs a local directory with a whole CLIP"
+    cases = {
+        str(tmp_path / "none"): rf"eval.clip '.*none': no config.json there; {need}",
+        str(vision): r"eval.clip '.*vision' holds a 'clip_vision_model' model",
+        None: r"'clipscore', which needs eval.clip: a local directory with a whole CLIP",
+    }
+    for clip, message in cases.items():
+        cfg = text_cfg(**base, **({"eval.clip": clip} if clip else {}))
+        out = tmp_path / f"run{len(clip or '')}"
+        with pytest.raises(ConfigError, match=message):
+            train(cfg, out, quiet=True)
+        assert not list(out.glob("*.safetensors"))
+    # the cache's default place serves when eval.clip is unset
+    import shutil
+
+    shutil.copytree(tiny_clip[0], tmp_path / "c" / "extractors" / "clip-vit-large-patch14-336")
+    from denoiselab.train.periodic import check_eval_ready
+
+    check_eval_ready(text_cfg(**base))

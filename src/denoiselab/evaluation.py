@@ -145,13 +145,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"metrics": {}}
         # both text metrics on shapes score the same held-out prompts and seeds: sample once
         both = compositional and clipscore and args.prompts is None
-        generate = prompt_generator(r, own, scale, remember=both) if r.is_text else None
+        generate = prompt_generator(r.sample_prompts, own, scale, both) if r.is_text else None
         if compositional:
             out["compositional"] = score_compositional(r, generate, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
         if clipscore:
             out[CLIPSCORE] = score_clipscore(
-                r, generate, num, seed, scorer, args.batch, args.prompts
+                r.cfg.data, generate, num, seed, scorer, args.batch, args.prompts
             )
             out["metrics"].update(out[CLIPSCORE]["metrics"])
         if not metrics:
@@ -181,6 +181,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             inception_resize=args.fid_resize,
             num_ref=args.num_ref,
             reference_files={"inception": args.ref_stats} if args.ref_stats else None,
+            # cmmd reads the clipscore model's vision tower: the weights are loaded once
+            extractors={"clip": scorer.image_embedder()} if scorer is not None else None,
         )
         registry["metrics"].update(out["metrics"])
         if r.is_text:  # the label-keyed generator samples each label from a caption

@@ -3,7 +3,9 @@ CLIPScore (:mod:`denoiselab.metrics.clipscore`) from the local CLIP of ``--clip`
 
 ``--clip`` serves both CMMD and CLIPScore: the directory a user downloads
 (openai/clip-vit-large-patch14-336) holds both towers and the tokenizer, and CMMD reads
-only its vision tower. Class-conditional runs are refused rather than prompted with their
+only its vision tower — from the scorer's model when both run (one load). Periodic evaluation
+during training (``eval.metrics: [clipscore]``, ``eval.clip``) scores the same prompts
+through the same functions. Class-conditional runs are refused rather than prompted with their
 class names: imagefolder class names are folder names (``n01440764``), not captions, and the
 probe's ``acc_probe`` already measures class fidelity.
 """
@@ -19,8 +21,9 @@ from torch import Tensor
 
 from denoiselab.metrics import to_uint8
 from denoiselab.train.build import Restored
+from denoiselab.train.config import CLIPSCORE
 
-CLIPSCORE = "clipscore"
+__all__ = ["CLIPSCORE", "eval_prompts", "prompt_generator", "score_clipscore"]
 
 
 def check_clipscore_run(r: Restored, run: str) -> None:
@@ -45,9 +48,10 @@ def check_acc_probe_run(r: Restored, metrics: list[str]) -> None:
 
 
 def eval_prompts(
-    r: Restored, num: int, seed: int, prompts_file: str | None = None
+    data_cfg: Any, num: int, seed: int, prompts_file: str | None = None
 ) -> tuple[list[str], str]:
-    """``num`` prompts to score a text run on, and where they come from: ``prompts_file`` (one
+    """``num`` prompts to score a text run on data ``data_cfg`` (the run's ``cfg.data``), and
+    where they come from: ``prompts_file`` (one
     a line, cycled to ``num``), else on ``shapes`` the held-out prompts of
     :func:`~denoiselab.metrics.shapes_prompts` (scenes no training index reaches), else the
     captions of ``num`` images of the data drawn with ``seed``."""
@@ -56,14 +60,14 @@ def eval_prompts(
 
         lines = read_prompt_file(prompts_file)
         return list(itertools.islice(itertools.cycle(lines), num)), f"file {prompts_file}"
-    if r.cfg.data.name == "shapes":
+    if data_cfg.name == "shapes":
         from denoiselab.metrics import shapes_prompts
 
-        texts = [p.prompt for p in shapes_prompts(r.cfg.data, num, seed)]
+        texts = [p.prompt for p in shapes_prompts(data_cfg, num, seed)]
         return texts, "shapes_prompts (held-out scenes of the caption grammar)"
     from denoiselab.data import build_dataset
 
-    data = build_dataset(r.cfg.data)
+    data = build_dataset(data_cfg)
     order = np.random.default_rng((0xC119, seed)).permutation(len(data))
     picks = [int(order[k % len(order)]) for k in range(num)]
     return [data.caption(i) for i in picks], "captions of the data (seeded draw)"
@@ -73,10 +77,14 @@ PromptGenerate = Callable[[list[str], int], Tensor]
 
 
 def prompt_generator(
-    r: Restored, own: dict[str, Any], scale: float, remember: bool = False
+    sample_prompts: Callable[..., Tensor],
+    own: dict[str, Any],
+    scale: float,
+    remember: bool = False,
 ) -> PromptGenerate:
-    """``generate(prompts, batch_seed) -> uint8 [B, 3, H, W]``: samples of text run ``r`` with
-    its sampler settings ``own`` at CFG scale ``scale``. ``remember``: keep every batch, so a
+    """``generate(prompts, batch_seed) -> uint8 [B, 3, H, W]``: samples of a text run drawn by
+    ``sample_prompts(prompts, seed, **settings)`` (``Restored.sample_prompts``, a training
+    ``PromptSampler.prompts``) with sampler settings ``own`` at CFG scale ``scale``. ``remember``: keep every batch, so a
     second metric over the same prompts and seeds (compositional and clipscore on shapes, both
     scored on ``shapes_prompts``) reuses the samples instead of drawing them again."""
     settings = {**own, "cfg_scale": scale}
@@ -86,7 +94,7 @@ def prompt_generator(
         key = (tuple(prompts), batch_seed)
         if key in drawn:
             return drawn[key]
-        images = to_uint8(r.sample_prompts(list(prompts), batch_seed, **settings).cpu())
+        images = to_uint8(sample_prompts(list(prompts), batch_seed, **settings).cpu())
         if remember:
             drawn[key] = images
         return images
@@ -95,7 +103,7 @@ def prompt_generator(
 
 
 def score_clipscore(
-    r: Restored,
+    data_cfg: Any,
     generate: PromptGenerate,
     num: int,
     seed: int,
@@ -103,9 +111,9 @@ def score_clipscore(
     batch: int,
     prompts_file: str | None = None,
 ) -> dict[str, Any]:
-    """CLIPScore of ``num`` samples of text run ``r`` (one per prompt of :func:`eval_prompts`),
-    drawn by ``generate`` (:func:`prompt_generator`)."""
+    """CLIPScore of ``num`` samples of a text run on data ``data_cfg`` (one per prompt of
+    :func:`eval_prompts`), drawn by ``generate`` (:func:`prompt_generator`)."""
     from denoiselab.metrics.clipscore import clip_score
 
-    prompts, source = eval_prompts(r, num, seed, prompts_file)
+    prompts, source = eval_prompts(data_cfg, num, seed, prompts_file)
     return {**clip_score(generate, prompts, scorer, batch=batch, seed=seed), "prompts": source}

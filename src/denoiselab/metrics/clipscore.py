@@ -17,6 +17,10 @@ tower's ``image_size`` (PIL-style bicubic, as the CMMD extractor), scaled to ``[
 normalised with the directory's ``preprocessor_config.json`` mean/std (else CLIP's); prompts
 are tokenised by the directory's tokenizer.json, truncated (with a warning) to the text tower's
 ``max_position_embeddings`` (77 for OpenAI CLIP). Weights load only as safetensors.
+
+CMMD reads the same directory's vision tower (:func:`~.extractors.load_clip`): where both
+metrics run, :meth:`CLIPScorer.image_embedder` serves CMMD from the loaded scorer, so the
+weights are read once and the embeddings are the same numbers.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD
 from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
 
 from .evaluate import batch_seed
-from .extractors import MissingExtractorError, PixelNorm
+from .extractors import MissingExtractorError, PixelNorm, embedder_preprocessing
 from .images import check_uint8_images, ensure_rgb
 
-__all__ = ["CLIPScorer", "clip_score", "clipscore_values", "load_clip_scorer"]
+__all__ = ["CLIPScorer", "check_clip_dir", "clip_score", "clipscore_values", "load_clip_scorer"]
 
 HESSEL_W = 2.5  # Hessel et al. 2021: rescales the cosines of real captions to about [0, 1]
 PromptGenerate = Callable[[list[str], int], Tensor]
@@ -118,6 +122,74 @@ class CLIPScorer:
         ).pooler_output
         return self.model.text_projection(pooled).float().cpu()
 
+    def image_embedder(self) -> ScorerImageEmbedder:
+        """CMMD's CLIP extractor on this scorer's vision tower (no second copy of the weights)."""
+        return ScorerImageEmbedder(self)
+
+
+class ScorerImageEmbedder:
+    """What :func:`~.extractors.load_clip` gives CMMD, served by a loaded :class:`CLIPScorer`:
+    ``uint8 [B, 3, H, W] -> image_embeds float32 [B, D]``.
+
+    ``CLIPVisionModelWithProjection`` (load_clip's class) computes
+    ``visual_projection(vision_model(x).pooler_output)`` with the vision tower and projection
+    of the same checkpoint, which is :meth:`CLIPScorer.images` on the same pixels (same
+    ``image_size``, resize and mean/std): the same features, so ``name``, ``weights_id`` and
+    ``preprocessing`` are load_clip's too and cached reference statistics stay valid.
+    """
+
+    def __init__(self, scorer: CLIPScorer) -> None:
+        self.scorer, self.name, self.weights_id = scorer, scorer.name, scorer.weights_id
+        self.preprocessing = embedder_preprocessing(
+            "CLIPVisionModelWithProjection", scorer.pixels, "image_embeds"
+        )
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.scorer.images(images)
+
+
+def check_clip_dir(model_dir: str | Path | None, flag: str = "--clip") -> Path:
+    """``model_dir`` as a path if it holds what :func:`load_clip_scorer` needs (a
+    ``config.json`` with ``model_type: clip`` and a ``tokenizer.json``; the weights are read
+    by the loader), else a :class:`MissingExtractorError` naming ``flag`` and what is needed.
+    Reads no weights: a config check before a run starts."""
+    path = _checked_dir(model_dir, flag)
+    if not (path / "tokenizer.json").is_file():
+        raise MissingExtractorError(_no_tokenizer(path, flag))
+    return path
+
+
+_NEED = (
+    "a local directory with a whole CLIP (config.json with model_type 'clip', "
+    "model.safetensors, tokenizer.json), e.g. `huggingface-cli download "
+    "openai/clip-vit-large-patch14-336 --local-dir DIR`"
+)
+
+
+def _no_tokenizer(path: Path, flag: str) -> str:
+    return (
+        f"{flag} {str(path)!r}: no usable CLIP tokenizer there (no tokenizer.json; "
+        f"denoiselab reads tokenizers only from that file); clipscore needs {_NEED}"
+    )
+
+
+def _checked_dir(model_dir: str | Path | None, flag: str) -> Path:
+    """The directory of a whole CLIP (``config.json``, ``model_type: clip``), else a named error."""
+    if model_dir is None:
+        raise MissingExtractorError(f"clipscore needs {flag} DIR: {_NEED}")
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise MissingExtractorError(
+            f"{flag} {str(path)!r}: no config.json there; clipscore needs {_NEED}"
+        )
+    model_type = read_model_type(path)
+    if model_type != "clip":
+        raise MissingExtractorError(
+            f"{flag} {str(path)!r} holds a {model_type!r} model; clipscore needs both CLIP "
+            f"towers (model_type 'clip', as CLIPModel saves it): {_NEED}"
+        )
+    return path
+
 
 def load_clip_scorer(
     model_dir: str | Path | None, device: str | torch.device = "cpu", flag: str = "--clip"
@@ -125,26 +197,9 @@ def load_clip_scorer(
     """A :class:`CLIPScorer` from a local directory holding a whole ``CLIPModel``
     (``model_type: clip``: both towers) and its tokenizer, e.g. openai/clip-vit-large-patch14
     or -336. ``flag`` names where the path came from in errors."""
-    need = (
-        "a local directory with a whole CLIP (config.json with model_type 'clip', "
-        "model.safetensors, tokenizer.json), e.g. `huggingface-cli download "
-        "openai/clip-vit-large-patch14-336 --local-dir DIR`"
-    )
-    if model_dir is None:
-        raise MissingExtractorError(f"clipscore needs {flag} DIR: {need}")
-    path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise MissingExtractorError(
-            f"{flag} {str(path)!r}: no config.json there; clipscore needs {need}"
-        )
-    model_type = read_model_type(path)
-    if model_type != "clip":
-        raise MissingExtractorError(
-            f"{flag} {str(path)!r} holds a {model_type!r} model; clipscore needs both CLIP "
-            f"towers (model_type 'clip', as CLIPModel saves it): {need}"
-        )
+    path = _checked_dir(model_dir, flag)
     model = load_pretrained(path, "CLIPModel", f"clipscore ({flag})", MissingExtractorError)
-    tokenizer = _load_tokenizer(path, flag, need)
+    tokenizer = _load_tokenizer(path, flag)
     mean, std = normalisation(path, CLIP_MEAN, CLIP_STD)
     return CLIPScorer(
         model,
@@ -157,7 +212,7 @@ def load_clip_scorer(
     )
 
 
-def _load_tokenizer(path: Path, flag: str, need: str) -> Any:
+def _load_tokenizer(path: Path, flag: str) -> Any:
     """The directory's ``tokenizer.json`` (no code, no pickle: as :class:`~denoiselab.text.hf.
     HFTokenizer`), padding with ``tokenizer_config.json``'s ``pad_token`` (CLIP's
     ``<|endoftext|>``; padding positions are masked and CLIP pools at the first end token)."""
@@ -168,10 +223,7 @@ def _load_tokenizer(path: Path, flag: str, need: str) -> Any:
 
     file, config = path / "tokenizer.json", path / "tokenizer_config.json"
     if not file.is_file():  # transformers 5 would build an empty tokenizer (every word unknown)
-        raise MissingExtractorError(
-            f"{flag} {str(path)!r}: no usable CLIP tokenizer there (no tokenizer.json; "
-            f"denoiselab reads tokenizers only from that file); clipscore needs {need}"
-        )
+        raise MissingExtractorError(_no_tokenizer(path, flag))
     pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
     pad = (pad.get("content") if isinstance(pad, dict) else pad) or "<|endoftext|>"
     try:

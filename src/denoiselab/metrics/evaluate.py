@@ -175,6 +175,7 @@ def evaluate(
     probe_config: ProbeConfig | None = None,
     inception_resize: str = "tf1_bilinear",
     device: str | torch.device = "cpu",
+    extractors: Mapping[str, Extractor] | None = None,
 ) -> dict[str, Any]:
     """Score ``num`` class-balanced samples of ``generate`` on ``metrics`` (names in :data:`METRICS`).
 
@@ -189,6 +190,8 @@ def evaluate(
     process). ``reference_files`` maps an extractor kind (``"inception"``) to published
     statistics (:func:`~.reference.load_reference_npz`: ``mu``, ``sigma``) used instead of
     statistics of ``dataset``; the dataset is then not needed unless another metric needs it.
+    ``extractors`` maps a kind to an extractor already loaded (CMMD's ``clip`` served by a
+    CLIPScore scorer's vision tower), used instead of loading that kind again.
     Returns the metric values under ``"metrics"`` plus everything needed to reproduce and
     compare them, among which ``"probe_real_accuracy"``: the probe's accuracy on held-out real
     images (``None`` without probe metrics), which tells generation errors from the judge's
@@ -209,8 +212,11 @@ def evaluate(
         dataset = build_dataset(dataset_cfg)
     if rank > 0:
         dist.barrier()  # rank 0 trains the probe / computes the references into the cache first
+    given = dict(extractors or {})
     extractors = {
-        kind: _build_extractor(
+        kind: given[kind]
+        if kind in given
+        else _build_extractor(
             kind,
             dataset_cfg,
             dataset,

@@ -178,6 +178,16 @@ class PixelNorm:
         return (resize_uint8(images.to(self.device), self.size) - self._mean) / self._std
 
 
+def embedder_preprocessing(class_name: str, pixels: PixelNorm, output: str) -> dict[str, Any]:
+    """The ``preprocessing`` record of a transformers image embedder (it enters the reference
+    cache key): model class, :class:`PixelNorm`'s steps and the output read."""
+    return {
+        "implementation": f"transformers.{class_name}",
+        **pixels.description,
+        "features": output,
+    }
+
+
 class HFImageEmbedder:
     """A transformers vision model behind :class:`PixelNorm`.
 
@@ -200,11 +210,7 @@ class HFImageEmbedder:
         self.model, self.name, self.weights_id = model.eval().to(device), name, weights_id
         self.output, self.device = output, device
         self.pixels = PixelNorm(size, mean, std, device)
-        self.preprocessing = {
-            "implementation": f"transformers.{type(model).__name__}",
-            **self.pixels.description,
-            "features": output,
-        }
+        self.preprocessing = embedder_preprocessing(type(model).__name__, self.pixels, output)
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:

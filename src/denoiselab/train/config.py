@@ -140,6 +140,9 @@ class SampleConfig:
             raise ConfigError(f"sample.interval={self.interval!r} must satisfy 0 <= lo <= hi <= 1")
 
 
+CLIPSCORE = "clipscore"  # a periodic metric of text runs, scored from prompts (not in METRICS)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Periodic evaluation during training, logged to ``metrics.jsonl`` as ``eval/<metric>``.
@@ -153,6 +156,11 @@ class EvalConfig:
     ``sample.cfg``), from the EMA ``ema`` (``"auto"``: ``train.ema.auto_decay`` — the slowest
     average that fits a tenth of the run so far — a decay, or ``"none"`` for the raw weights).
     ``probe`` overrides fields of the probe's recipe (``denoiselab.metrics.ProbeConfig``).
+    ``metrics`` may also hold ``clipscore`` (text runs only: ``clipscore`` and
+    ``clipscore_cos100`` of ``num`` samples, one per held-out prompt, as ``denoiselab eval``).
+    ``clip``: the local CLIP directory of ``cmmd`` and ``clipscore`` (``eval --clip``; a whole
+    ``CLIPModel`` with its ``tokenizer.json`` for clipscore); default
+    ``<cache_dir>/extractors/clip-vit-large-patch14-336``. Checked before the first step.
     """
 
     every_nimg: int = 0
@@ -165,15 +173,18 @@ class EvalConfig:
     seed: int = 0
     cache_dir: str | None = None
     probe: dict[str, Any] = field(default_factory=dict)
+    clip: str | None = None
 
     def __post_init__(self) -> None:
         from denoiselab.metrics import METRICS
 
         self.probe_config()  # names a bad probe field now, not at the first evaluation
 
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in (*METRICS, CLIPSCORE)]
         if unknown:
-            raise ConfigError(f"eval.metrics has {unknown!r}; valid: {', '.join(METRICS)}")
+            raise ConfigError(
+                f"eval.metrics has {unknown!r}; valid: {', '.join([*METRICS, CLIPSCORE])}"
+            )
         if self.every_nimg < 0:
             raise ConfigError(f"eval.every_nimg={self.every_nimg!r} must be >= 0 (0: off)")
         if self.num < 2 or self.batch < 1:
@@ -283,6 +294,13 @@ class TrainConfig:
         _check_parallel(self)
         if self.stop_check_steps < 1:
             raise ConfigError(f"stop_check_steps={self.stop_check_steps!r} must be >= 1")
+        if CLIPSCORE in self.eval.metrics and not is_text_model(self.model):
+            raise ConfigError(
+                f"eval.metrics has {CLIPSCORE!r}, which scores samples against their prompts: "
+                f"this is a class-conditional run (model.name={self.model['name']!r} without "
+                "model.text); class names are no captions — use acc_probe for class fidelity, "
+                "or a text model (model.text, e.g. JiT-S/8-T2I)"
+            )
         for key, decay in (("sample.ema", self.sample.ema), ("eval.ema", self.eval.ema)):
             if decay not in (None, "auto", "none") and decay not in self.ema.decays:
                 raise ConfigError(
@@ -360,6 +378,14 @@ def _check_device_name(device: str) -> None:
 
 
 PIXEL_DATASETS = ("shapes", "digits", "imagefolder", "prepared")
+
+
+def is_text_model(model: dict[str, Any]) -> bool:
+    """Whether a checked ``model:`` section is text-conditioned (``text`` from the preset or
+    the section itself, not null)."""
+    from denoiselab.models.registry import MODEL_PRESETS
+
+    return {**MODEL_PRESETS[model["name"]], **model}.get("text") is not None
 
 
 def check_model_section(model: dict[str, Any], data: DataConfig) -> None:

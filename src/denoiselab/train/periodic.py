@@ -4,7 +4,10 @@ The training run scores its own EMA weights with :func:`denoiselab.metrics.evalu
 offline probe metrics by default, on the run's data in pixels (the source images of a latent
 cache), samples decoded through the run's autoencoder. Probe and reference statistics are
 cached by content hash, so only the first evaluation of a dataset pays for them (the probe
-trains with gradients: only the sampling runs under ``no_grad``).
+trains with gradients: only the sampling runs under ``no_grad``). A text run may list
+``clipscore``: scored as ``denoiselab eval --metrics clipscore`` does (the same held-out
+prompts and batch seeds, :mod:`denoiselab.evaluation_clip`), with the CLIP of ``eval.clip``,
+whose vision tower then also serves ``cmmd`` (one load per evaluation).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from denoiselab.metrics.images import to_uint8
 from denoiselab.models.text_jit import share_text_encoder
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.text.sampling import write_prompts
-from denoiselab.train.config import TrainConfig
+from denoiselab.train.config import CLIPSCORE, TrainConfig
 from denoiselab.train.ema import auto_decay
 from denoiselab.train.run import plot_eval
 
@@ -38,16 +41,47 @@ def check_eval_ready(cfg: TrainConfig) -> None:
     from denoiselab.metrics.extractors import DEFAULT_NAMES, resolve_extractor_path
 
     for name in cfg.eval.metrics:
+        if name == CLIPSCORE:
+            _check_clipscore_dir(cfg)
+            continue
         kind = METRICS[name].extractor
         if kind == "probe":
             continue
-        path = resolve_extractor_path(kind, None, cfg.eval.cache_dir)
+        given = cfg.eval.clip if kind == "clip" else None
+        path = resolve_extractor_path(kind, given, cfg.eval.cache_dir)
         if path is None or not (path.is_file() or (path / "config.json").is_file()):
-            where = cache_root(cfg.eval.cache_dir) / "extractors" / DEFAULT_NAMES[kind]
+            where = path or cache_root(cfg.eval.cache_dir) / "extractors" / DEFAULT_NAMES[kind]
+            key = "eval.clip" if given else "the cache"
             raise ConfigError(
-                f"eval.metrics has {name!r}, which needs the {kind} weights at {where}: put "
-                "them there, or evaluate during training with the probe metrics (no download)"
+                f"eval.metrics has {name!r}, which needs the {kind} weights at {where} "
+                f"({key}): put them there, or evaluate during training with the probe metrics "
+                "(no download)"
             )
+
+
+def _check_clipscore_dir(cfg: TrainConfig) -> None:
+    """``eval.clip`` (or the cache's CLIP) holds a whole CLIP and its tokenizer, or a
+    ConfigError says what is missing (no weights are read here)."""
+    from denoiselab.metrics.cache import cache_root
+    from denoiselab.metrics.clipscore import check_clip_dir
+    from denoiselab.metrics.extractors import (
+        DEFAULT_NAMES,
+        MissingExtractorError,
+        resolve_extractor_path,
+    )
+
+    path = resolve_extractor_path("clip", cfg.eval.clip, cfg.eval.cache_dir)
+    if path is None:  # eval.clip unset and nothing at the cache's default place
+        where = cache_root(cfg.eval.cache_dir) / "extractors" / DEFAULT_NAMES["clip"]
+        raise ConfigError(
+            f"eval.metrics has {CLIPSCORE!r}, which needs eval.clip: a local directory with a "
+            "whole CLIP (config.json with model_type 'clip', model.safetensors, tokenizer.json), "
+            f"e.g. openai/clip-vit-large-patch14-336 (or that directory at {where})"
+        )
+    try:
+        check_clip_dir(path, flag="eval.clip" if cfg.eval.clip else "the cache's CLIP")
+    except MissingExtractorError as err:
+        raise ConfigError(f"eval.metrics has {CLIPSCORE!r}: {err}") from None
 
 
 def evaluate_network(
@@ -71,9 +105,15 @@ def evaluate_network(
         )
         return to_uint8(x.cpu())
 
+    values: dict[str, float] = {}
+    scorer, registry = None, [m for m in ev.metrics if m != CLIPSCORE]
+    if CLIPSCORE in ev.metrics:
+        scorer = _clipscore(sampler, cfg, device, values)
+    if not registry:
+        return values
     result = evaluate(
         sample,
-        metrics=list(ev.metrics),
+        metrics=registry,
         num=ev.num,
         dataset_cfg=pixel_data_config(cfg.data),
         num_classes=num_classes,
@@ -82,11 +122,36 @@ def evaluate_network(
         cache_dir=ev.cache_dir,
         probe_config=ev.probe_config(),
         device=device,
+        extractor_paths={"clip": ev.clip} if ev.clip else None,
+        extractors={"clip": scorer.image_embedder()} if scorer is not None else None,
     )
-    values = {k: float(v) for k, v in result["metrics"].items()}
+    values.update({k: float(v) for k, v in result["metrics"].items()})
     if result["probe_real_accuracy"] is not None:  # the judge's own accuracy on real images
         values["probe_real_accuracy"] = result["probe_real_accuracy"]
     return values
+
+
+def _clipscore(
+    sampler: Any, cfg: TrainConfig, device: torch.device | str, values: dict[str, float]
+) -> Any:
+    """CLIPScore of a text run's ``sampler`` (a ``PromptSampler``) into ``values``, as
+    ``denoiselab eval --metrics clipscore --num eval.num --seed eval.seed --batch eval.batch``
+    scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data,
+    the run's sampler at ``eval.steps`` / ``eval.cfg``. Returns the loaded scorer."""
+    from denoiselab.evaluation_clip import prompt_generator, score_clipscore
+    from denoiselab.metrics.clipscore import load_clip_scorer
+    from denoiselab.metrics.extractors import resolve_extractor_path
+
+    ev, own = cfg.eval, cfg.sample
+    scorer = load_clip_scorer(
+        resolve_extractor_path("clip", ev.clip, ev.cache_dir), device, flag="eval.clip"
+    )
+    settings = {"steps": ev.steps or own.steps, "solver": own.solver,
+                "interval": tuple(own.interval), "eta": own.eta}  # fmt: skip
+    generate = prompt_generator(sampler.prompts, settings, own.cfg if ev.cfg is None else ev.cfg)
+    result = score_clipscore(cfg.data, generate, ev.num, ev.seed, scorer, ev.batch)
+    values.update({k: float(v) for k, v in result["metrics"].items()})
+    return scorer
 
 
 def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:

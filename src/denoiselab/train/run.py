@@ -168,8 +168,9 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
 
 def plot_eval(metrics_path: Path, out: Path, chance: float | None = None) -> None:
     """Periodic evaluation against images seen: the accuracies (``acc_probe``; the probe's own
-    accuracy on held-out real images dashed; ``chance`` dotted) on the left, every other
-    ``eval/`` metric (distances) on the right; nothing before the first evaluation row."""
+    accuracy on held-out real images dashed; ``chance`` dotted) in one panel, every other
+    ``eval/`` metric (distances; CLIPScore, higher is better) in another; a panel only where
+    it has curves; nothing before the first evaluation row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -180,28 +181,32 @@ def plot_eval(metrics_path: Path, out: Path, chance: float | None = None) -> Non
     keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/")))
     accs = [k for k in keys if "acc" in k and k != "eval/probe_real_accuracy"]
     others = [k for k in keys if "acc" not in k]
-    fig = Figure(figsize=(5 + 4 * bool(others), 3.5), dpi=100)
+    panels = [group for group in (accs, others) if group]
+    if not panels:
+        return
+    fig = Figure(figsize=(1 + 4 * len(panels), 3.5), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 1 + bool(others))
-    axes = list(axes) if others else [axes]
+    axes = fig.subplots(1, len(panels))
+    axes = list(axes) if len(panels) > 1 else [axes]
     kimg = [r["kimg"] for r in rows]
-    for key in accs:
-        axes[0].plot(kimg, [r.get(key, float("nan")) for r in rows], "o-", label=key[5:])
-    real = [r.get("eval/probe_real_accuracy") for r in rows]
-    if real[-1] is not None:
-        axes[0].axhline(real[-1], ls="--", color="grey", label="probe on real images")
-    if chance is not None:
-        axes[0].axhline(chance, ls=":", color="grey", label="chance")
-    axes[0].set_ylim(0, 1.02)
-    axes[0].set_ylabel("accuracy")
-    for key in others:
-        axes[1].plot(kimg, [r.get(key, float("nan")) for r in rows], "o-", label=key[5:])
-    if others:
-        axes[1].set_ylabel("distance (lower is better)")
-    for ax in axes:
+    for ax, group in zip(axes, panels, strict=True):
+        for key in group:
+            ax.plot(kimg, [r.get(key, float("nan")) for r in rows], "o-", label=key[5:])
         ax.set_xlabel("kimg")
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
+    if accs:
+        real = [r.get("eval/probe_real_accuracy") for r in rows]
+        if real[-1] is not None:
+            axes[0].axhline(real[-1], ls="--", color="grey", label="probe on real images")
+        if chance is not None:
+            axes[0].axhline(chance, ls=":", color="grey", label="chance")
+        axes[0].set_ylim(0, 1.02)
+        axes[0].set_ylabel("accuracy")
+    if others:
+        clip = any("clipscore" in k for k in others)
+        axes[-1].set_ylabel("distance ↓, clipscore ↑" if clip else "distance (lower is better)")
+    for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
