@@ -4,7 +4,9 @@ It gives ``fd_probe``, ``mmd_probe``, ``pr_probe`` and ``acc_probe`` (does a sam
 for class k look like class k?) with no download. The trained weights are cached as
 safetensors at ``<cache root>/probes/probe-<hash>.safetensors``, the hash covering the
 dataset config, the :class:`ProbeConfig` (architecture width and training recipe) and the
-code version, so every evaluation of a dataset uses the very same probe.
+code version, so every evaluation of a dataset uses the very same probe. The cache-file code
+(:func:`cached_net`, :func:`write_net_file`, :func:`read_net_file`) also serves the attribute
+probe (:mod:`.attribute_probe`).
 """
 
 from __future__ import annotations
