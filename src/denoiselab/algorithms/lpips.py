@@ -28,8 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from denoiselab.algorithms import TermContext, register
+from denoiselab.algorithms.pixel_terms import (
+    PixelDistanceTerm,
+    check_image_channels,
+    check_weight_and_window,
+)
 from denoiselab.config import ConfigError
-from denoiselab.objectives import LossTerm, StepContext
 
 # torchvision VGG16 ``features`` up to relu5_3: conv widths, "M" = 2×2 max-pool
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -58,10 +62,7 @@ class LPIPSConfig:
     lin: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.weight > 0:
-            raise ConfigError(f"terms.lpips.weight={self.weight!r} must be > 0")
-        if not 0 <= self.t_min < 1:
-            raise ConfigError(f"terms.lpips.t_min={self.t_min!r} must lie in [0, 1)")
+        check_weight_and_window("terms.lpips", self.weight, self.t_min)
 
 
 class VGG16Features(nn.Module):
@@ -149,24 +150,18 @@ def load_lpips(vgg: str | None = None, lin: str | None = None, root: Path | None
     return net.eval().requires_grad_(False)
 
 
-class LPIPSTerm(LossTerm):
-    """``weight · lpips(x̂, x)`` per sample where ``t ≥ t_min`` (module docstring)."""
+class LPIPSTerm(PixelDistanceTerm):
+    """``weight · lpips(x̂, x)`` per sample where ``t ≥ t_min`` (module docstring; the window,
+    decode and weighting are :class:`~denoiselab.algorithms.pixel_terms.PixelDistanceTerm`'s)."""
 
     name = "lpips"
 
     def __init__(self, cfg: LPIPSConfig, net: LPIPS, decode: Callable[[Tensor], Tensor]) -> None:
-        self.cfg, self.net, self.decode = cfg, net, decode  # frozen: never saved or trained
+        super().__init__(cfg, decode)
+        self.net = net  # frozen: never saved or trained
 
-    def forward(self, ctx: StepContext) -> Tensor:
-        out = ctx.t.new_zeros(ctx.t.shape, dtype=torch.float32)
-        idx = (ctx.t >= self.cfg.t_min).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return out
-        pred = _rgb(self.decode(ctx.pred.x[idx]))
-        with torch.no_grad():
-            target = _rgb(self.decode(ctx.x[idx]))
-        value = self.net(pred.float(), target.float())
-        return out.index_put((idx,), self.cfg.weight * value)
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        return self.net(_rgb(pred).float(), _rgb(target).float())
 
 
 def _rgb(x: Tensor) -> Tensor:
@@ -177,11 +172,7 @@ def _rgb(x: Tensor) -> Tensor:
 def build_lpips(cfg: LPIPSConfig, ctx: TermContext) -> LPIPSTerm:
     from denoiselab.latents import differentiable_decoder
 
-    channels = getattr(ctx.dataset, "channels", 3)
-    if ctx.data.name != "latents" and channels not in (1, 3):
-        raise ConfigError(
-            f"terms.lpips compares RGB or grey images; the data has {channels} channels"
-        )
+    check_image_channels("terms.lpips", ctx)
     net = load_lpips(cfg.vgg, cfg.lin).to(ctx.device)
     return LPIPSTerm(cfg, net, differentiable_decoder(ctx.data, ctx.device))
 

@@ -40,9 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from denoiselab.algorithms import TermContext, register
-from denoiselab.config import ConfigError
+from denoiselab.algorithms.pixel_terms import (
+    PixelDistanceTerm,
+    check_image_channels,
+    check_weight_and_window,
+)
 from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
-from denoiselab.objectives import LossTerm, StepContext
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,7 @@ class PDINOConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self) -> None:
-        if not self.weight > 0:
-            raise ConfigError(f"terms.pdino.weight={self.weight!r} must be > 0")
-        if not 0 <= self.t_min < 1:
-            raise ConfigError(f"terms.pdino.t_min={self.t_min!r} must lie in [0, 1)")
+        check_weight_and_window("terms.pdino", self.weight, self.t_min)
 
 
 def pdino_distance(teacher: ImageEncoder, pred: Tensor, target: Tensor) -> Tensor:
@@ -72,26 +72,20 @@ def pdino_distance(teacher: ImageEncoder, pred: Tensor, target: Tensor) -> Tenso
     return (1.0 - cos).mean(1)
 
 
-class PDINOTerm(LossTerm):
-    """``weight · pdino(x̂, x)`` per sample where ``t ≥ t_min`` (module docstring)."""
+class PDINOTerm(PixelDistanceTerm):
+    """``weight · pdino(x̂, x)`` per sample where ``t ≥ t_min`` (module docstring; the window,
+    decode and weighting are :class:`~denoiselab.algorithms.pixel_terms.PixelDistanceTerm`'s)."""
 
     name = "pdino"
 
     def __init__(
         self, cfg: PDINOConfig, teacher: ImageEncoder, decode: Callable[[Tensor], Tensor]
     ) -> None:
-        self.cfg, self.teacher, self.decode = cfg, teacher, decode  # frozen: never saved
+        super().__init__(cfg, decode)
+        self.teacher = teacher  # frozen: never saved
 
-    def forward(self, ctx: StepContext) -> Tensor:
-        out = ctx.t.new_zeros(ctx.t.shape, dtype=torch.float32)
-        idx = (ctx.t >= self.cfg.t_min).nonzero().squeeze(1)
-        if idx.numel() == 0:  # no teacher forward at all
-            return out
-        pred = self.decode(ctx.pred.x[idx])
-        with torch.no_grad():
-            target = self.decode(ctx.x[idx])
-        value = pdino_distance(self.teacher, pred, target)
-        return out.index_put((idx,), self.cfg.weight * value)
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        return pdino_distance(self.teacher, pred, target)
 
 
 def _describe(cfg: PDINOConfig, model_cfg: Any) -> str:
@@ -111,11 +105,7 @@ def _describe(cfg: PDINOConfig, model_cfg: Any) -> str:
 def build_pdino(cfg: PDINOConfig, ctx: TermContext) -> PDINOTerm:
     from denoiselab.latents import differentiable_decoder, pixel_data_config
 
-    channels = getattr(ctx.dataset, "channels", 3)
-    if ctx.data.name != "latents" and channels not in (1, 3):
-        raise ConfigError(
-            f"terms.pdino compares RGB or grey images; the data has {channels} channels"
-        )
+    check_image_channels("terms.pdino", ctx)
     teacher = build_teacher(  # leaves the global RNG as it was
         cfg.teacher, pixel_data_config(ctx.data), ctx.device, key="terms.pdino.teacher"
     )

@@ -14,21 +14,20 @@ position and size are attributes, so they also read a flattened ``S/8 × S/8`` m
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from .cache import atomic_write, cache_root, content_hash, to_jsonable
+from .cache import cache_root, content_hash, to_jsonable
 from .images import check_uint8_images, dataset_uint8, from_uint8
-from .probe_train import _conv, augment
+from .probe import cached_net
+from .probe_train import _conv, train_net
 
 __all__ = [
     "ATTRIBUTE_PROBE_VERSION",
@@ -180,20 +179,13 @@ def load_attribute_probe(
     check_shapes_config(dataset_cfg)
     config = config or AttributeProbeConfig()
     path = attribute_probe_path(dataset_cfg, config, cache_dir)
-    if not path.is_file():
-        net, meta = fit_attribute_probe(dataset_cfg, config)
-        meta["key"] = path.stem.removeprefix("attributes-")
-        state = {k: v.contiguous() for k, v in net.state_dict().items()}
-        metadata = {k: json.dumps(v) for k, v in meta.items()}
-        atomic_write(
-            path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-        )
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    net, meta = cached_net(path, lambda: fit_attribute_probe(dataset_cfg, config), _build_net)
+    return AttributeProbe(net, meta, torch.device(device))
+
+
+def _build_net(meta: dict[str, Any]) -> AttributeNet:
     heads = {name: len(names) for name, names in meta["attribute_names"].items()}
-    net = AttributeNet(heads, int(meta["config"]["image_size"]), int(meta["config"]["width"]))
-    net.load_state_dict(safetensors.torch.load_file(str(path)))
-    return AttributeProbe(net.eval().requires_grad_(False), meta, torch.device(device))
+    return AttributeNet(heads, int(meta["config"]["image_size"]), int(meta["config"]["width"]))
 
 
 def fit_attribute_probe(
@@ -242,21 +234,12 @@ def _targets(dataset: Any, indices: range) -> dict[str, Tensor]:
 def _train(
     x: Tensor, y: dict[str, Tensor], names: dict[str, list[str]], cfg: AttributeProbeConfig
 ) -> AttributeNet:
-    """AdamW + cosine decay on the sum of per-head cross-entropies; seeded, and the global RNG
-    state is restored afterwards."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = AttributeNet({k: len(v) for k, v in names.items()}, cfg.image_size, cfg.width)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
-    net.train()
-    for _ in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch,), generator=generator)
-        logits = net(augment(x[idx], cfg, generator))  # type: ignore[arg-type]
-        loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in names)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        optimizer.step()
-        schedule.step()
-    return net.eval().requires_grad_(False)
+    """The class probe's recipe (:func:`.probe_train.train_net`: AdamW + cosine decay,
+    augmented, seeded) on the sum of the per-head cross-entropies."""
+    heads = {k: len(v) for k, v in names.items()}
+    return train_net(
+        lambda: AttributeNet(heads, cfg.image_size, cfg.width),
+        x,
+        lambda logits, idx: sum(F.cross_entropy(logits[k], y[k][idx]) for k in names),
+        cfg,
+    )

@@ -4,27 +4,41 @@ It gives ``fd_probe``, ``mmd_probe``, ``pr_probe`` and ``acc_probe`` (does a sam
 for class k look like class k?) with no download. The trained weights are cached as
 safetensors at ``<cache root>/probes/probe-<hash>.safetensors``, the hash covering the
 dataset config, the :class:`ProbeConfig` (architecture width and training recipe) and the
-code version, so every evaluation of a dataset uses the very same probe.
+code version, so every evaluation of a dataset uses the very same probe. The cache-file code
+(:func:`cached_net`, :func:`write_net_file`, :func:`read_net_file`) also serves the attribute
+probe (:mod:`.attribute_probe`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import __version__
 from .cache import atomic_write, cache_root, content_hash, to_jsonable
 from .images import check_uint8_images, ensure_rgb, from_uint8
 from .probe_train import ProbeConfig, ProbeNet, accuracy, materialize, train_probe
 
-__all__ = ["PROBE_CODE_VERSION", "ProbeExtractor", "fit_probe", "load_probe", "probe_path"]
+__all__ = [
+    "PROBE_CODE_VERSION",
+    "ProbeExtractor",
+    "cached_net",
+    "fit_probe",
+    "load_probe",
+    "probe_path",
+    "read_net_file",
+    "write_net_file",
+]
+
+N = TypeVar("N", bound=nn.Module)
 
 PROBE_CODE_VERSION = "probe-v1"  # bump when ProbeNet or the training recipe changes
 
@@ -92,19 +106,16 @@ def load_probe(
     """
     config = config or ProbeConfig()
     path = probe_path(dataset_cfg, config, cache_dir)
-    if not path.is_file():
-        if dataset is None:
-            from ..data import build_dataset
 
-            dataset = build_dataset(dataset_cfg)
-        net, meta = fit_probe(dataset, config)
-        meta.update(key=path.stem.removeprefix("probe-"), dataset=to_jsonable(dataset_cfg))
-        state = {k: v.contiguous() for k, v in net.state_dict().items()}
-        metadata = {k: json.dumps(v) for k, v in meta.items()}
-        atomic_write(
-            path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-        )
-    return _read_probe(path, torch.device(device))
+    def fit() -> tuple[ProbeNet, dict[str, Any]]:
+        from ..data import build_dataset
+
+        data = dataset if dataset is not None else build_dataset(dataset_cfg)
+        net, meta = fit_probe(data, config)
+        return net, {**meta, "dataset": to_jsonable(dataset_cfg)}
+
+    net, meta = cached_net(path, fit, _build_net)
+    return ProbeExtractor(net, meta, torch.device(device))
 
 
 def fit_probe(dataset: Any, config: ProbeConfig) -> tuple[ProbeNet, dict[str, Any]]:
@@ -134,9 +145,42 @@ def fit_probe(dataset: Any, config: ProbeConfig) -> tuple[ProbeNet, dict[str, An
     return net, meta
 
 
+def _build_net(meta: dict[str, Any]) -> ProbeNet:
+    return ProbeNet(int(meta["num_classes"]), int(meta["image_size"]), int(meta["config"]["width"]))
+
+
 def _read_probe(path: Path, device: torch.device) -> ProbeExtractor:
+    return ProbeExtractor(*read_net_file(path, _build_net), device)
+
+
+def cached_net(
+    path: Path,
+    fit: Callable[[], tuple[nn.Module, dict[str, Any]]],
+    build: Callable[[dict[str, Any]], N],
+) -> tuple[N, dict[str, Any]]:
+    """The frozen net cached at ``path`` (``<cache root>/probes/<kind>-<key>.safetensors``)
+    and its metadata; when the file is absent, ``fit() -> (net, meta)`` first and the result
+    is written (:func:`write_net_file`, with ``meta["key"] = <key>``). The class probe's
+    and the attribute probe's cache; ``build(meta)`` makes the empty net to load into."""
+    if not path.is_file():
+        net, meta = fit()
+        write_net_file(path, net, {**meta, "key": path.stem.split("-", 1)[1]})
+    return read_net_file(path, build)
+
+
+def write_net_file(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
+    """``net``'s state dict as safetensors, ``meta`` as its metadata (each value JSON), written
+    atomically (a killed write leaves no file)."""
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
+
+
+def read_net_file(path: Path, build: Callable[[dict[str, Any]], N]) -> tuple[N, dict[str, Any]]:
+    """``(net, meta)`` of a file :func:`write_net_file` wrote: ``build(meta)`` loaded with
+    its weights (strictly: a missing or extra tensor is an error), eval mode, frozen."""
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    net = ProbeNet(int(meta["num_classes"]), int(meta["image_size"]), int(meta["config"]["width"]))
+    net = build(meta)
     net.load_state_dict(safetensors.torch.load_file(str(path)))
-    return ProbeExtractor(net.eval().requires_grad_(False), meta, device)
+    return net.eval().requires_grad_(False), meta

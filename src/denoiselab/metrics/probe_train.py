@@ -10,9 +10,9 @@ features (FD rises monotonically with blur and noise, see the tests).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,11 @@ __all__ = [
     "augment",
     "gaussian_blur",
     "materialize",
+    "train_net",
     "train_probe",
 ]
+
+N = TypeVar("N", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -126,24 +129,41 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
 
 
 def train_probe(x_train: Tensor, y_train: Tensor, num_classes: int, cfg: ProbeConfig) -> ProbeNet:
-    """Train a :class:`ProbeNet` with AdamW and cosine decay on ``x_train [N, 3, S, S]``.
+    """Train a :class:`ProbeNet` on ``x_train [N, 3, S, S]`` with labels ``y_train [N]``: the
+    cross-entropy of its logits under :func:`train_net`'s recipe."""
+    return train_net(
+        lambda: ProbeNet(num_classes, x_train.shape[-1], cfg.width),
+        x_train,
+        lambda out, idx: F.cross_entropy(out[1], y_train[idx]),
+        cfg,
+    )
+
+
+def train_net(
+    build: Callable[[], N], x: Tensor, loss: Callable[[Any, Tensor], Tensor], cfg: Any
+) -> N:
+    """The probes' recipe (the class probe's and the attribute probe's): AdamW and cosine
+    decay over ``cfg.steps`` batches of ``cfg.batch`` images of ``x [N, 3, S, S]`` drawn with
+    replacement, each augmented (:func:`augment`); minimises ``loss(build()(batch), idx)``
+    (``idx [batch]``: the drawn rows of ``x``, to pick their labels). ``cfg``: a
+    :class:`ProbeConfig` or anything with its recipe fields.
 
     Deterministic for a given ``cfg.seed`` (initialisation, batches and augmentation all
-    come from seeded generators; the global RNG state is restored afterwards).
+    come from seeded generators; the global RNG state is restored afterwards). Returns the
+    net in eval mode, frozen.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        net = ProbeNet(num_classes, x_train.shape[-1], cfg.width)
+        net = build()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     net.train()
     for _ in range(cfg.steps):
-        idx = torch.randint(0, x_train.shape[0], (cfg.batch,), generator=generator)
-        _, logits = net(augment(x_train[idx], cfg, generator))
-        loss = F.cross_entropy(logits, y_train[idx])
+        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=generator)
+        value = loss(net(augment(x[idx], cfg, generator)), idx)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
     return net.eval().requires_grad_(False)
