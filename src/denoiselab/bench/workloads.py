@@ -129,7 +129,7 @@ class SampleWorkload:
         return cls(runner, objective, labels, noise, **kwargs)  # type: ignore[arg-type]
 
     def guidance(self) -> ClassifierFreeGuidance:
-        null = self.objective.num_classes
+        null = self.objective.condition  # the null class: labels [B] (models.condition)
         return ClassifierFreeGuidance(
             self.net, self.objective.velocity, self.labels, null, self.cfg_scale, self.interval
         )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from denoiselab.models.condition import ByShape, Condition
 from denoiselab.objectives.parameterization import (
     LossSpace,
     Prediction,
@@ -33,7 +34,6 @@ from denoiselab.objectives.parameterization import (
     preconditioner_coefficients,
 )
 from denoiselab.objectives.path import TimeSamplerConfig, expand_t, interpolate, sample_t
-from denoiselab.text.config import PAD as TEXT_PAD
 
 if TYPE_CHECKING:
     from denoiselab.models.routing import RouteSampler
@@ -51,8 +51,9 @@ class ObjectiveConfig:
     (``TrainConfig.resolved``: ``image_size/256`` for pixels, 1.0 for latents); a
     :class:`DenoisingObjective` needs the number.
     ``t_eps`` clamps ``1 − t`` (and ``t`` for ε-prediction) wherever it divides.
-    ``label_drop`` replaces the class by the null class with this probability (for CFG); in
-    a text run it is caption dropout: the prompt becomes the empty prompt (all padding).
+    ``label_drop`` replaces the condition by its null with this probability (for CFG): the
+    null class, or in a text run the empty prompt (caption dropout; see
+    :mod:`denoiselab.models.condition`).
     ``contrastive``: weight λ ∈ [0, 1) of contrastive flow matching (ΔFM, Stoica et al. 2025;
     seeds/002), a ``contrastive`` loss term; 0 (the paper) leaves it out.
     ``weighting: min_snr``: Min-SNR-γ (Hang et al. 2023, γ = ``min_snr_gamma``), applied so
@@ -220,7 +221,10 @@ class DenoisingObjective(nn.Module):
     """Computes ``{"denoise": [B], <extra terms>: [B]}`` for a batch.
 
     It is an ``nn.Module`` only so that extra terms with parameters (e.g. a REPA projector)
-    are trained and checkpointed with it; the core loss has no parameters.
+    are trained and checkpointed with it; the core loss has no parameters. ``condition``: the
+    network's condition kind, whose null replaces dropped labels
+    (:func:`~denoiselab.models.condition.condition_for`; default: told by the labels' shape,
+    :class:`~denoiselab.models.condition.ByShape`).
     """
 
     def __init__(
@@ -230,6 +234,8 @@ class DenoisingObjective(nn.Module):
         extra_terms: list[LossTerm] | None = None,
         routes: RouteSampler | None = None,
         routes_until_nimg: float = math.inf,
+        *,
+        condition: Condition | None = None,
     ) -> None:
         super().__init__()
         if cfg.noise_scale == "auto":
@@ -240,6 +246,7 @@ class DenoisingObjective(nn.Module):
             )
         self.cfg = cfg
         self.num_classes = num_classes
+        self.condition = ByShape(num_classes) if condition is None else condition
         self.routes = routes  # token routing: the objective draws the route, the network obeys
         self.routes_until_nimg = routes_until_nimg  # then dense (a full-token fine-tuning stage)
         self.extra_terms = list(extra_terms or [])
@@ -314,12 +321,8 @@ class DenoisingObjective(nn.Module):
         eps = eps * self.cfg.noise_scale
         if self.cfg.label_drop > 0:
             drop = torch.rand(b, generator=generator, device=x.device) < self.cfg.label_drop
-            if y.dim() == 1:  # class labels: the null class
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            elif y.dim() == 2:  # a text run's token ids [B, L]: the empty prompt, all padding
-                y = torch.where(drop[:, None], torch.full_like(y, TEXT_PAD), y)
-            else:  # cached embeddings [B, L, D + 1]: zeros, the encoder's empty prompt
-                y = torch.where(drop[:, None, None], torch.zeros_like(y), y)
+            null = self.condition.null_like(y)
+            y = torch.where(drop.view(b, *[1] * (y.dim() - 1)), null, y)
         return t, eps, y
 
     # -- the loss ----------------------------------------------------------------------------

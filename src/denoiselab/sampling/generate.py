@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from denoiselab.models.condition import ByShape, Condition
 from denoiselab.sampling.guidance import ClassifierFreeGuidance, SparseGuidance, ToVelocity
 from denoiselab.sampling.solvers import sample
 
@@ -23,7 +24,7 @@ def generate(
     labels: Tensor,
     noise: Tensor,
     *,
-    null_class: int,
+    null_class: int | Condition,
     steps: int = 50,
     solver: str = "heun",
     cfg_scale: float = 1.0,
@@ -38,7 +39,8 @@ def generate(
     ``noise`` fixes the randomness of the ODE solvers: the same noise and labels give the same
     images; ``solver="euler_maruyama"`` also draws from ``generator`` (``eta``,
     ``noise_scale``: :func:`~denoiselab.sampling.solvers.euler_maruyama`). ``negative``: the
-    unconditional branch's condition (a negative prompt's ids) instead of ``null_class``.
+    unconditional branch's condition (a negative prompt's ids) instead of ``null_class``'s
+    (a condition kind, or a null label: :class:`ClassifierFreeGuidance`).
     """
     fn = ClassifierFreeGuidance(
         net, to_velocity, labels, null_class, cfg_scale, interval, y_null=negative
@@ -57,9 +59,10 @@ class Sampler:
     Args:
         net: ``net(z_t, t, y) -> raw output``; ``velocity`` turns it into a velocity.
         shape: ``(C, H, W)`` of the network's input (latent cells for latent runs).
-        num_classes: classes of the network; label ``num_classes`` is the unconditional one.
-        null: the unconditional label when it is not ``num_classes`` (a text run: the padding
-            id, all padding being the empty prompt).
+        num_classes: classes of the network.
+        condition: the network's condition kind, which gives CFG its unconditional input
+            (:func:`~denoiselab.models.condition.condition_for`: the null class, or a text
+            run's empty prompt); default: told by the labels' shape (``ByShape``).
         noise_scale: the objective's noise scale (the initial noise is ``N(0, noise_scale²)``).
         decode: network space → pixels in ``[-1, 1]`` (identity for pixel data).
         autocast: context for the network calls (e.g. the run's bf16 autocast).
@@ -78,7 +81,11 @@ class Sampler:
         default=contextlib.nullcontext
     )
     routes: Any = None
-    null: int | None = None
+    condition: Condition | None = None
+
+    def __post_init__(self) -> None:
+        if self.condition is None:
+            self.condition = ByShape(self.num_classes)
 
     @torch.no_grad()
     def __call__(
@@ -111,7 +118,7 @@ class Sampler:
                 self.net,
                 self.velocity,
                 labels,
-                self.num_classes if self.null is None else self.null,
+                self.condition,
                 cfg_scale,
                 interval,
                 y_null=None if negative is None else negative.to(self.device),

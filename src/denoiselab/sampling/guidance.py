@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from denoiselab.models.condition import Condition
+
 # (net_out, z_t, t[B]) -> velocity; e.g. DenoisingObjective.velocity
 ToVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -33,10 +35,12 @@ class ClassifierFreeGuidance:
     Args:
         net: ``net(z_t [B,...], t [B], y [B]) -> raw output``.
         to_velocity: converts the raw output to velocity (prediction-space aware).
-        y: class labels ``[B]`` (or a text run's token ids ``[B, L]``); ``null_class`` is the
-            unconditional label (a text run's padding id: all padding = the empty prompt).
-        y_null: the unconditional condition instead of ``null_class`` everywhere, e.g. a
-            negative prompt's ids ``[B, L]``.
+        y: class labels ``[B]`` (or a text run's token ids ``[B, L]``).
+        null_class: the unconditional input's source: the network's condition kind
+            (:mod:`denoiselab.models.condition`; its ``null_like(y)``, e.g. the null class or
+            the empty prompt), or a null label filled in everywhere (e.g. ``num_classes``).
+        y_null: the unconditional condition instead of ``null_class``'s, e.g. a negative
+            prompt's ids ``[B, L]``.
         scale: guidance scale ω (1 disables guidance entirely).
         interval: ``(lo, hi)``; guidance applies where ``lo < t < hi`` (``lo = 0`` inclusive),
             the rule of the JiT reference code. Default ``(0.1, 1.0)`` (JiT Table 9).
@@ -47,7 +51,7 @@ class ClassifierFreeGuidance:
     net: Callable[..., Tensor]
     to_velocity: ToVelocity
     y: Tensor
-    null_class: int
+    null_class: int | Condition
     scale: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
     calls: int = 0
@@ -63,9 +67,12 @@ class ClassifierFreeGuidance:
                 f"unconditional input of shape {list(self.y_null.shape)} does not match the "
                 f"condition's {list(self.y.shape)}"
             )
-        self._y_null = (
-            torch.full_like(self.y, self.null_class) if self.y_null is None else self.y_null
-        )
+        self._y_null = self.y_null
+        if self._y_null is None:
+            null = self.null_class
+            self._y_null = (
+                torch.full_like(self.y, null) if isinstance(null, int) else null.null_like(self.y)
+            )
         self._y_both = torch.cat([self.y, self._y_null])
 
     def guided(self, t: float) -> bool:

@@ -22,11 +22,11 @@ from denoiselab.config import (
     to_dict,
 )
 from denoiselab.models import JiTConfig, model_config
+from denoiselab.models.condition import Condition, condition_for
 from denoiselab.models.registry import build_network
 from denoiselab.models.routing import RouteSampler
 from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.generate import Sampler, compile_for_sampling
-from denoiselab.text.config import PAD as TEXT_PAD
 from denoiselab.train.checkpoint import Checkpoint, load_checkpoint
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
@@ -75,17 +75,23 @@ def resolve_model_config(
 
 
 def build_objective(
-    cfg: TrainConfig, num_classes: int, terms: TermContext | None = None
+    cfg: TrainConfig,
+    num_classes: int,
+    terms: TermContext | None = None,
+    *,
+    condition: Condition | None = None,
 ) -> DenoisingObjective:
     """The run's objective; with ``terms`` (training) also its extra loss terms
     (``cfg.terms``) and the route sampler of a routing network, built for the run that
-    ``terms`` describes. Without it (sampling, evaluation) the network runs dense."""
+    ``terms`` describes. Without it (sampling, evaluation) the network runs dense.
+    ``condition``: the network's condition kind (``condition_for(model_cfg)``), whose null
+    label dropout trains and the run's sampler (:func:`run_sampler`) guides with."""
     if terms is None:
-        return DenoisingObjective(cfg.objective, num_classes)
+        return DenoisingObjective(cfg.objective, num_classes, condition=condition)
     extra = build_terms(cfg.terms, terms)
     routes = RouteSampler.for_model(terms.model_cfg)
     until = cfg.objective.routing_until * cfg.duration_nimg  # then the full-token stage
-    return DenoisingObjective(cfg.objective, num_classes, extra, routes, until)
+    return DenoisingObjective(cfg.objective, num_classes, extra, routes, until, condition=condition)
 
 
 def run_sampler(
@@ -98,7 +104,8 @@ def run_sampler(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Sampler:
     """``net`` (a run's network or an EMA copy) ready to draw decoded images: input shape,
-    classes and noise scale from the run's configs."""
+    classes and noise scale from the run's configs; CFG's null from the objective's condition
+    kind, the null that label dropout trained."""
     mc = model_cfg
     return Sampler(
         net,
@@ -110,7 +117,7 @@ def run_sampler(
         device=device,
         autocast=autocast,
         routes=RouteSampler.for_model(mc),
-        null=None if mc.text is None else TEXT_PAD,  # text: the empty prompt
+        condition=objective.condition,
     )
 
 
@@ -243,7 +250,7 @@ def restore(
         net.load_state_dict(state)
         which = f"ema:{decay!r}"
     net.to(device).eval()
-    objective = build_objective(cfg, model_cfg.num_classes)
+    objective = build_objective(cfg, model_cfg.num_classes, condition=condition_for(model_cfg))
     return Restored(cfg, model_cfg, net, objective, ckpt, which, device, compile)
 
 
