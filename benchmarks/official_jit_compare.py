@@ -54,6 +54,7 @@ from denoiselab.bench.machine import machine_facts
 from denoiselab.bench.workloads import TrainWorkload, bench_train_config
 from denoiselab.train.allocator import applied, retain_freed_memory
 from denoiselab.train.config import EMAConfig
+from denoiselab.train.run import git_revision
 
 MODEL = "JiT-T/4"
 VARIANTS = ("official-eager", "official-compile", "ours-eager", "ours-compile", "ours-autotune")
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=ready,
         machine=machine_facts(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         command=" ".join(["benchmarks/official_jit_compare.py", *(argv or sys.argv[1:])]),
+        revision=git_revision(),  # denoiselab's source tree, "-dirty" with uncommitted edits
         config=dict(model=MODEL, batch=args.batch, threads=args.threads, dtype="fp32", clock=args.clock,
                     ema_decays=list(EMA_DECAYS), rounds=args.rounds, steps=args.steps,
                     official_retain_memory=args.official_retain_memory),

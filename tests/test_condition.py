@@ -12,6 +12,7 @@ import torch
 
 from denoiselab.models.condition import ByShape, ClassLabels, TextPrompts, condition_for
 from denoiselab.models.registry import build_network, model_config
+from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.guidance import ClassifierFreeGuidance
 from denoiselab.text import TextConfig, WordTokenizer, tokenizer_for
 from denoiselab.train.build import build_objective, run_sampler
@@ -125,7 +126,7 @@ def test_an_unsupported_condition_is_a_named_error():
     )):  # fmt: skip
         objective.draw(x, torch.zeros(4, 5, dtype=torch.long), None)
     # kind unknown (built from a class count alone): every form is named
-    objective = build_objective(cfg, 10)
+    objective = DenoisingObjective(cfg.objective, 10)
     with pytest.raises(ValueError, match=_message(
         "shape [4, 2, 3, 5] (torch.float32)",
         "class labels int64 [B] (null: class 10); token ids int64 [B, L]",

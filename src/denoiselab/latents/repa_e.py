@@ -50,6 +50,7 @@ from denoiselab.data.loader import StepLoader
 from denoiselab.latents.tiny import TinyAE, load_tiny_ae, save_tiny_ae
 from denoiselab.latents.train_ae import latent_statistics, reconstruction_mse
 from denoiselab.models import JiT
+from denoiselab.models.condition import condition_for
 from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
 
 
@@ -118,7 +119,12 @@ class REPAE:
         objective = cfg.objective
         if objective.noise_scale == "auto":  # latents: unit noise (TrainConfig.resolved's rule)
             objective = replace(objective, noise_scale=1.0)
-        self.objective = DenoisingObjective(objective, self.dataset.num_classes, [self.term])
+        self.objective = DenoisingObjective(
+            objective,
+            self.dataset.num_classes,
+            [self.term],
+            condition=condition_for(self.model_cfg),
+        )
         self.denoiser_params = [*self.net.parameters(), *self.term.parameters()]
         self.opt = torch.optim.AdamW(self.denoiser_params, lr=cfg.lr, betas=(0.9, 0.95))
         self.ae_opt = torch.optim.AdamW(self.ae.parameters(), lr=cfg.ae_lr, betas=(0.9, 0.99))

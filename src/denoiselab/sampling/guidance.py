@@ -71,7 +71,9 @@ class ClassifierFreeGuidance:
         if self._y_null is None:
             null = self.null_class
             self._y_null = (
-                torch.full_like(self.y, null) if isinstance(null, int) else null.null_like(self.y)
+                null.null_like(self.y)
+                if hasattr(null, "null_like")
+                else torch.full_like(self.y, int(null))
             )
         self._y_both = torch.cat([self.y, self._y_null])
 

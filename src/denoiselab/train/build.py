@@ -79,13 +79,14 @@ def build_objective(
     num_classes: int,
     terms: TermContext | None = None,
     *,
-    condition: Condition | None = None,
+    condition: Condition,
 ) -> DenoisingObjective:
     """The run's objective; with ``terms`` (training) also its extra loss terms
     (``cfg.terms``) and the route sampler of a routing network, built for the run that
     ``terms`` describes. Without it (sampling, evaluation) the network runs dense.
     ``condition``: the network's condition kind (``condition_for(model_cfg)``), whose null
-    label dropout trains and the run's sampler (:func:`run_sampler`) guides with."""
+    label dropout trains and the run's sampler (:func:`run_sampler`) guides with; required,
+    so that no run's objective guesses the null from a batch's shape."""
     if terms is None:
         return DenoisingObjective(cfg.objective, num_classes, condition=condition)
     extra = build_terms(cfg.terms, terms)

@@ -92,18 +92,10 @@ def evaluate_network(
     from denoiselab.latents import pixel_data_config
 
     ev = cfg.eval
+    settings, cfg_scale = _sampling(cfg)
 
     def sample(n: int, labels: Tensor, seed: int) -> Tensor:
-        x = sampler(
-            labels[:n],
-            seed,
-            steps=ev.steps or cfg.sample.steps,
-            solver=cfg.sample.solver,
-            cfg_scale=cfg.sample.cfg if ev.cfg is None else ev.cfg,
-            interval=cfg.sample.interval,
-            eta=cfg.sample.eta,
-        )
-        return to_uint8(x.cpu())
+        return to_uint8(sampler(labels[:n], seed, cfg_scale=cfg_scale, **settings).cpu())
 
     values: dict[str, float] = {}
     scorer, registry = None, [m for m in ev.metrics if m != CLIPSCORE]
@@ -131,6 +123,15 @@ def evaluate_network(
     return values
 
 
+def _sampling(cfg: TrainConfig) -> tuple[dict[str, Any], float]:
+    """The sampler settings of periodic evaluation (every metric): ``eval.steps`` / ``eval.cfg``
+    where set, the run's ``sample.*`` otherwise -> (settings, CFG scale)."""
+    own = cfg.sample
+    settings = {"steps": cfg.eval.steps or own.steps, "solver": own.solver,
+                "interval": tuple(own.interval), "eta": own.eta}  # fmt: skip
+    return settings, own.cfg if cfg.eval.cfg is None else cfg.eval.cfg
+
+
 def _clipscore(
     sampler: Any, cfg: TrainConfig, device: torch.device | str, values: dict[str, float]
 ) -> Any:
@@ -142,13 +143,11 @@ def _clipscore(
     from denoiselab.metrics.clipscore import load_clip_scorer
     from denoiselab.metrics.extractors import resolve_extractor_path
 
-    ev, own = cfg.eval, cfg.sample
+    ev = cfg.eval
     scorer = load_clip_scorer(
         resolve_extractor_path("clip", ev.clip, ev.cache_dir), device, flag="eval.clip"
     )
-    settings = {"steps": ev.steps or own.steps, "solver": own.solver,
-                "interval": tuple(own.interval), "eta": own.eta}  # fmt: skip
-    generate = prompt_generator(sampler.prompts, settings, own.cfg if ev.cfg is None else ev.cfg)
+    generate = prompt_generator(sampler.prompts, *_sampling(cfg))
     result = score_clipscore(cfg.data, generate, ev.num, ev.seed, scorer, ev.batch)
     values.update({k: float(v) for k, v in result["metrics"].items()})
     return scorer
