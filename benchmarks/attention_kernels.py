@@ -96,7 +96,7 @@ def main() -> None:
     print(f"end:   {end}")
     if args.out:
         record = {"args": vars(args), "rows": rows, "uptime_start": start, "uptime_end": end,
-                  "revision": git_revision(), "machine": machine_facts()}  # fmt: skip
+                  "revision": git_revision(), "machine": machine_facts(torch.device("cpu"))}  # fmt: skip
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
 
