@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from denoiselab.models.condition import ByShape, ClassLabels, TextPrompts, condition_for
+from denoiselab.models.condition import ByShape, ClassLabels, TextPrompts
 from denoiselab.models.registry import build_network, model_config
 from denoiselab.objectives import DenoisingObjective
 from denoiselab.sampling.guidance import ClassifierFreeGuidance
@@ -34,7 +34,7 @@ def _objective_and_cfg_nulls(mc, y_train, y_sample):
     """The rows label dropout replaced (``dropped``, their new value) and the unconditional
     input CFG handed the network for ``y_sample``, both through the run's real build path."""
     cfg = _run_cfg()
-    objective = build_objective(cfg, mc.num_classes, condition=condition_for(mc))
+    objective = build_objective(cfg, mc)
     x = torch.randn(B, mc.in_channels, mc.image_size, mc.image_size)
     _, _, y = objective.draw(x, y_train, torch.Generator().manual_seed(3))
     dropped = (y != y_train).reshape(B, -1).any(dim=1)
@@ -95,9 +95,10 @@ def test_the_null_of_each_kind():
     emb = torch.randn(2, LONGEST, 25, dtype=torch.bfloat16)
     null = TextPrompts(LONGEST, 24).null_like(emb)
     assert null.dtype == torch.bfloat16 and null.shape == emb.shape and not null.any()
-    for y in (labels, ids, emb):  # the kind told by shape gives the same
-        kind = ClassLabels(10) if y.dim() == 1 else TextPrompts()
-        assert torch.equal(ByShape(10).null_like(y), kind.null_like(y))
+    # told by shape, without a network config: the same written-out values
+    assert ByShape(10).null_like(labels).tolist() == [10, 10, 10]
+    assert ByShape(10).null_like(ids).tolist() == [[-1] * LONGEST] * 2
+    assert not ByShape(10).null_like(emb).any()
 
 
 def _message(*valid: str) -> str:
@@ -110,7 +111,7 @@ def test_an_unsupported_condition_is_a_named_error():
     cfg = _run_cfg()
     x = torch.randn(4, 3, 16, 16)
     mc = model_config("JiT-Micro", num_classes=10, image_size=16)
-    objective = build_objective(cfg, 10, condition=condition_for(mc))
+    objective = build_objective(cfg, mc)
     with pytest.raises(ValueError, match=_message(
         "a condition y of shape [4, 6] (torch.int64) has no null input",
         "valid: class labels int64 [B] (null: class 10)",
@@ -118,7 +119,7 @@ def test_an_unsupported_condition_is_a_named_error():
         objective.draw(x, torch.zeros(4, 6, dtype=torch.long), None)
     text = model_config("JiT-Micro-T2I", image_size=16,
                         text=TextConfig(vocab=VOCAB, max_len=LONGEST, dim=24))  # fmt: skip
-    objective = build_objective(cfg, 1, condition=condition_for(text))
+    objective = build_objective(cfg, text)
     with pytest.raises(ValueError, match=_message(
         "shape [4, 5] (torch.int64)",
         f"valid: token ids int64 [B, {LONGEST}] (null: all PAD = -1, the empty prompt)",

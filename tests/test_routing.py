@@ -353,14 +353,13 @@ def test_routing_stops_for_the_full_token_stage(tmp_path) -> None:
     full-token fine-tuning), decided by the images seen, so resume and DDP agree on it."""
     from denoiselab.algorithms import TermContext
     from denoiselab.data import build_dataset
-    from denoiselab.models.condition import condition_for
     from denoiselab.train.build import build_objective, resolve_model_config
 
     cfg = routed("sprint", **{"objective.routing_until": 0.75}).resolved()  # routed below 48 of 64
     data = build_dataset(cfg.data)
     mc = resolve_model_config(cfg, image_size=16, channels=3, num_classes=data.num_classes)
     ctx = TermContext(mc, cfg.objective, cfg.data, data, "cpu")
-    objective = build_objective(cfg, 8, ctx, condition=condition_for(mc))
+    objective = build_objective(cfg, mc, ctx)
     assert objective.routes_until_nimg == 48
     probe = _Probe()
     objective.extra_terms.append(probe)

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from denoiselab.config import ConfigError, from_dict
 from denoiselab.models import JiT, JiTConfig
-from denoiselab.models.condition import condition_for
 from denoiselab.sampling.generate import balanced_labels
 from denoiselab.train.build import Restored, build_objective, config_yaml_with_model
 from denoiselab.train.checkpoint import Checkpoint
@@ -136,7 +135,7 @@ def from_pretrained(
         loop_state={},
     )
     which = "model" if weights["ema"] is None else f"ema:{weights['ema']!r}"
-    objective = build_objective(cfg, model_cfg.num_classes, condition=condition_for(model_cfg))
+    objective = build_objective(cfg, model_cfg)
     restored = Restored(cfg, model_cfg, net, objective, ckpt, which, device)
     return Pretrained(config, restored, folder, config.get("class_names"))
 

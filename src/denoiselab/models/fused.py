@@ -1,10 +1,11 @@
-"""Eager-mode fast paths of JiT's elementwise layers: the same maths in fewer memory passes.
+"""Fast paths of JiT's layers: the same maths in fewer memory passes or a faster kernel.
 
 In eager PyTorch every elementwise op is one pass over memory, and autograd adds as many
 again (often with broadcast gradients that do not vectorise). On the small CPU models
 (JiT-T/4: 64–72 tokens × 192 wide) these passes are a good part of the step beside the
-matrix products. Under ``torch.compile`` the layers keep their plain formulas (inductor
-fuses them itself).
+matrix products. Under ``torch.compile`` RMSNorm and SwiGLU keep their plain formulas
+(inductor fuses them itself); RoPE's complex product and the explicit attention are custom
+operators, opaque to inductor, used in both modes.
 
 - :func:`rms_norm`: RMSNorm with a hand-written backward (no stride-0 broadcast gradients,
   no ``pow`` backward); the forward is bit-identical to the plain formula.

@@ -245,7 +245,6 @@ class DenoisingObjective(nn.Module):
                 "latents), or given as a number"
             )
         self.cfg = cfg
-        self.num_classes = num_classes
         self.condition = ByShape(num_classes) if condition is None else condition
         self.routes = routes  # token routing: the objective draws the route, the network obeys
         self.routes_until_nimg = routes_until_nimg  # then dense (a full-token fine-tuning stage)

@@ -67,14 +67,13 @@ class ClassifierFreeGuidance:
                 f"unconditional input of shape {list(self.y_null.shape)} does not match the "
                 f"condition's {list(self.y.shape)}"
             )
-        self._y_null = self.y_null
-        if self._y_null is None:
-            null = self.null_class
-            self._y_null = (
-                null.null_like(self.y)
-                if hasattr(null, "null_like")
-                else torch.full_like(self.y, int(null))
-            )
+        null = self.null_class
+        if self.y_null is not None:
+            self._y_null = self.y_null
+        elif hasattr(null, "null_like"):  # a condition kind
+            self._y_null = null.null_like(self.y)
+        else:  # a null label
+            self._y_null = torch.full_like(self.y, int(null))
         self._y_both = torch.cat([self.y, self._y_null])
 
     def guided(self, t: float) -> bool:

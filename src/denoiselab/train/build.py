@@ -22,7 +22,7 @@ from denoiselab.config import (
     to_dict,
 )
 from denoiselab.models import JiTConfig, model_config
-from denoiselab.models.condition import Condition, condition_for
+from denoiselab.models.condition import condition_for
 from denoiselab.models.registry import build_network
 from denoiselab.models.routing import RouteSampler
 from denoiselab.objectives import DenoisingObjective
@@ -75,24 +75,20 @@ def resolve_model_config(
 
 
 def build_objective(
-    cfg: TrainConfig,
-    num_classes: int,
-    terms: TermContext | None = None,
-    *,
-    condition: Condition,
+    cfg: TrainConfig, model_cfg: JiTConfig, terms: TermContext | None = None
 ) -> DenoisingObjective:
-    """The run's objective; with ``terms`` (training) also its extra loss terms
-    (``cfg.terms``) and the route sampler of a routing network, built for the run that
-    ``terms`` describes. Without it (sampling, evaluation) the network runs dense.
-    ``condition``: the network's condition kind (``condition_for(model_cfg)``), whose null
-    label dropout trains and the run's sampler (:func:`run_sampler`) guides with; required,
-    so that no run's objective guesses the null from a batch's shape."""
+    """The objective of a run of network ``model_cfg``; with ``terms`` (training) also its
+    extra loss terms (``cfg.terms``) and the route sampler of a routing network, built for
+    the run that ``terms`` describes. Without it (sampling, evaluation) the network runs
+    dense. Its condition kind (``condition_for(model_cfg)``) gives the null that label
+    dropout trains and the run's sampler (:func:`run_sampler`) guides with."""
+    n, condition = model_cfg.num_classes, condition_for(model_cfg)
     if terms is None:
-        return DenoisingObjective(cfg.objective, num_classes, condition=condition)
+        return DenoisingObjective(cfg.objective, n, condition=condition)
     extra = build_terms(cfg.terms, terms)
     routes = RouteSampler.for_model(terms.model_cfg)
     until = cfg.objective.routing_until * cfg.duration_nimg  # then the full-token stage
-    return DenoisingObjective(cfg.objective, num_classes, extra, routes, until, condition=condition)
+    return DenoisingObjective(cfg.objective, n, extra, routes, until, condition=condition)
 
 
 def run_sampler(
@@ -251,7 +247,7 @@ def restore(
         net.load_state_dict(state)
         which = f"ema:{decay!r}"
     net.to(device).eval()
-    objective = build_objective(cfg, model_cfg.num_classes, condition=condition_for(model_cfg))
+    objective = build_objective(cfg, model_cfg)
     return Restored(cfg, model_cfg, net, objective, ckpt, which, device, compile)
 
 

@@ -28,7 +28,6 @@ from denoiselab.config import ConfigError
 from denoiselab.data import build_dataset
 from denoiselab.data.loader import StepLoader
 from denoiselab.latents import decoder_for
-from denoiselab.models.condition import condition_for
 from denoiselab.models.registry import build_network
 from denoiselab.sampling.generate import Sampler
 from denoiselab.text.data import class_prompts, resolve_text, text_dataset
@@ -147,9 +146,7 @@ class Trainer:
         torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
         self.model = build_network(self.model_cfg).to(self.device)
         terms = TermContext(self.model_cfg, cfg.objective, cfg.data, self.dataset, self.device)
-        self.objective = build_objective(
-            cfg, self.model_cfg.num_classes, terms, condition=condition_for(self.model_cfg)
-        ).to(self.device)
+        self.objective = build_objective(cfg, self.model_cfg, terms).to(self.device)
         # network + loss terms: what DDP averages (FSDP shards) and the optimizer, clipping and
         # checkpoints see; the strategy wraps it (and may replace its parameters by shards)
         self.module = TrainingModule(self.model, self.objective)
