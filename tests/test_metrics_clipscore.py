@@ -307,14 +307,30 @@ def test_prompt_generator_samples_a_batch_once_when_asked_to_remember() -> None:
     assert len(calls) == 4  # without remember every call samples
 
 
-def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_clip, monkeypatch):
+@pytest.fixture
+def clip_loads(monkeypatch) -> list[str]:
+    """The class names of every transformers model the metrics load, in order (the real
+    ``load_pretrained`` still loads them)."""
+    import denoiselab.metrics.clipscore as clipscore_module
+    import denoiselab.metrics.extractors as extractors_module
+    from denoiselab.encoders.hf import load_pretrained
+
+    loads: list[str] = []
+
+    def counting(model_path, class_name, *args, **kwargs):
+        loads.append(class_name)
+        return load_pretrained(model_path, class_name, *args, **kwargs)
+
+    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
+    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    return loads
+
+
+def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_clip, clip_loads):
     """``eval --metrics cmmd,clipscore`` with one ``--clip``: the weights are read once (the
     whole CLIPModel; CMMD embeds with its vision tower) and both values, and CMMD's extractor
     record (a reference-cache key), are those of each metric computed alone."""
-    import denoiselab.metrics.clipscore as clipscore_module
-    import denoiselab.metrics.extractors as extractors_module
     from denoiselab.cli import main
-    from denoiselab.encoders.hf import load_pretrained
     from denoiselab.metrics import load_clip, load_clip_scorer
     from denoiselab.train.loop import train
 
@@ -326,14 +342,7 @@ def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_c
     assert torch.equal(shared(images), load_clip(path)(images))
     assert shared.preprocessing == load_clip(path).preprocessing
 
-    loads = []
-
-    def counting(model_path, class_name, *args, **kwargs):
-        loads.append(class_name)
-        return load_pretrained(model_path, class_name, *args, **kwargs)
-
-    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
-    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    loads = clip_loads  # each evaluation below starts its count afresh
     run = train(text_cfg(), tmp_path / "run", quiet=True)
 
     def evaluate(metrics: str) -> tuple[dict, list[str]]:
@@ -358,7 +367,7 @@ def test_cmmd_and_clipscore_from_one_clip_load_the_weights_once(tmp_path, tiny_c
 
 
 def test_periodic_clipscore_of_a_text_run_equals_eval_of_its_checkpoint(
-    tmp_path, tiny_clip, monkeypatch
+    tmp_path, tiny_clip, clip_loads
 ):
     """``eval.metrics: [clipscore, cmmd]`` with ``eval.clip`` during training: the run's eval
     row holds finite values equal to ``denoiselab eval`` of the checkpoint written at the same
@@ -366,24 +375,14 @@ def test_periodic_clipscore_of_a_text_run_equals_eval_of_its_checkpoint(
     evaluation."""
     import math
 
-    import denoiselab.metrics.clipscore as clipscore_module
-    import denoiselab.metrics.extractors as extractors_module
     from denoiselab.cli import main
-    from denoiselab.encoders.hf import load_pretrained
     from denoiselab.train.loop import train
     from denoiselab.train.run import read_metrics
 
     from .test_text_train import text_cfg
 
     path, _ = tiny_clip
-    loads = []
-
-    def counting(model_path, class_name, *args, **kwargs):
-        loads.append(class_name)
-        return load_pretrained(model_path, class_name, *args, **kwargs)
-
-    monkeypatch.setattr(extractors_module, "load_pretrained", counting)
-    monkeypatch.setattr(clipscore_module, "load_pretrained", counting)
+    loads = clip_loads
     cache = tmp_path / "cache"
     cfg = text_cfg(**{"eval.every_nimg": 64, "eval.metrics": "[clipscore, cmmd]", "eval.num": 6,
                       "eval.batch": 4, "eval.steps": 2, "eval.ema": 0.99, "eval.seed": 3,
@@ -438,7 +437,7 @@ def test_periodic_clipscore_config_errors_name_the_key(tmp_path, tiny_clip):
         out = tmp_path / f"run{len(clip or '')}"
         with pytest.raises(ConfigError, match=message):
             train(cfg, out, quiet=True)
-        assert not list(out.glob("*.safetensors"))
+        assert not out.exists()  # refused before the run folder, let alone a checkpoint
     # the cache's default place serves when eval.clip is unset
     import shutil
 

@@ -86,12 +86,12 @@ def test_reference_statistics_npz(tmp_path, evil):
 
 
 def test_probe_cache_file(tmp_path, evil):
-    from denoiselab.metrics.probe import _read_probe
+    from denoiselab.metrics.probe import _build_net, read_net_file
 
     raw, _, marker = evil
     path = tmp_path / "probe.safetensors"
     path.write_bytes(raw)
-    _refused(lambda: _read_probe(path, torch.device("cpu")), marker)
+    _refused(lambda: read_net_file(path, _build_net), marker)
 
 
 def test_tiny_autoencoder_directory(tmp_path, evil):

@@ -83,7 +83,10 @@ def test_cached_embeddings_equal_the_live_encoder(t5, tmp_path):
     net = build_network(mc)  # the live frozen encoder, loaded through the real code
     tokenize = tokenizer_for(mc.text)
     exact, fp16 = (TextEmbeddings(tmp_path / d, mc.text, ds) for d in ("c32", "c16"))
-    assert half["dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "c16" / half["shards"][0]["file"], "pt") as f:
+        assert half["dtype"] == "float16" and f.get_tensor("tokens").dtype == torch.float16
     for i in range(24):
         for mirrored in (False, True):
             ids = tokenize([ds.caption_variant(i, mirrored)])

@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from denoiselab.metrics import to_uint8
+from denoiselab.metrics.compositional import PromptGenerate
 from denoiselab.train.build import Restored
 from denoiselab.train.config import CLIPSCORE
 
@@ -71,9 +72,6 @@ def eval_prompts(
     order = np.random.default_rng((0xC119, seed)).permutation(len(data))
     picks = [int(order[k % len(order)]) for k in range(num)]
     return [data.caption(i) for i in picks], "captions of the data (seeded draw)"
-
-
-PromptGenerate = Callable[[list[str], int], Tensor]
 
 
 def prompt_generator(

@@ -49,6 +49,7 @@ from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
     MANIFEST,
+    STORE_DTYPES,
     CacheManifest,
     EncoderRecord,
     LatentCacheError,
@@ -56,8 +57,6 @@ from denoiselab.latents.manifest import (
     write_manifest,
 )
 from denoiselab.latents.norm import LatentNorm
-
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _ChannelStats:

@@ -28,8 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
+
 from denoiselab.config import ConfigError
 from denoiselab.latents.norm import LatentNorm
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""dtypes a cache may store its floating tensors in (``--dtype``)."""
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "denoiselab-latents"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch import Tensor
 from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD
 from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
 
+from .compositional import PromptGenerate
 from .evaluate import batch_seed
 from .extractors import MissingExtractorError, PixelNorm, embedder_preprocessing
 from .images import check_uint8_images, ensure_rgb
@@ -45,7 +46,6 @@ from .images import check_uint8_images, ensure_rgb
 __all__ = ["CLIPScorer", "check_clip_dir", "clip_score", "clipscore_values", "load_clip_scorer"]
 
 HESSEL_W = 2.5  # Hessel et al. 2021: rescales the cosines of real captions to about [0, 1]
-PromptGenerate = Callable[[list[str], int], Tensor]
 
 
 def clipscore_values(image_embeds: Tensor, text_embeds: Tensor) -> dict[str, float]:

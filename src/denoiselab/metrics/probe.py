@@ -149,10 +149,6 @@ def _build_net(meta: dict[str, Any]) -> ProbeNet:
     return ProbeNet(int(meta["num_classes"]), int(meta["image_size"]), int(meta["config"]["width"]))
 
 
-def _read_probe(path: Path, device: torch.device) -> ProbeExtractor:
-    return ProbeExtractor(*read_net_file(path, _build_net), device)
-
-
 def cached_net(
     path: Path,
     fit: Callable[[], tuple[nn.Module, dict[str, Any]]],

@@ -34,13 +34,14 @@ from safetensors import safe_open
 from torch import Tensor
 
 from denoiselab.config import ConfigError
-from denoiselab.io import atomic_write_text
+from denoiselab.io import atomic_write, atomic_write_text
 from denoiselab.latents.captions import digest
+from denoiselab.latents.manifest import STORE_DTYPES
 from denoiselab.text.config import TextConfig
 
 MANIFEST = "text.json"
 FORMAT, VERSION = "denoiselab-text-embeddings", 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = STORE_DTYPES  # the latent cache's stored dtypes
 _SAMPLE = 1 << 20  # bytes of each weights file hashed at its start and at its end
 
 
@@ -131,9 +132,7 @@ def cache_text(
                 masks.append((ids >= 0).to(torch.uint8).cpu())
             tensors[f"tokens{suffix}"], tensors[f"mask{suffix}"] = torch.cat(toks), torch.cat(masks)
         name = f"text_{k:05d}.safetensors"
-        tmp = out / f".{name}.tmp"
-        save_file(tensors, tmp)
-        tmp.replace(out / name)
+        atomic_write(out / name, lambda tmp, tensors=tensors: save_file(tensors, tmp))
         shards.append({"file": name, "start": lo, "count": hi - lo})
         if log:
             log(f"shard {k}: captions {lo}…{hi - 1} → {name}")
@@ -197,8 +196,6 @@ class TextEmbeddings:
         if k not in self._handles:
             self._handles[k] = safe_open(self.root / self.manifest["shards"][k]["file"], "pt")
         f, j, suffix = self._handles[k], index - self._starts[k], "_flip" if mirrored else ""
-        if mirrored and not self.flips:
-            suffix = ""
         tokens = f.get_slice(f"tokens{suffix}")[j].float()
         mask = f.get_slice(f"mask{suffix}")[j].float()
         return torch.cat([tokens, mask[:, None]], dim=1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError
 from denoiselab.text.embed_cache import DTYPES, cache_text
@@ -33,11 +31,10 @@ def cache_text_main(argv: list[str] | None = None) -> int:
     from denoiselab.data import build_dataset
     from denoiselab.text.data import resolve_text
     from denoiselab.train.build import load_train_config, resolve_model_config
+    from denoiselab.train.distributed import resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = resolve_device(args.device)
         cfg = load_train_config(args.config, args.overrides)
         ds = build_dataset(cfg.data)
         mc = resolve_model_config(

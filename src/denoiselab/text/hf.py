@@ -128,7 +128,8 @@ class LazyTextEncoder:
         return self
 
     def __call__(self, ids: Tensor) -> Tensor:
-        return self.to(ids.device).encoder(ids)
+        # the conditioner moves its frozen encoder to the ids' device first (which loads it)
+        return (self.encoder or self.to(ids.device).encoder)(ids)
 
 
 def load_text_encoder(cfg: TextConfig) -> FrozenTextEncoder:

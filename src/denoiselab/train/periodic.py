@@ -100,7 +100,7 @@ def evaluate_network(
     values: dict[str, float] = {}
     scorer, registry = None, [m for m in ev.metrics if m != CLIPSCORE]
     if CLIPSCORE in ev.metrics:
-        scorer = _clipscore(sampler, cfg, device, values)
+        scorer = _clipscore(sampler, cfg, device, (settings, cfg_scale), values)
     if not registry:
         return values
     result = evaluate(
@@ -133,12 +133,16 @@ def _sampling(cfg: TrainConfig) -> tuple[dict[str, Any], float]:
 
 
 def _clipscore(
-    sampler: Any, cfg: TrainConfig, device: torch.device | str, values: dict[str, float]
+    sampler: Any,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    sampling: tuple[dict[str, Any], float],
+    values: dict[str, float],
 ) -> Any:
     """CLIPScore of a text run's ``sampler`` (a ``PromptSampler``) into ``values``, as
     ``denoiselab eval --metrics clipscore --num eval.num --seed eval.seed --batch eval.batch``
     scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data,
-    the run's sampler at ``eval.steps`` / ``eval.cfg``. Returns the loaded scorer."""
+    the run's sampler with ``sampling`` (:func:`_sampling`). Returns the loaded scorer."""
     from denoiselab.evaluation_clip import prompt_generator, score_clipscore
     from denoiselab.metrics.clipscore import load_clip_scorer
     from denoiselab.metrics.extractors import resolve_extractor_path
@@ -147,7 +151,7 @@ def _clipscore(
     scorer = load_clip_scorer(
         resolve_extractor_path("clip", ev.clip, ev.cache_dir), device, flag="eval.clip"
     )
-    generate = prompt_generator(sampler.prompts, *_sampling(cfg))
+    generate = prompt_generator(sampler.prompts, *sampling)
     result = score_clipscore(cfg.data, generate, ev.num, ev.seed, scorer, ev.batch)
     values.update({k: float(v) for k, v in result["metrics"].items()})
     return scorer
