@@ -18,10 +18,9 @@ from denoiselab.config import apply_overrides, from_dict
 from denoiselab.data import build_dataset
 from denoiselab.models.registry import build_network
 from denoiselab.text import tokenizer_for
-from denoiselab.text.data import resolve_text
 from denoiselab.text.embed_cache import TextCacheError, TextEmbeddings, cache_text
 from denoiselab.train import checkpoint as ckpt_io
-from denoiselab.train.build import resolve_model_config
+from denoiselab.train.build import model_config_for
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.loop import train
 from denoiselab.train.run import read_metrics
@@ -45,10 +44,7 @@ def t5_cfg(t5: Path, *overrides: str) -> TrainConfig:
 
 def resolved(cfg: TrainConfig):
     ds = build_dataset(cfg.data)
-    mc = resolve_model_config(
-        cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
-    )
-    return ds, resolve_text(mc, ds)
+    return ds, model_config_for(cfg, ds)
 
 
 @pytest.fixture(scope="module")

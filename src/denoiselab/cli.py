@@ -181,17 +181,11 @@ def _describe_run(path: str, overrides: list[str]) -> str:
     from denoiselab.algorithms import TERMS
     from denoiselab.data import build_dataset
     from denoiselab.models.flops import describe_config
-    from denoiselab.text.data import resolve_text
-    from denoiselab.train.build import load_train_config, resolve_model_config
+    from denoiselab.train.build import load_train_config, model_config_for
 
     cfg = load_train_config(path, overrides)
-    ds = build_dataset(cfg.data)
-    mc = resolve_model_config(
-        cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
-    )
-    # a text run: D_text and max_len from the encoder's files, the vocabulary from the data,
-    # as training resolves them (the text projection's size depends on them)
-    mc = resolve_text(mc, ds)
+    # as training resolves it (a text projection's size depends on D_text and the vocabulary)
+    mc = model_config_for(cfg, build_dataset(cfg.data))
     lines = [describe_config(cfg.model["name"], mc)]
     for name, term_cfg in cfg.terms.items():
         describe = TERMS[name].describe

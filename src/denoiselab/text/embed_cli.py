@@ -29,20 +29,16 @@ def cache_text_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     from denoiselab.data import build_dataset
-    from denoiselab.text.data import resolve_text
-    from denoiselab.train.build import load_train_config, resolve_model_config
+    from denoiselab.train.build import load_train_config, model_config_for
     from denoiselab.train.distributed import resolve_device
 
     try:
         device = resolve_device(args.device)
         cfg = load_train_config(args.config, args.overrides)
         ds = build_dataset(cfg.data)
-        mc = resolve_model_config(
-            cfg, image_size=ds.image_size, channels=ds.channels, num_classes=ds.num_classes
-        )
+        mc = model_config_for(cfg, ds)
         if mc.text is None:
             raise ConfigError(f"{args.config} has no model.text: nothing to encode")
-        mc = resolve_text(mc, ds)
         start = time.perf_counter()
         m = cache_text(
             ds, mc.text, args.out, dtype=args.dtype, batch_size=args.batch, device=device,

@@ -74,6 +74,22 @@ def resolve_model_config(
         raise ConfigError(f"model: {e}") from e
 
 
+def model_config_for(cfg: TrainConfig, dataset: Any) -> JiTConfig:
+    """The network a run of ``cfg`` on ``dataset`` (its pixel or latent data, built) trains:
+    :func:`resolve_model_config` from the data's size, channels and classes, then for a text
+    run ``D_text``/``max_len`` from the encoder's files and the vocabulary from the captions
+    (:func:`~denoiselab.text.data.resolve_text`)."""
+    from denoiselab.text.data import resolve_text
+
+    mc = resolve_model_config(
+        cfg,
+        image_size=dataset.image_size,
+        channels=dataset.channels,
+        num_classes=dataset.num_classes,
+    )
+    return resolve_text(mc, dataset)
+
+
 def build_objective(
     cfg: TrainConfig, model_cfg: JiTConfig, terms: TermContext | None = None
 ) -> DenoisingObjective:

@@ -30,14 +30,14 @@ from denoiselab.data.loader import StepLoader
 from denoiselab.latents import decoder_for
 from denoiselab.models.registry import build_network
 from denoiselab.sampling.generate import Sampler
-from denoiselab.text.data import class_prompts, resolve_text, text_dataset
+from denoiselab.text.data import class_prompts, text_dataset
 from denoiselab.train import checkpoint as ckpt_io
 from denoiselab.train import state
 from denoiselab.train.allocator import retain_freed_memory
 from denoiselab.train.build import (
     build_objective,
     config_yaml_with_model,
-    resolve_model_config,
+    model_config_for,
     run_sampler,
     text_sampler,
 )
@@ -133,14 +133,8 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.dataset = build_dataset(cfg.data)
-        self.model_cfg = resolve_model_config(
-            cfg,
-            image_size=self.dataset.image_size,
-            channels=self.dataset.channels,
-            num_classes=self.dataset.num_classes,
-        )
-        # a text run: vocabulary/max_len from the data, captions as token ids instead of labels
-        self.model_cfg = resolve_text(self.model_cfg, self.dataset)
+        self.model_cfg = model_config_for(cfg, self.dataset)
+        # a text run: captions as token ids instead of labels
         self.dataset = text_dataset(self.dataset, self.model_cfg)
         self._class_prompts: list[list[str]] | None = None  # class_prompts(), built on demand
         torch.manual_seed(mix_seed(cfg.seed, 0xA11CE))
