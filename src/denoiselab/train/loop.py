@@ -288,6 +288,10 @@ class Trainer:
                 if not (self.dist.enabled and is_comm_failure(e)):
                     raise
                 cause = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                # Released while the stop handlers still hold: torchrun SIGTERMs the surviving
+                # ranks at once, and a SIGTERM after they are restored would end this process
+                # (exit -15) before the message below is printed.
+                self.close()
                 raise DistributedError(
                     f"rank {self.dist.rank} lost the other ranks at step {step + 1} "
                     f"({cause.strip()[:200]}): one died or hung longer than "
