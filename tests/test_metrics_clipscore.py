@@ -371,8 +371,8 @@ def test_periodic_clipscore_of_a_text_run_equals_eval_of_its_checkpoint(
 ):
     """``eval.metrics: [clipscore, cmmd]`` with ``eval.clip`` during training: the run's eval
     row holds finite values equal to ``denoiselab eval`` of the checkpoint written at the same
-    step (same EMA, prompts, sampler, samples and seed), and the CLIP is loaded once per
-    evaluation."""
+    step (same EMA, prompts, sampler, samples and seed), and the CLIP is loaded once for the
+    run's two evaluations."""
     import math
 
     from denoiselab.cli import main
@@ -384,14 +384,14 @@ def test_periodic_clipscore_of_a_text_run_equals_eval_of_its_checkpoint(
     path, _ = tiny_clip
     loads = clip_loads
     cache = tmp_path / "cache"
-    cfg = text_cfg(**{"eval.every_nimg": 64, "eval.metrics": "[clipscore, cmmd]", "eval.num": 6,
+    cfg = text_cfg(**{"eval.every_nimg": 32, "eval.metrics": "[clipscore, cmmd]", "eval.num": 6,
                       "eval.batch": 4, "eval.steps": 2, "eval.ema": 0.99, "eval.seed": 3,
                       "eval.clip": str(path), "eval.cache_dir": str(cache)})  # fmt: skip
     run = train(cfg, tmp_path / "run", quiet=True)
-    assert loads == ["CLIPModel"]  # one evaluation (the end of the run), one load
+    assert loads == ["CLIPModel"]  # two evaluations (half-way and the end), one load
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "eval/clipscore" in r]
-    assert len(rows) == 1 and rows[0]["step"] == cfg.steps()
-    logged = rows[0]
+    assert [r["step"] for r in rows] == [cfg.steps() // 2, cfg.steps()]
+    logged = rows[1]
     assert all(
         math.isfinite(logged[f"eval/{k}"]) for k in ("clipscore", "clipscore_cos100", "cmmd")
     )

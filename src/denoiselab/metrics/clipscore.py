@@ -38,8 +38,8 @@ from torch import Tensor
 from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD
 from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
 
+from .batches import run_batches
 from .compositional import PromptGenerate
-from .evaluate import batch_seed
 from .extractors import MissingExtractorError, PixelNorm, embedder_preprocessing
 from .images import check_uint8_images, ensure_rgb
 
@@ -248,27 +248,32 @@ def clip_score(
     seed: int = 0,
 ) -> dict[str, Any]:
     """CLIPScore of ``generate(prompts, seed) -> uint8 [n, 3, H, W]`` on ``prompts``: batch
-    ``i`` of the prompts is generated with seed :func:`~.evaluate.batch_seed` ``(seed, i)``
-    and each image scored against its own prompt. Returns the two values of
-    :func:`clipscore_values` under ``metrics`` plus what reproduces them."""
+    ``i`` of the prompts is generated with seed :func:`~.batches.batch_seed` ``(seed, i)``
+    and each image scored against its own prompt; under a process group the batches are
+    shared out over the ranks (:func:`~.batches.run_batches`: the same values on every rank
+    and as in one process). Returns the two values of :func:`clipscore_values` under
+    ``metrics`` plus what reproduces them."""
     start = time.perf_counter()
     prompts = list(prompts)
-    if not prompts or batch < 1:
-        raise ValueError(f"need at least one prompt (got {len(prompts)}) and batch ≥ 1 ({batch})")
-    images, texts, seeds, shape = [], [], [], []
-    for index, first in enumerate(range(0, len(prompts), batch)):
-        chunk = prompts[first : first + batch]
-        seeds.append(batch_seed(seed, index))
-        x = check_uint8_images(generate(chunk, seeds[-1]).cpu())
-        if x.shape[0] != len(chunk):
-            raise ValueError(f"generate returned {x.shape[0]} images for {len(chunk)} prompts")
-        shape = list(x.shape[1:])
-        images.append(scorer.images(x))
-        texts.append(scorer.texts(chunk))
+
+    def embed(images: Tensor, first: int, stop: int) -> tuple[Tensor, Tensor, int]:
+        cut = scorer.truncated
+        texts = scorer.texts(prompts[first:stop])
+        return scorer.images(images), texts, scorer.truncated - cut
+
+    run = run_batches(
+        lambda first, stop, seed_i: generate(prompts[first:stop], seed_i),
+        embed,
+        len(prompts),
+        batch,
+        seed,
+        "prompts",
+    )
+    images, texts, cuts = zip(*run.results, strict=True)
     return {
         "metrics": clipscore_values(torch.cat(images), torch.cat(texts)),
         "num": len(prompts),
-        "truncated_prompts": scorer.truncated,
+        "truncated_prompts": sum(cuts),
         "extractor": {
             "name": scorer.name,
             "weights_id": scorer.weights_id,
@@ -276,7 +281,8 @@ def clip_score(
         },
         "seed": seed,
         "batch": batch,
-        "batch_seeds": seeds,
-        "image_shape": shape,
+        "batch_seeds": run.seeds,
+        "world_size": run.world,
+        "image_shape": run.image_shape,
         "wall_time_s": time.perf_counter() - start,
     }

@@ -9,7 +9,8 @@ pairs out (``data.holdout_pairs``), a share of the prompts asks for exactly thos
 the score is reported on them apart (``unseen``) and on the others (``seen``).
 
 The generator is any callable ``generate(prompts: list[str], seed: int) -> uint8 [n, 3, H, W]``;
-batch ``i`` gets the seed :func:`~.evaluate.batch_seed` ``(seed, i)``. The probe's own
+batch ``i`` gets the seed :func:`~.batches.batch_seed` ``(seed, i)`` (under a process group
+the batches are shared out over the ranks, with the same result). The probe's own
 accuracy on real images (``probe_real_accuracy``) is returned beside the score, and
 :func:`real_images` renders the scenes behind the prompts: the score of that "generator"
 is the best a perfect model can get from this judge.
@@ -35,8 +36,8 @@ from .attribute_probe import (
     check_shapes_config,
     load_attribute_probe,
 )
-from .evaluate import batch_seed
-from .images import check_uint8_images, dataset_uint8
+from .batches import rank_zero_first, run_batches
+from .images import dataset_uint8
 
 __all__ = [
     "DEFAULT_JUDGED",
@@ -150,7 +151,8 @@ def compositional_score(
     if probe is None:
         if dataset_cfg is None:
             raise ValueError("compositional_score needs a probe or the dataset_cfg to load one")
-        probe = load_attribute_probe(dataset_cfg, probe_config, cache_dir, device)
+        with rank_zero_first():  # rank 0 trains it into the cache, the others read it
+            probe = load_attribute_probe(dataset_cfg, probe_config, cache_dir, device)
     items = [p if isinstance(p, ShapePrompt) else ShapePrompt(*p, False, None) for p in prompts]
     if not items or batch < 1:
         raise ValueError(f"need at least one prompt (got {len(items)}) and batch ≥ 1 (got {batch})")
@@ -162,21 +164,20 @@ def compositional_score(
         )
     items = [_as_indices(p, probe.names) for p in items]
     judged = [k for k in judged if k in keys]
-    predicted: dict[str, list[Tensor]] = {k: [] for k in keys}
-    seeds, shape = [], []
-    for index, first in enumerate(range(0, len(items), batch)):
-        chunk = items[first : first + batch]
-        seeds.append(batch_seed(seed, index))
-        images = check_uint8_images(generate([p.prompt for p in chunk], seeds[-1]).cpu())
-        if images.shape[0] != len(chunk):
-            raise ValueError(f"generate returned {images.shape[0]} images for {len(chunk)} prompts")
-        shape = list(images.shape[1:])
-        for k, v in probe.predict(images).items():
-            if k in predicted:
-                predicted[k].append(v)
-    hits = {
-        k: torch.cat(predicted[k]) == torch.tensor([p.attributes[k] for p in items]) for k in keys
-    }
+
+    def judge(images: Tensor, first: int, stop: int) -> dict[str, Tensor]:
+        return {k: v for k, v in probe.predict(images).items() if k in keys}
+
+    run = run_batches(
+        lambda first, stop, seed_i: generate([p.prompt for p in items[first:stop]], seed_i),
+        judge,
+        len(items),
+        batch,
+        seed,
+        "prompts",
+    )
+    predicted = {k: torch.cat([r[k] for r in run.results]) for k in keys}
+    hits = {k: predicted[k] == torch.tensor([p.attributes[k] for p in items]) for k in keys}
     unseen = torch.tensor([p.unseen for p in items])
     return {
         **_summary(hits, judged, torch.ones_like(unseen)),
@@ -190,8 +191,9 @@ def compositional_score(
         "probe": {"weights_id": probe.weights_id, "config": probe.meta.get("config")},
         "seed": seed,
         "batch": batch,
-        "batch_seeds": seeds,
-        "image_shape": shape,
+        "batch_seeds": run.seeds,
+        "world_size": run.world,
+        "image_shape": run.image_shape,
         "wall_time_s": time.perf_counter() - start,
     }
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .batches import batch_seed, rank_zero_first, run_batches
 from .extractors import Extractor, load_clip, load_dinov2, load_inception, resolve_extractor_path
 from .frechet import frechet_distance, gaussian_stats
-from .images import check_uint8_images, ensure_rgb
+from .images import ensure_rgb
 from .inception_score import inception_score
 from .kernels import kid, l2_normalize, mmd_rbf
 from .precision_recall import precision_recall
@@ -152,11 +151,6 @@ def balanced_labels(num: int, num_classes: int) -> Tensor:
     return torch.arange(num) % num_classes
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """Seed of generation batch ``index``: ``SeedSequence([seed, index])`` → one uint32."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
 def evaluate(
     generate: Generate,
     *,
@@ -201,7 +195,6 @@ def evaluate(
     if num < 2 or batch < 1:  # checked before any probe training or reference pass
         raise ValueError(f"num={num} must be >= 2 (distances need two samples), batch={batch} >= 1")
     specs = _resolve(metrics)
-    rank, world = _rank_world()
     files = {k: load_reference_npz(v) for k, v in (reference_files or {}).items()}
     _check_file_references(specs, files)
     kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))
@@ -210,40 +203,37 @@ def evaluate(
         from ..data import build_dataset
 
         dataset = build_dataset(dataset_cfg)
-    if rank > 0:
-        dist.barrier()  # rank 0 trains the probe / computes the references into the cache first
     given = dict(extractors or {})
-    extractors = {
-        kind: given[kind]
-        if kind in given
-        else _build_extractor(
-            kind,
-            dataset_cfg,
-            dataset,
-            extractor_paths or {},
-            cache_dir,
-            device,
-            probe_config,
-            inception_resize,
-        )
-        for kind in kinds
-    }
     references: dict[str, ReferenceStats] = {}
-    for kind in kinds:
-        if kind in files:
-            check_dimension(files[kind], extractors[kind], kind)
-            references[kind] = files[kind]
-        elif kind in needs_ref:
-            references[kind] = reference_stats(
-                extractors[kind],
+    with rank_zero_first():  # rank 0 trains the probe / computes the references into the cache
+        extractors = {
+            kind: given[kind]
+            if kind in given
+            else _build_extractor(
+                kind,
                 dataset_cfg,
-                num=num_ref or num,
-                dataset=dataset,
-                max_features=max_ref_features,
-                cache_dir=cache_dir,
+                dataset,
+                extractor_paths or {},
+                cache_dir,
+                device,
+                probe_config,
+                inception_resize,
             )
-    if rank == 0 and world > 1:
-        dist.barrier()
+            for kind in kinds
+        }
+        for kind in kinds:
+            if kind in files:
+                check_dimension(files[kind], extractors[kind], kind)
+                references[kind] = files[kind]
+            elif kind in needs_ref:
+                references[kind] = reference_stats(
+                    extractors[kind],
+                    dataset_cfg,
+                    num=num_ref or num,
+                    dataset=dataset,
+                    max_features=max_ref_features,
+                    cache_dir=cache_dir,
+                )
     if "acc_probe" in specs and extractors["probe"].num_classes != num_classes:
         raise ValueError(
             f"num_classes={num_classes} but the dataset (and its probe) has "
@@ -251,7 +241,7 @@ def evaluate(
         )
     labels = balanced_labels(num, num_classes)
     with_logits = {spec.extractor for spec in specs.values() if spec.needs_logits}
-    run = _generate_features(generate, labels, batch, seed, extractors, with_logits, rank, world)
+    run = _generate_features(generate, labels, batch, seed, extractors, with_logits)
     values: dict[str, float] = {}
     for spec in specs.values():
         kind = spec.extractor
@@ -266,7 +256,7 @@ def evaluate(
         "labels": "balanced: label_i = i mod num_classes",
         "seed": seed,
         "batch": batch,
-        "world_size": world,
+        "world_size": run.world,
         "batch_seeds": run.seeds,
         "image_shape": run.image_shape,
         "probe_real_accuracy": _probe_accuracy(extractors.get("probe")),
@@ -285,13 +275,7 @@ class _Run:
     seeds: list[int]
     seconds: float
     image_shape: list[int]
-
-
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the world size of an initialised process group (else 0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    world: int
 
 
 def _generate_features(
@@ -301,48 +285,36 @@ def _generate_features(
     seed: int,
     extractors: Mapping[str, Extractor],
     with_logits: set[str],
-    rank: int = 0,
-    world: int = 1,
 ) -> _Run:
-    """Generate batch by batch (timed on its own) and stream each batch through every extractor.
+    """Generate batch by batch (timed on its own) and stream each batch through every
+    extractor; under a process group the batches are shared out over the ranks
+    (:func:`~.batches.run_batches`), and the features gathered do not depend on their number."""
 
-    Under a process group, rank ``r`` takes the batches ``i ≡ r (mod world)``; batch ``i``
-    always has the labels and noise seed it has in one process, so the gathered features —
-    and the metrics — do not depend on the number of ranks. Generation time is the slowest
-    rank's."""
-    starts = list(range(0, len(labels), batch))
-    seeds = [batch_seed(seed, index) for index in range(len(starts))]
-    local: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
-    seconds, shape = 0.0, []
-    for index in range(rank, len(starts), world):
-        y = labels[starts[index] : starts[index] + batch]
-        tic = time.perf_counter()
-        images = generate(len(y), y, seeds[index]).cpu()  # .cpu() waits for the device
-        seconds += time.perf_counter() - tic
-        images = ensure_rgb(check_uint8_images(images))
-        if images.shape[0] != len(y):
-            raise ValueError(f"generate returned {images.shape[0]} images for {len(y)} labels")
-        shape = list(images.shape[1:])
+    def features(images: Tensor, start: int, stop: int) -> tuple[dict[str, Tensor], ...]:
+        images = ensure_rgb(images)
         feats, logs = {}, {}
         for kind, extractor in extractors.items():
             if kind in with_logits:
                 feats[kind], logs[kind] = extractor.features_and_logits(images)
             else:
                 feats[kind] = extractor(images)
-        local[index] = (feats, logs)
-    if world > 1:
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (local, seconds, shape))
-        local = {i: item for part, _, _ in parts for i, item in part.items()}
-        seconds = max(part[1] for part in parts)
-        shape = next(part[2] for part in parts if part[2])
-    order = sorted(local)
+        return feats, logs
+
+    run = run_batches(
+        lambda start, stop, s: generate(stop - start, labels[start:stop], s),
+        features,
+        len(labels),
+        batch,
+        seed,
+        "labels",
+    )
     return _Run(
-        features={k: torch.cat([local[i][0][k] for i in order]) for k in extractors},
-        logits={k: torch.cat([local[i][1][k] for i in order]) for k in with_logits},
-        seeds=seeds,
-        seconds=seconds,
-        image_shape=shape,
+        features={k: torch.cat([f[k] for f, _ in run.results]) for k in extractors},
+        logits={k: torch.cat([g[k] for _, g in run.results]) for k in with_logits},
+        seeds=run.seeds,
+        seconds=run.seconds,
+        image_shape=run.image_shape,
+        world=run.world,
     )
 
 

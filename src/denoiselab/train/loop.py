@@ -168,6 +168,7 @@ class Trainer:
         # latents → pixels for sample grids (identity for pixel data)
         self.decode = decoder_for(cfg.data, self.device)
         self.progress: ProgressBar | None = None
+        self.eval_models: dict[str, Any] = {}  # scorers periodic evaluation loaded (kept)
         self.start_step = state.resume(self, resume) if resume is not None else 0
         self.run_dir = RunFolder(out_dir, self.dist.is_main)
         state.claim_run_folder(self, resuming=resume is not None)

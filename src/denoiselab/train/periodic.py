@@ -85,10 +85,16 @@ def _check_clipscore_dir(cfg: TrainConfig) -> None:
 
 
 def evaluate_network(
-    sampler: Sampler, cfg: TrainConfig, num_classes: int, device: torch.device | str
+    sampler: Sampler,
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device | str,
+    loaded: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """``cfg.eval`` metrics of the network behind ``sampler`` -> ``{name: value}``, with
-    ``probe_real_accuracy`` (the probe on held-out real images) when a probe scored."""
+    ``probe_real_accuracy`` (the probe on held-out real images) when a probe scored.
+    ``loaded``: scorers an earlier evaluation of the run loaded, reused and added to (the
+    CLIP of clipscore and cmmd is read from disk once per run, not once per evaluation)."""
     from denoiselab.latents import pixel_data_config
 
     ev = cfg.eval
@@ -98,9 +104,12 @@ def evaluate_network(
         return to_uint8(sampler(labels[:n], seed, cfg_scale=cfg_scale, **settings).cpu())
 
     values: dict[str, float] = {}
+    loaded = {} if loaded is None else loaded
     scorer, registry = None, [m for m in ev.metrics if m != CLIPSCORE]
     if CLIPSCORE in ev.metrics:
-        scorer = _clipscore(sampler, cfg, device, (settings, cfg_scale), values)
+        scorer = loaded.get(CLIPSCORE) or _load_clip_scorer(cfg, device)
+        loaded[CLIPSCORE] = scorer
+        _clipscore(sampler, cfg, scorer, (settings, cfg_scale), values)
     if not registry:
         return values
     result = evaluate(
@@ -132,29 +141,33 @@ def _sampling(cfg: TrainConfig) -> tuple[dict[str, Any], float]:
     return settings, own.cfg if cfg.eval.cfg is None else cfg.eval.cfg
 
 
-def _clipscore(
-    sampler: Any,
-    cfg: TrainConfig,
-    device: torch.device | str,
-    sampling: tuple[dict[str, Any], float],
-    values: dict[str, float],
-) -> Any:
-    """CLIPScore of a text run's ``sampler`` (a ``PromptSampler``) into ``values``, as
-    ``denoiselab eval --metrics clipscore --num eval.num --seed eval.seed --batch eval.batch``
-    scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data,
-    the run's sampler with ``sampling`` (:func:`_sampling`). Returns the loaded scorer."""
-    from denoiselab.evaluation_clip import prompt_generator, score_clipscore
+def _load_clip_scorer(cfg: TrainConfig, device: torch.device | str) -> Any:
+    """The CLIP of ``eval.clip`` (or the cache's), for clipscore (and cmmd's image tower)."""
     from denoiselab.metrics.clipscore import load_clip_scorer
     from denoiselab.metrics.extractors import resolve_extractor_path
 
+    path = resolve_extractor_path("clip", cfg.eval.clip, cfg.eval.cache_dir)
+    return load_clip_scorer(path, device, flag="eval.clip")
+
+
+def _clipscore(
+    sampler: Any,
+    cfg: TrainConfig,
+    scorer: Any,
+    sampling: tuple[dict[str, Any], float],
+    values: dict[str, float],
+) -> None:
+    """CLIPScore of a text run's ``sampler`` (a ``PromptSampler``) into ``values``, as
+    ``denoiselab eval --metrics clipscore --num eval.num --seed eval.seed --batch eval.batch``
+    scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data,
+    the run's sampler with ``sampling`` (:func:`_sampling`); under DDP each rank draws a share
+    of the batches (``metrics.batches.run_batches``)."""
+    from denoiselab.evaluation_clip import prompt_generator, score_clipscore
+
     ev = cfg.eval
-    scorer = load_clip_scorer(
-        resolve_extractor_path("clip", ev.clip, ev.cache_dir), device, flag="eval.clip"
-    )
     generate = prompt_generator(sampler.prompts, *sampling)
     result = score_clipscore(cfg.data, generate, ev.num, ev.seed, scorer, ev.batch)
     values.update({k: float(v) for k, v in result["metrics"].items()})
-    return scorer
 
 
 def ema_network(trainer: Any, ema: float | str, step: int) -> torch.nn.Module:
@@ -190,7 +203,9 @@ def evaluate_run(trainer: Any, step: int) -> dict[str, float]:
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # training's random stream stays untouched
         net = trainer.ema_network(cfg.eval.ema, step)
-        values = evaluate_network(trainer.sampler(net), cfg, trainer.model_cfg.num_classes, device)
+        values = evaluate_network(
+            trainer.sampler(net), cfg, trainer.model_cfg.num_classes, device, trainer.eval_models
+        )
     row: dict[str, Any] = {"step": step, "nimg": step * cfg.global_batch}
     row["kimg"] = row["nimg"] / 1000
     row.update({f"eval/{k}": v for k, v in values.items()})
