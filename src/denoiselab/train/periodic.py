@@ -109,7 +109,7 @@ def evaluate_network(
     if CLIPSCORE in ev.metrics:
         scorer = loaded.get(CLIPSCORE) or _load_clip_scorer(cfg, device)
         loaded[CLIPSCORE] = scorer
-        _clipscore(sampler, cfg, scorer, (settings, cfg_scale), values)
+        _clipscore(sampler, cfg, scorer, (settings, cfg_scale), values, loaded)
     if not registry:
         return values
     result = evaluate(
@@ -156,17 +156,23 @@ def _clipscore(
     scorer: Any,
     sampling: tuple[dict[str, Any], float],
     values: dict[str, float],
+    loaded: dict[str, Any],
 ) -> None:
     """CLIPScore of a text run's ``sampler`` (a ``PromptSampler``) into ``values``, as
     ``denoiselab eval --metrics clipscore --num eval.num --seed eval.seed --batch eval.batch``
-    scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data,
-    the run's sampler with ``sampling`` (:func:`_sampling`); under DDP each rank draws a share
-    of the batches (``metrics.batches.run_batches``)."""
-    from denoiselab.evaluation_clip import prompt_generator, score_clipscore
+    scores the checkpoint: :func:`~denoiselab.evaluation_clip.eval_prompts` of the run's data
+    (drawn once per run and kept in ``loaded``: on captioned folders that reads the data
+    set), the run's sampler with ``sampling`` (:func:`_sampling`); under DDP each rank draws a
+    share of the batches (``metrics.batches.run_batches``)."""
+    from denoiselab.evaluation_clip import eval_prompts, prompt_generator
+    from denoiselab.metrics.clipscore import clip_score
 
     ev = cfg.eval
+    key = f"{CLIPSCORE}/prompts"
+    if key not in loaded:
+        loaded[key] = eval_prompts(cfg.data, ev.num, ev.seed)[0]
     generate = prompt_generator(sampler.prompts, *sampling)
-    result = score_clipscore(cfg.data, generate, ev.num, ev.seed, scorer, ev.batch)
+    result = clip_score(generate, loaded[key], scorer, batch=ev.batch, seed=ev.seed)
     values.update({k: float(v) for k, v in result["metrics"].items()})
 
 
