@@ -225,17 +225,30 @@ def test_resuming_with_another_vocabulary_is_a_named_error(tmp_path):
 
 
 def test_prompts_txt_names_the_prompts_each_batch_was_sampled_with(tmp_path, capsys):
-    """Without --prompt a text run is sampled from captions of images of each label, each
-    batch afresh (the j-th repeat of a label in a batch takes the class's j-th caption). With
-    two batches of the same balanced labels, both batches used the same prompts: prompts.txt
-    must say so (it once counted repeats across the whole run instead)."""
+    """Without --prompt a text run is sampled from captions of images of each label: in a
+    batch drawn from noise seed s the j-th repeat of label y takes caption (j + s) mod n of
+    the class (``text.data.prompts_for``). prompts.txt must name exactly those, and the label
+    path must draw the same images as sampling those prompts directly."""
+    from denoiselab.sampling.generate import balanced_labels
+
     run = train(text_cfg(duration_nimg=32), tmp_path / "r", quiet=True)
-    k = restore(run, ema=None).model_cfg.num_classes
+    r = restore(run, ema=None)
+    k, table = r.model_cfg.num_classes, r.sampler.table()
     out = tmp_path / "s"
-    flags = ["--steps", "1", "--no-ema", "--num", str(4 * k), "--batch", str(2 * k)]
+    flags = ["--steps", "1", "--no-ema", "--num", str(4 * k), "--batch", str(2 * k), "--seed", "7"]
     assert main(["sample", str(run), *flags, "--out", str(out)]) == 0, capsys.readouterr().err
     lines = (out / "prompts.txt").read_text().splitlines()  # "index<TAB>prompt"
     assert [int(line.split("\t")[0]) for line in lines] == list(range(4 * k))
     prompts = [line.split("\t", 1)[1] for line in lines]
-    assert prompts[2 * k :] == prompts[: 2 * k]
+    want = []
+    for start in (0, 2 * k):  # batch seed: --seed + start (as `sample` draws it)
+        seen: dict[int, int] = {}
+        for y in balanced_labels(2 * k, k).tolist():
+            j = seen[y] = seen.get(y, -1) + 1
+            want.append(table[y][(j + 7 + start) % len(table[y])])
+    assert prompts == want
     assert prompts[:k] != prompts[k : 2 * k]  # within a batch, a repeated label: next caption
+    labels = balanced_labels(2 * k, k)
+    by_label = r.sample(labels, 7 + 2 * k, steps=1)
+    by_prompt = r.sample_prompts(prompts[2 * k :], 7 + 2 * k, steps=1)
+    assert torch.equal(by_label, by_prompt)

@@ -147,7 +147,7 @@ def _sample(args: argparse.Namespace) -> int:
         save_images(x, out, start=start)
         images.append(x.cpu())
         if r.is_text:  # each batch's labels → captions of the data, as the sampler chose them
-            used += r.sampler.prompts_for(labels)
+            used += r.sampler.prompts_for(labels, args.seed + start)
     save_grid(torch.cat(images)[:256], out / "grid.png")
     if r.is_text:
         write_prompts(out / "prompts.txt", used)

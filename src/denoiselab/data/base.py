@@ -104,12 +104,17 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: SupportsIndex) -> tuple[Tensor, int]:
         return self.get_item(index, epoch=0)
 
+    def label(self, index: SupportsIndex) -> int:
+        """The label of sample ``index``, without decoding or rendering its pixels where the
+        dataset knows it beforehand (every built-in one does; this default loads the item)."""
+        return int(self[index][1])
+
     def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         """A short English description of sample ``index`` (the class name by default).
 
         ``epoch``: describe the sample as ``get_item(index, epoch)`` returns it, for datasets
         whose words depend on the flip (``shapes`` says left or right); others ignore it."""
-        return self.class_names[self[index][1]]
+        return self.class_names[self.label(index)]
 
     def mirrored(self, index: SupportsIndex, epoch: int | None) -> bool:
         """Whether ``caption(index, epoch)`` describes the mirror image: ``get_item(index,

@@ -55,6 +55,9 @@ class DigitsDataset(ImageDataset):
         x = x[0].clamp(0, 1).mul(2).sub(1)  # [1, H, W]
         return x.expand(self.channels, -1, -1).contiguous(), self._labels[index]
 
+    def label(self, index: SupportsIndex) -> int:
+        return int(self._labels[self._check_index(index)])
+
     def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         """E.g. ``"a handwritten digit 7"``."""
         return f"a handwritten digit {self._labels[self._check_index(index)]}"

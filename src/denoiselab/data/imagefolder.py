@@ -193,6 +193,19 @@ class ImageFolderDataset(ImageDataset):
             f"be decoded (last: {self._last_error}); check the data"
         )
 
+    def label(self, index: SupportsIndex) -> int:
+        """The class folder of the image that ``self[index]`` shows (no decoding; like
+        :meth:`caption`, it follows the files known to be unreadable in this process)."""
+        return self.samples[self._readable(self._check_index(index))][1]
+
+    def _readable(self, i: int) -> int:
+        """``i``, or the next index whose file is not known to be unreadable."""
+        for offset in range(len(self.samples)):
+            j = (i + offset) % len(self.samples)
+            if self.samples[j][0] not in self.bad_paths:
+                return j
+        return i
+
     def _read(self, path: str) -> np.ndarray | None:
         """Decoded, cropped ``uint8 [H, W, C]``, or ``None`` (counted, warned) if unreadable."""
         if path in self.bad_paths:
@@ -225,11 +238,7 @@ class ImageFolderDataset(ImageDataset):
         caption follows the files known to be unreadable in this process, so ask after
         loading the item. ``epoch`` is ignored (a caption file describes the photo, flipped
         or not)."""
-        i = self._check_index(index)
-        for offset in range(len(self.samples)):
-            j = (i + offset) % len(self.samples)
-            if self.samples[j][0] not in self.bad_paths:
-                break
+        j = self._readable(self._check_index(index))
         if self.captions.empty:
             return self.class_names[self.samples[j][1]].replace("_", " ")
         return self.captions.caption(self._paths[j])

@@ -163,6 +163,9 @@ class LatentDataset(ImageDataset):
             return item
         return (*item, {name: self.raw(i, flipped, name) for name in self.extras})
 
+    def label(self, index: SupportsIndex) -> int:
+        return self._labels[self._check_index(index)]
+
     def labels(self) -> torch.Tensor:
         """All labels ``int64 [N]``."""
         return torch.tensor(self._labels, dtype=torch.long)

@@ -121,6 +121,9 @@ class PreparedDataset(ImageDataset):
         position = int(self._index[index])
         return uint8_to_model(np.asarray(self.stored(position))), int(self._labels[position])
 
+    def label(self, index: SupportsIndex) -> int:
+        return int(self._labels[int(self._index[self._check_index(index)])])
+
     def caption(self, index: SupportsIndex) -> str:
         """The class folder name, underscores as spaces (as ``imagefolder``)."""
         position = int(self._index[self._check_index(index)])

@@ -295,6 +295,9 @@ class ShapesDataset(ImageDataset):
             spec = draw_spec(self.seed, index, self.channels, self.textures)
         return avoid_pairs(spec, self.held_out, (self.seed, index), self.channels)
 
+    def label(self, index: SupportsIndex) -> int:
+        return self.spec(index).label
+
     def _load(self, index: int) -> tuple[Tensor, int]:
         spec = self._spec(index)
         image = render(spec, self.image_size, self.channels)

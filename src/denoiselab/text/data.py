@@ -84,6 +84,9 @@ class CaptionTokens(ImageDataset):
         ids = self.tokenizer([self.dataset.caption(index, epoch)])[0]  # the image as flipped
         return (image, ids, *extras)
 
+    def label(self, index: SupportsIndex) -> int:  # the class, not the caption's tokens
+        return self.dataset.label(index)
+
     def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
         return self.dataset.caption(index, epoch)
 
@@ -109,13 +112,14 @@ def text_dataset(dataset: ImageDataset, model_cfg: Any) -> ImageDataset:
 def class_prompts(dataset: Any, per_class: int = 8, seed: int = 0) -> list[list[str]]:
     """Up to ``per_class`` captions of each class, from images in a seeded order: the prompts
     with which a text run is sampled where a metric or grid asks for a class (label-balanced
-    evaluation). A class with no image in the data gets its class name as its prompt."""
+    evaluation). A class with no image in the data gets its class name as its prompt. Labels
+    are read without loading pixels (``label(i)``: on an image folder no file is decoded)."""
     base = dataset.dataset if isinstance(dataset, CaptionTokens) else dataset
     n, k = len(base), base.num_classes
     out: list[list[str]] = [[] for _ in range(k)]
     order = np.random.default_rng((0x7E47, seed)).permutation(n)
     for i in order[: min(n, 64 * per_class * k)].tolist():
-        label = int(base[i][1])
+        label = base.label(i)
         if len(out[label]) < per_class:
             out[label].append(base.caption(i))
         if all(len(c) >= per_class for c in out):
@@ -123,13 +127,16 @@ def class_prompts(dataset: Any, per_class: int = 8, seed: int = 0) -> list[list[
     return [c or [base.class_names[y]] for y, c in enumerate(out)]
 
 
-def prompts_for(labels: Tensor, table: list[list[str]]) -> list[str]:
-    """One prompt per label: the j-th occurrence of label ``y`` in ``labels`` takes
-    ``table[y][j mod len]``."""
+def prompts_for(labels: Tensor, table: list[list[str]], seed: int) -> list[str]:
+    """One prompt per label of a batch sampled with noise ``seed``: the j-th occurrence of
+    label ``y`` in ``labels`` takes ``table[y][(j + seed) mod len]``. A batch that repeats a
+    class takes its captions in turn (all of them once it repeats it ``len`` times); the
+    seed turns the start, so batches holding a class once or a few times (batch ≤ classes,
+    as on ImageNet) still use all of its captions over an evaluation instead of the first."""
     seen: dict[int, int] = {}
     out = []
     for y in labels.tolist():
         j = seen.get(y, 0)
         seen[y] = j + 1
-        out.append(table[y][j % len(table[y])])
+        out.append(table[y][(j + seed) % len(table[y])])
     return out

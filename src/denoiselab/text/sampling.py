@@ -3,7 +3,8 @@
 :class:`PromptSampler` wraps the run's :class:`~denoiselab.sampling.generate.Sampler` (whose
 unconditional condition is the empty prompt). Called with labels ``[n]`` — as the training
 grids, periodic evaluation, ``denoiselab eval`` and the ablation scorer call every sampler —
-it samples each label from a caption of an image of that class (:func:`~.data.class_prompts`),
+it samples each label from a caption of an image of that class (:func:`~.data.class_prompts`,
+chosen per batch by :func:`~.data.prompts_for`),
 so the label-keyed metrics (FD, KID, the probe's accuracy) score text runs unchanged.
 """
 
@@ -38,12 +39,12 @@ class PromptSampler:
             self._table = self._table_fn()
         return self._table
 
-    def prompts_for(self, labels: Tensor) -> list[str]:
-        """The prompt each label is sampled with."""
-        return prompts_for(labels.cpu(), self.table())
+    def prompts_for(self, labels: Tensor, seed: int) -> list[str]:
+        """The prompt each label is sampled with from noise ``seed`` (:func:`~.data.prompts_for`)."""
+        return prompts_for(labels.cpu(), self.table(), seed)
 
     def __call__(self, labels: Tensor, seed: int, **settings: Any) -> Tensor:
-        ids = labels if labels.dim() == 2 else self.tokenizer(self.prompts_for(labels))
+        ids = labels if labels.dim() == 2 else self.tokenizer(self.prompts_for(labels, seed))
         return self.sampler(ids, seed, **settings)
 
     @torch.no_grad()

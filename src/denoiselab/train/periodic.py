@@ -237,10 +237,10 @@ def draw_grid(trainer: Any, step: int) -> None:
     if not trainer.dist.is_main:
         return
     labels = balanced_labels(cfg.num_grid, mc.num_classes)
-    sampler = trainer.sampler(net)
+    sampler, seed = trainer.sampler(net), trainer.cfg.seed + 1
     images = sampler(
         labels,
-        trainer.cfg.seed + 1,
+        seed,
         steps=cfg.steps,
         solver=cfg.solver,
         cfg_scale=cfg.cfg,
@@ -250,6 +250,6 @@ def draw_grid(trainer: Any, step: int) -> None:
     square = cfg.num_grid % mc.num_classes == 0 and mc.num_classes <= 16
     path = trainer.run_dir.root / "samples" / f"step_{step:09d}.png"
     if mc.text is not None:  # a text run: the prompts beside the grid, in grid order
-        write_prompts(path.with_suffix(".txt"), sampler.prompts_for(labels))
+        write_prompts(path.with_suffix(".txt"), sampler.prompts_for(labels, seed))
     save_grid(images, path, mc.num_classes if square else None)
     trainer.run_dir.log_image("samples", path, step)
