@@ -62,7 +62,7 @@ class BatchRun(Generic[T]):
     results: list[T]  # one per batch, in batch order
     seeds: list[int]  # batch_seed(seed, i)
     seconds: float  # time in ``generate`` (the slowest rank's under a process group)
-    image_shape: list[int]  # [3, H, W] of the generated images
+    image_shape: list[int]  # [C, H, W] of the generated images
     world: int  # ranks that shared the batches
 
 
