@@ -145,7 +145,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"metrics": {}}
         # both text metrics on shapes score the same held-out prompts and seeds: sample once
         both = compositional and clipscore and args.prompts is None
-        generate = prompt_generator(r.sample_prompts, own, scale, both) if r.is_text else None
+        # the text metrics sample with the registry metrics' guidance (--guidance, --sparse-ratio)
+        guided = {**own, "guidance": args.guidance, "sparse_ratio": args.sparse_ratio}
+        generate = prompt_generator(r.sample_prompts, guided, scale, both) if r.is_text else None
         if compositional:
             out["compositional"] = score_compositional(r, generate, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
