@@ -237,16 +237,17 @@ def score_compositional(
         raise ValueError(
             f"metric {COMPOSITIONAL!r} scores prompts: {args.run} is a class-conditional run"
         )
-    if r.cfg.data.name != "shapes":
+    data = pixel_data_config(r.cfg.data)  # a latent cache: its source data, in pixels
+    if data.name != "shapes":
         raise ValueError(
             f"metric {COMPOSITIONAL!r} judges shapes scenes; this run trains on "
-            f"data.name={r.cfg.data.name!r}"
+            f"data.name={data.name!r}"
         )
-    prompts = shapes_prompts(r.cfg.data, num, seed)
+    prompts = shapes_prompts(data, num, seed)
     return compositional_score(
         generate,
         prompts,
-        dataset_cfg=r.cfg.data,
+        dataset_cfg=data,
         probe_config=AttributeProbeConfig(steps=args.probe_steps) if args.probe_steps else None,
         batch=args.batch,
         seed=seed,
