@@ -268,6 +268,16 @@ def compositional_summary(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_out(out: Path) -> None:
+    """``ValueError`` unless ``out`` can become the folder of ``eval.json``: checked before the
+    evaluation, whose results would otherwise be lost at the end (nothing is created here)."""
+    above = next(p for p in (out, *out.parents) if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(above)!r} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: {str(above)!r} is not writable")
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="denoiselab eval", description=__doc__.split("\n")[0])
     p.add_argument("run", help="run folder or checkpoint file")
@@ -346,6 +356,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     if args.num_ref is not None and args.num_ref < 2:
         p.error(f"--num-ref {args.num_ref}: must be >= 2")
     try:
+        check_out(Path(args.out))
         result = run_eval(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"denoiselab eval: error: {e}", file=sys.stderr)
