@@ -30,6 +30,7 @@ from denoiselab.evaluation_clip import (
 )
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
+from denoiselab.metrics.evaluate import check_sample_count
 from denoiselab.train.build import Restored, restore
 from denoiselab.train.ema import auto_decay
 
@@ -117,6 +118,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.sweep_cfg and not metrics:
         raise ValueError("--sweep-cfg picks by the first registry metric: add one to --metrics")
+    check_sample_count(metrics, args.num, "--num")  # before the text metrics draw theirs
+    if args.sweep_cfg:
+        check_sample_count(metrics, args.sweep_num, "--sweep-num")
     paths = {
         k: v
         for k, v in (("inception", args.inception), ("clip", args.clip), ("dinov2", args.dinov2))
