@@ -97,6 +97,25 @@ BAD = [
     (["eval", "{run}", "--out", "{out}/e", "--metrics", "fid2"], "unknown metric(s) ['fid2']"),
     (["eval", "{run}", "--out", "{out}/e", "--num", "0"], "--num 0 must be >= 2"),
     (["eval", "{run}", "--out", "{out}/e", "--sweep-cfg", "1:x"], "LO:HI:STEP"),
+    (
+        ["eval", "{run}", "--out", "{out}/e", "--metrics", "fd_probe,pr_probe", "--num", "3"],
+        "--num=3: pr_probe needs num >= 4 samples",
+    ),
+    (
+        [
+            "eval",
+            "{run}",
+            "--out",
+            "{out}/e",
+            "--metrics",
+            "pr_probe",
+            "--sweep-cfg",
+            "1:2:1",
+            "--sweep-num",
+            "2",
+        ],
+        "--sweep-num=2: pr_probe needs num >= 4 samples",
+    ),
     (["eval", "{run}", "--out", "{out}/e", "--ema", "0.5"], "ema=0.5 not in checkpoint"),
     (["eval", "{run}", "--out", "{out}/e", "--device", "gpu"], "'gpu' is not a device"),
     (

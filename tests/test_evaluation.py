@@ -104,3 +104,23 @@ def test_eval_samples_with_the_runs_own_settings_by_default(tmp_path):
     assert main([*argv[:-2], "--cfg", "2", "--steps", "4", "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert (result["cfg"], result["sampling_steps"]) == (2.0, 4)
+
+
+def test_an_unwritable_out_fails_before_any_sample(tmp_path, capsys, monkeypatch):
+    """``--out`` that cannot become a folder (a file there) is a one-line error before the
+    evaluation: it came after every sample was drawn and scored, losing the results."""
+    import denoiselab.evaluation as evaluation
+
+    run = train(replace(tiny(), duration_nimg=8), tmp_path / "run", quiet=True)
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated although --out cannot be written")
+
+    monkeypatch.setattr(evaluation, "evaluate", never)
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        argv = ["eval", str(run), "--metrics", "fd_probe", "--num", "4", "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--out {str(out)!r}" in err and "not a directory" in err
+    assert (tmp_path / "afile").read_text() == "x"

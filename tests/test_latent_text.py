@@ -179,3 +179,25 @@ def test_t2i_prx_256_latent_config_validates_and_info_counts_its_parameters(tmp_
     ref = model_config("PRX-1.2B/2", image_size=16, in_channels=128, patch_size=1, text=text)
     n = count_params(ref)
     assert 1.15e9 < n < 1.25e9 and f"params: {n / 1e6:.1f}M" in out
+
+
+def test_text_metrics_of_a_latent_shapes_run_score_its_shapes_source(shapes_cache, tmp_path):
+    """A text run on a latent cache of ``shapes`` draws shapes scenes: clipscore scores it on
+    the held-out shapes prompts and compositional judges it, as on pixels (the data config
+    was read as written, ``latents``: clipscore took training captions and compositional
+    refused the run)."""
+    from denoiselab.cli import main
+    from denoiselab.evaluation_clip import eval_prompts
+    from denoiselab.metrics import shapes_prompts
+
+    run = train(latent_text_cfg(shapes_cache, "duration_nimg=16"), tmp_path / "run", quiet=True)
+    texts, source = eval_prompts(latent_text_cfg(shapes_cache).data, 4, 0)
+    assert source.startswith("shapes_prompts")
+    assert texts == [p.prompt for p in shapes_prompts(SHAPES, 4, 0)]
+    out = tmp_path / "e"
+    argv = ["eval", str(run), "--metrics", "compositional", "--num", "2", "--batch", "2",
+            "--steps", "1", "--probe-steps", "5", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["compositional"]["num"] == 2 and "compositional/shape" in result["metrics"]

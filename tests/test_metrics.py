@@ -285,3 +285,35 @@ def test_precision_radius_test_is_inclusive():
     real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
     fake = torch.tensor([[4.0], [10.0], [11.0], [12.0]])
     assert precision_recall(real, fake, k=1).precision == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "num", "least"), [(["fd_probe", "pr_probe"], 3, 4), (["is"], 9, 10)]
+)
+def test_too_few_samples_for_a_metric_fail_before_any_work(metrics, num, least):
+    """k-NN precision/recall (k = 3) needs more than 3 samples per set, the Inception score
+    one per split (10): too few is a named error before generation, probe training or
+    reference statistics (it came after all of them), and a config error in a training run's
+    ``eval`` and in a suite's ``eval`` (it ended the run at its first evaluation)."""
+    from denoiselab.ablate.suite import EvalSpec
+    from denoiselab.config import ConfigError, from_dict
+    from denoiselab.metrics import evaluate
+    from denoiselab.train.config import TrainConfig
+
+    def generate(n, labels, seed):
+        raise AssertionError("generated before the sample count was checked")
+
+    name = metrics[-1]
+    with pytest.raises(ValueError, match=rf"{name} needs num >= {least} samples \(got {num}\)"):
+        evaluate(generate, metrics=metrics, num=num, dataset_cfg=None, num_classes=2)
+    evaluate_ok = {"metrics": metrics, "num": least}  # the least count is accepted
+    assert from_dict(TrainConfig, {"eval": evaluate_ok}).eval.num == least
+    with pytest.raises(ConfigError, match=rf"eval\.num={num}: {name} needs num >= {least}"):
+        from_dict(TrainConfig, {"eval": {"metrics": metrics, "num": num}})
+    with pytest.raises(ConfigError, match=rf"eval\.periodic_num={num}: {name} needs num >= "):
+        EvalSpec(periodic_metrics=metrics, periodic_num=num)
+    with pytest.raises(ConfigError, match=rf"eval\.num={num}: {name} needs num >= {least}"):
+        EvalSpec(metrics=metrics, num=num)
+    if name == "pr_probe":  # the default suite metrics hold pr_probe
+        with pytest.raises(ConfigError, match=r"eval\.num=3: pr_probe needs num >= 4"):
+            EvalSpec(num=3)

@@ -445,3 +445,22 @@ def test_periodic_clipscore_config_errors_name_the_key(tmp_path, tiny_clip):
     from denoiselab.train.periodic import check_eval_ready
 
     check_eval_ready(text_cfg(**base))
+
+
+def test_eval_text_metrics_sample_with_the_guidance_flags(tmp_path, tiny_clip, capsys):
+    """``--guidance``/``--sparse-ratio`` reach the sampler of clipscore and compositional too
+    (they reached only the registry metrics' sampler: eval.json said ``guidance: sparse``
+    while clipscore was sampled with CFG). Sparse guidance on a run without token routing
+    is the sampler's named error, so a flag that arrives turns a silent 0 into exit 2."""
+    from denoiselab.cli import main
+    from denoiselab.train.loop import train
+
+    from .test_text_train import text_cfg
+
+    run = train(text_cfg(duration_nimg=16), tmp_path / "run", quiet=True)
+    argv = ["eval", str(run), "--metrics", "clipscore", "--clip", str(tiny_clip[0]), "--num",
+            "2", "--batch", "2", "--steps", "1", "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 0  # CFG (the default) samples this run
+    capsys.readouterr()
+    assert main([*argv, "--guidance", "sparse"]) == 2
+    assert "guidance 'sparse'" in capsys.readouterr().err

@@ -3,6 +3,8 @@ caches (probe weights, reference statistics) and ``evaluate`` with callable gene
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -215,3 +217,36 @@ def test_probe_is_right_on_held_out_easy_images():
     with torch.no_grad():
         _, logits = net(images.float() / 127.5 - 1)
     assert (logits.argmax(1) == labels).float().mean() >= 0.97
+
+
+class _MeanColour:
+    """A stand-in extractor: the mean colour of each image ``[B, 3]``."""
+
+    name, weights_id, preprocessing = "mean-colour", "none", {"features": "mean RGB"}
+
+    def __call__(self, images):
+        return images.double().mean(dim=(2, 3)).float()
+
+
+def test_a_relative_data_root_does_not_share_cached_statistics(tmp_path, monkeypatch):
+    """``data.root: data`` names another folder from each working directory: the reference
+    statistics (and the probe) of one folder must not be served for the other (the cache
+    key held the root as written, so the second folder got the first one's statistics)."""
+    from PIL import Image
+
+    for name, rgb in (("a", (250, 10, 10)), ("b", (10, 10, 250))):
+        (tmp_path / name / "data" / "c0").mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (8, 8), rgb).save(tmp_path / name / "data" / "c0" / f"{k}.png")
+    cfg = DataConfig(name="imagefolder", root="data", image_size=8, hflip=False)
+    cache = tmp_path / "cache"
+    means, probes = {}, {}
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path / name)
+        ref = reference_stats(_MeanColour(), cfg, num=4, cache_dir=cache, max_features=4)
+        means[name], probes[name] = ref.stats.mean, probe_path(cfg, SMALL, cache)
+    assert means["a"][0] > 200 and means["b"][2] > 200  # each folder's own colour
+    assert probes["a"] != probes["b"]
+    monkeypatch.chdir(tmp_path / "a")  # an absolute root names the same folder: same key
+    absolute = dataclasses.replace(cfg, root=str(tmp_path / "a" / "data"))
+    assert probe_path(absolute, SMALL, cache) == probes["a"]

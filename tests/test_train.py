@@ -409,6 +409,21 @@ def test_periodic_eval_logs_probe_metrics_that_match_an_independent_evaluation(t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failing_evaluation_does_not_cost_the_checkpoint_due_at_its_step(tmp_path, monkeypatch):
+    """The evaluation at the end of a run fails (an out-of-memory error, say): the final
+    checkpoint is already written (it was due at the same step, and was only written after
+    the evaluation, so the last steps of the run were lost with it)."""
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated in the evaluation)")
+
+    monkeypatch.setattr("denoiselab.train.periodic.evaluate_network", out_of_memory)
+    cfg = tiny(**{"eval.every_nimg": 64})  # at the end only; checkpoints at 32 and 64 images
+    with pytest.raises(RuntimeError, match="simulated in the evaluation"):
+        train(cfg, tmp_path / "run", quiet=True)
+    assert ckpt_io.load_checkpoint(tmp_path / "run", with_state=False).step == cfg.steps()
+
+
 def test_eval_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"eval\.metrics has \['fid2'\]; valid: fd_probe"):
         from_dict(TrainConfig, {"eval": {"metrics": ["fid2"]}})

@@ -30,6 +30,7 @@ from denoiselab.evaluation_clip import (
 )
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
+from denoiselab.metrics.evaluate import check_sample_count
 from denoiselab.train.build import Restored, restore
 from denoiselab.train.ema import auto_decay
 
@@ -117,6 +118,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.sweep_cfg and not metrics:
         raise ValueError("--sweep-cfg picks by the first registry metric: add one to --metrics")
+    check_sample_count(metrics, args.num, "--num")  # before the text metrics draw theirs
+    if args.sweep_cfg:
+        check_sample_count(metrics, args.sweep_num, "--sweep-num")
     paths = {
         k: v
         for k, v in (("inception", args.inception), ("clip", args.clip), ("dinov2", args.dinov2))
@@ -145,7 +149,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"metrics": {}}
         # both text metrics on shapes score the same held-out prompts and seeds: sample once
         both = compositional and clipscore and args.prompts is None
-        generate = prompt_generator(r.sample_prompts, own, scale, both) if r.is_text else None
+        # the text metrics sample with the registry metrics' guidance (--guidance, --sparse-ratio)
+        guided = {**own, "guidance": args.guidance, "sparse_ratio": args.sparse_ratio}
+        generate = prompt_generator(r.sample_prompts, guided, scale, both) if r.is_text else None
         if compositional:
             out["compositional"] = score_compositional(r, generate, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
@@ -235,16 +241,17 @@ def score_compositional(
         raise ValueError(
             f"metric {COMPOSITIONAL!r} scores prompts: {args.run} is a class-conditional run"
         )
-    if r.cfg.data.name != "shapes":
+    data = pixel_data_config(r.cfg.data)  # a latent cache: its source data, in pixels
+    if data.name != "shapes":
         raise ValueError(
             f"metric {COMPOSITIONAL!r} judges shapes scenes; this run trains on "
-            f"data.name={r.cfg.data.name!r}"
+            f"data.name={data.name!r}"
         )
-    prompts = shapes_prompts(r.cfg.data, num, seed)
+    prompts = shapes_prompts(data, num, seed)
     return compositional_score(
         generate,
         prompts,
-        dataset_cfg=r.cfg.data,
+        dataset_cfg=data,
         probe_config=AttributeProbeConfig(steps=args.probe_steps) if args.probe_steps else None,
         batch=args.batch,
         seed=seed,
@@ -263,6 +270,16 @@ def compositional_summary(result: dict[str, Any]) -> dict[str, float]:
         out.update({f"compositional_unseen/{k}": float(v) for k, v in unseen["accuracy"].items()})
         out["compositional_unseen/all_correct"] = float(unseen["all_correct"])
     return out
+
+
+def check_out(out: Path) -> None:
+    """``ValueError`` unless ``out`` can become the folder of ``eval.json``: checked before the
+    evaluation, whose results would otherwise be lost at the end (nothing is created here)."""
+    above = next(p for p in (out, *out.parents) if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(above)!r} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: {str(above)!r} is not writable")
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -343,6 +360,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     if args.num_ref is not None and args.num_ref < 2:
         p.error(f"--num-ref {args.num_ref}: must be >= 2")
     try:
+        check_out(Path(args.out))
         result = run_eval(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"denoiselab eval: error: {e}", file=sys.stderr)

@@ -55,7 +55,11 @@ def eval_prompts(
     where they come from: ``prompts_file`` (one
     a line, cycled to ``num``), else on ``shapes`` the held-out prompts of
     :func:`~denoiselab.metrics.shapes_prompts` (scenes no training index reaches), else the
-    captions of ``num`` images of the data drawn with ``seed``."""
+    captions of ``num`` images of the data drawn with ``seed`` (a latent cache: of its source
+    data, whose scenes the decoded samples show)."""
+    from denoiselab.latents import pixel_data_config
+
+    data_cfg = pixel_data_config(data_cfg)
     if prompts_file is not None:
         from denoiselab.text.cli import read_prompt_file
 

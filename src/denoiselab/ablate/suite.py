@@ -46,7 +46,7 @@ from denoiselab.config import (
     parse_override,
     to_dict,
 )
-from denoiselab.metrics.evaluate import METRICS
+from denoiselab.metrics.evaluate import METRICS, check_sample_count
 from denoiselab.metrics.probe_train import ProbeConfig
 from denoiselab.train.config import TrainConfig
 
@@ -117,6 +117,11 @@ class EvalSpec:
             raise ConfigError(f"eval.every_nimg={self.every_nimg!r} must be >= 0 (0: off)")
         if self.num < 2 or self.periodic_num < 2:
             raise ConfigError("eval.num and eval.periodic_num must be >= 2 (covariances)")
+        final = list(PROBE_METRICS) if self.metrics == "auto" else self.metrics
+        check_sample_count(final, self.num, "eval.num", ConfigError)
+        check_sample_count(
+            self.periodic_metrics, self.periodic_num, "eval.periodic_num", ConfigError
+        )
         self.probe_config()
 
     def probe_config(self) -> ProbeConfig:

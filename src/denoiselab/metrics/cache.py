@@ -19,7 +19,7 @@ from typing import Any
 
 from denoiselab.io import atomic_write
 
-__all__ = ["atomic_write", "cache_root", "content_hash", "to_jsonable"]
+__all__ = ["atomic_write", "cache_root", "content_hash", "data_key", "to_jsonable"]
 
 CACHE_ENV = "DENOISELAB_CACHE"
 
@@ -51,6 +51,16 @@ def to_jsonable(value: Any) -> Any:
     raise TypeError(
         f"cannot hash a value of type {type(value).__name__} into a cache key: {value!r}"
     )
+
+
+def data_key(dataset_cfg: Any) -> Any:
+    """``dataset_cfg`` as a cache key: a relative ``root`` made absolute (the datasets read it
+    relative to the working directory, so ``root: data`` names another folder from each)."""
+    value = to_jsonable(dataset_cfg)
+    root = value.get("root") if isinstance(value, dict) else None
+    if isinstance(root, str) and not os.path.isabs(root):
+        value = {**value, "root": os.path.abspath(root)}
+    return value
 
 
 def content_hash(payload: Any, length: int = 16) -> str:

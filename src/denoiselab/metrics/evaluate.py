@@ -28,7 +28,15 @@ from .probe import load_probe
 from .probe_train import ProbeConfig
 from .reference import ReferenceStats, check_dimension, load_reference_npz, reference_stats
 
-__all__ = ["METRICS", "MetricInputs", "MetricSpec", "balanced_labels", "batch_seed", "evaluate"]
+__all__ = [
+    "METRICS",
+    "MetricInputs",
+    "MetricSpec",
+    "balanced_labels",
+    "batch_seed",
+    "check_sample_count",
+    "evaluate",
+]
 
 ExtractorKind = Literal["probe", "inception", "clip", "dinov2"]
 Generate = Callable[[int, Tensor, int], Tensor]
@@ -54,6 +62,7 @@ class MetricSpec:
     needs_logits: bool = False
     needs_reference: bool = True
     needs_features: bool = False  # real feature rows, not only the Gaussian statistics
+    min_num: int = 2  # samples it needs (covariances: 2; k-NN radii: k + 1; IS: its splits)
 
 
 def _fd(key: str) -> Callable[[MetricInputs], dict[str, float]]:
@@ -112,6 +121,7 @@ METRICS: dict[str, MetricSpec] = {
         _pr("_probe"),
         "k-NN precision/recall (k=3) of probe features",
         needs_features=True,
+        min_num=4,
     ),
     "fid": MetricSpec("inception", _fd("fid"), "Fréchet Inception distance (TF-Inception pool3)"),
     "cmmd": MetricSpec(
@@ -133,15 +143,35 @@ METRICS: dict[str, MetricSpec] = {
         needs_features=True,
     ),
     "is": MetricSpec(
-        "inception", _is, "Inception score (10 splits)", needs_logits=True, needs_reference=False
+        "inception",
+        _is,
+        "Inception score (10 splits)",
+        needs_logits=True,
+        needs_reference=False,
+        min_num=10,
     ),
     "pr": MetricSpec(
         "inception",
         _pr(""),
         "k-NN precision/recall (k=3) of Inception pool3",
         needs_features=True,
+        min_num=4,
     ),
 }
+
+
+def check_sample_count(
+    metrics: Sequence[str], num: int, key: str = "num", error: type[Exception] = ValueError
+) -> None:
+    """``error`` naming ``key`` when ``num`` samples are too few for one of ``metrics`` (names
+    not in :data:`METRICS` are left to the caller): before any sample is generated."""
+    for name in dict.fromkeys(metrics):
+        spec = METRICS.get(name)
+        if spec is not None and num < spec.min_num:
+            raise error(
+                f"{key}={num}: {name} needs num >= {spec.min_num} samples (got {num}): "
+                f"{spec.description}"
+            )
 
 
 def balanced_labels(num: int, num_classes: int) -> Tensor:
@@ -195,6 +225,9 @@ def evaluate(
     if num < 2 or batch < 1:  # checked before any probe training or reference pass
         raise ValueError(f"num={num} must be >= 2 (distances need two samples), batch={batch} >= 1")
     specs = _resolve(metrics)
+    check_sample_count(specs, num)
+    if num_ref is not None:  # real feature rows are a sample set too (precision/recall)
+        check_sample_count([n for n, s in specs.items() if s.needs_features], num_ref, "num_ref")
     files = {k: load_reference_npz(v) for k, v in (reference_files or {}).items()}
     _check_file_references(specs, files)
     kinds = list(dict.fromkeys(spec.extractor for spec in specs.values()))

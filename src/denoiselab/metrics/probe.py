@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from .cache import atomic_write, cache_root, content_hash, to_jsonable
+from .cache import atomic_write, cache_root, content_hash, data_key, to_jsonable
 from .images import check_uint8_images, ensure_rgb, from_uint8
 from .probe_train import ProbeConfig, ProbeNet, accuracy, materialize, train_probe
 
@@ -82,7 +82,7 @@ def probe_path(dataset_cfg: Any, config: ProbeConfig, cache_dir: str | Path | No
     """Cache file of the probe for ``(dataset_cfg, config, code version)``."""
     key = content_hash(
         {
-            "dataset": dataset_cfg,
+            "dataset": data_key(dataset_cfg),
             "probe": config,
             "code": PROBE_CODE_VERSION,
             "denoiselab": __version__,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cache import atomic_write, cache_root, content_hash, to_jsonable
+from .cache import atomic_write, cache_root, content_hash, data_key, to_jsonable
 from .extractors import Extractor
 from .frechet import GaussianStats, StreamingGaussianStats
 from .images import dataset_uint8
@@ -67,7 +67,7 @@ def reference_stats(
     not given) and written atomically. ``batch`` only sets the extraction batch size.
     """
     meta = {
-        "dataset": to_jsonable(dataset_cfg),
+        "dataset": data_key(dataset_cfg),
         "extractor": extractor.name,
         "weights_id": extractor.weights_id,
         "preprocessing": to_jsonable(extractor.preprocessing),

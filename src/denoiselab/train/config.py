@@ -177,6 +177,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         from denoiselab.metrics import METRICS
+        from denoiselab.metrics.evaluate import check_sample_count
 
         self.probe_config()  # names a bad probe field now, not at the first evaluation
 
@@ -189,6 +190,7 @@ class EvalConfig:
             raise ConfigError(f"eval.every_nimg={self.every_nimg!r} must be >= 0 (0: off)")
         if self.num < 2 or self.batch < 1:
             raise ConfigError(f"eval.num={self.num!r} must be >= 2, eval.batch >= 1")
+        check_sample_count(self.metrics, self.num, "eval.num", ConfigError)
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"eval.steps={self.steps!r} must be >= 1 or null")
 

@@ -323,13 +323,13 @@ class Trainer:
         stopping = self.stop.agreed(done)  # a stop must be quick: it skips a grid or evaluation
         if due.log:
             self._log_row(done)
+        if due.checkpoint or stopping:  # first: a grid or evaluation that fails costs no steps
+            self._check_finite()
+            self.save(done)
         if due.sample and not stopping:
             self.sample_grid(done)
         if due.evaluate and not stopping:
             self.evaluate(done)
-        if due.checkpoint or stopping:
-            self._check_finite()
-            self.save(done)
         if stopping:
             self._plot(force=True)
             raise Preempted(done, self.stop.signum, self.run_dir.root)
