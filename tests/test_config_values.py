@@ -15,6 +15,14 @@ BAD = [
     (["seed=-1"], ["seed=-1", ">= 0"]),
     # AdamW refused it when the optimizer was built, without naming the key
     (["optim.weight_decay=-0.1"], ["optim.weight_decay=-0.1", ">= 0"]),
+    # an unknown texture passed the config and failed when the dataset was built
+    (["data.difficulty=hard", "data.textures=[wood]"], ["data.textures", "'wood'", "stripes"]),
+    # an empty list silently meant "all textures"
+    (["data.difficulty=hard", "data.textures=[]"], ["data.textures=[]", "null for all"]),
+    # 'prepared' was told it needs a "latent cache" directory
+    (["data.name=prepared", "data.difficulty=hard"], ["data.root=None", "prepare-data"]),
+    # and a root on built-in data was said to be used by 'imagefolder' and 'latents' only
+    (["data.root=/data"], ["data.root='/data'", "'prepared'"]),
 ]
 
 
