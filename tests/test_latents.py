@@ -195,6 +195,38 @@ def test_cache_resumes_finished_shards_and_refuses_a_changed_encoder(
         decoder_for(latents_cfg(tmp_path, autoencoder=str(tmp_path / "moved")))
 
 
+def test_cache_latents_refuses_bad_sizes_and_an_out_that_holds_other_data(tmp_path, capsys):
+    """``--shard-size 0`` was a ZeroDivisionError traceback, a negative one wrote no shard and
+    then failed on NaN statistics; ``--out`` on a prepared folder deleted its manifest.json (the
+    cache's is written at the end) and left it unusable."""
+    import numpy as np
+
+    from denoiselab.data import prepare as prep
+
+    ae = load_autoencoder("identity")
+    for kwargs, fragment in (({"shard_size": 0}, "shard_size=0"), ({"batch_size": -1}, "-1")):
+        with pytest.raises(ConfigError, match=fragment):
+            cache_latents(SHAPES16, ae, tmp_path / "c", **kwargs)
+    argv = ["cache-latents", "quickstart", "data.num_images=8", "--autoencoder", "identity"]
+    assert cli_main([*argv, "--out", str(tmp_path / "c"), "--shard-size", "0"]) == 2
+    assert "shard_size=0 must be >= 1" in capsys.readouterr().err
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    prep.prepare(images.parent, tmp_path / "prep", image_size=16)
+    before = (tmp_path / "prep" / "manifest.json").read_text()
+    data = DataConfig(name="prepared", root=str(tmp_path / "prep"), image_size=16)
+    for out in (tmp_path / "prep", tmp_path / "prep" / "."):  # the data itself
+        with pytest.raises(ConfigError, match=r"is data\.root"):
+            cache_latents(data, ae, out)
+    with pytest.raises(ConfigError, match="not a latent cache's"):
+        cache_latents(SHAPES16, ae, tmp_path / "prep")
+    assert (tmp_path / "prep" / "manifest.json").read_text() == before
+    assert not list((tmp_path / "prep").glob("shard_*"))
+    cache_latents(SHAPES16, ae, tmp_path / "c", shard_size=16)  # a cache may be re-run
+    cache_latents(SHAPES16, ae, tmp_path / "c", shard_size=16)
+
+
 def test_mismatches_fail_when_the_run_is_built(cache_dir, tmp_path):
     cfg = from_dict(
         TrainConfig,

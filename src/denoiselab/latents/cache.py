@@ -48,6 +48,7 @@ from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
 from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
+    CACHE_FORMAT,
     MANIFEST,
     STORE_DTYPES,
     CacheManifest,
@@ -109,8 +110,12 @@ def cache_latents(
     """Encode every image of ``data`` (unflipped, and mirrored if ``flips``) into ``out``;
     with ``teacher``, also store its patch features of the same pixels."""
     shape = _check_inputs(data, ae, store_dtype)
-    source = build_dataset(replace(data, hflip=False))
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"cache-latents: {name}={value} must be >= 1")
     out = Path(out)
+    _check_out(out, data)
+    source = build_dataset(replace(data, hflip=False))
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until the end
     record, src_fp = encoder_record(ae), _source_fingerprint(data)
@@ -182,6 +187,25 @@ def _check_inputs(data: DataConfig, ae: Autoencoder, store_dtype: str) -> tuple[
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"dtype={store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
     return ae.latent_shape(data.image_size)
+
+
+def _check_out(out: Path, data: DataConfig) -> None:
+    """Refuse an ``out`` that holds other data: its ``manifest.json`` is deleted first (the
+    cache is incomplete until the end), which would ruin a prepared folder or the source."""
+    if data.root and out.resolve() == Path(data.root).resolve():
+        raise ConfigError(f"--out {str(out)!r} is data.root, the data to encode; choose another")
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        kind = json.loads(path.read_text()).get("format")
+    except (ValueError, AttributeError):
+        kind = None
+    if kind != CACHE_FORMAT:
+        raise ConfigError(
+            f"--out {str(out)!r} holds a {MANIFEST} that is not a latent cache's "
+            f"(format {kind!r}): choose an empty directory or an earlier cache to resume"
+        )
 
 
 def _encode_range(
