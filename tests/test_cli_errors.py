@@ -79,6 +79,7 @@ BAD = [
         "does not exist",
     ),
     (["train", "--resume", "{out}/missing"], "does not exist"),
+    (["train", "--auto-resume", "--resume", "{run}"], "--auto-resume takes a CONFIG"),
     (["train", "--resume", "{junk}"], "is corrupt or truncated"),
     # sample
     (["sample", "{out}/missing", "--out", "{out}/s"], "does not exist"),
@@ -137,6 +138,10 @@ BAD = [
     (["train-ae", "{bad}", "--out", "{out}/ae"], "is not valid YAML"),
     (["train-ae", "{cfg}", "--out", "{out}/ae", "--steps", "0"], "steps=0 must be >= 1"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),
+    (
+        ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "identity", "--batch", "0"],
+        "batch_size=0 must be >= 1",
+    ),
     (
         ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "{out}/none"],
         "does not exist",

@@ -173,3 +173,6 @@ def test_cache_text_cli(t5, tmp_path, capsys):
     argv = ["cache-text", "t2i_quickstart", "--out", str(tmp_path / "w")]
     assert main(argv) == 2
     assert "the offline 'words' table is trained, not frozen" in capsys.readouterr().err
+    bad = ["cache-text", str(cfg), "--out", str(tmp_path / "b"), "--batch", "0"]
+    assert main(bad) == 2  # was "range() arg 3 must not be zero"
+    assert "batch_size=0 must be >= 1" in capsys.readouterr().err
