@@ -137,6 +137,8 @@ BAD = [
     ),
     (["train-ae", "{bad}", "--out", "{out}/ae"], "is not valid YAML"),
     (["train-ae", "{cfg}", "--out", "{out}/ae", "--steps", "0"], "steps=0 must be >= 1"),
+    (["train-ae", "{cfg}", "--out", "{out}/ae", "--seed", "-1"], "seed=-1 must be >= 0"),
+    (["repa-e", "--autoencoder", "{run}", "--out", "{out}/r", "seed=-1"], "seed=-1 must be >= 0"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),
     (
         ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "identity", "--batch", "0"],
