@@ -227,6 +227,24 @@ def test_cache_latents_refuses_bad_sizes_and_an_out_that_holds_other_data(tmp_pa
     cache_latents(SHAPES16, ae, tmp_path / "c", shard_size=16)
 
 
+def test_the_cache_records_where_its_source_is_from_any_directory(tmp_path, monkeypatch):
+    """A latent run's metrics compare with the cache's source pixels (pixel_data_config); a
+    relative data.root was recorded as given, so from another directory it was not found."""
+    import numpy as np
+
+    from denoiselab.latents import pixel_data_config
+
+    images = tmp_path / "work" / "images" / "a"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    monkeypatch.chdir(tmp_path / "work")
+    data = DataConfig(name="imagefolder", root="images", image_size=16)
+    cache_latents(data, load_autoencoder("identity"), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    pixels = pixel_data_config(latents_cfg(tmp_path / "cache"))
+    assert pixels.root == str(images.parent) and len(build_dataset(pixels)) == 1
+
+
 def test_mismatches_fail_when_the_run_is_built(cache_dir, tmp_path):
     cfg = from_dict(
         TrainConfig,

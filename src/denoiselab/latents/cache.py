@@ -163,7 +163,7 @@ def cache_latents(
         class_names=list(source.class_names),
         flips=flips,
         source_hflip=data.resolved_hflip,
-        source=to_dict(data),
+        source=to_dict(_absolute_root(data)),
         normalization={"autoencoder": ae.normalization(), "dataset": stats.norm()},
         shards=shards,
         dtype=store_dtype,
@@ -187,6 +187,12 @@ def _check_inputs(data: DataConfig, ae: Autoencoder, store_dtype: str) -> tuple[
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"dtype={store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
     return ae.latent_shape(data.image_size)
+
+
+def _absolute_root(data: DataConfig) -> DataConfig:
+    """``data`` with an absolute ``root``: the manifest's source is read later (the pixel
+    reference of a latent run's metrics) from wherever that process runs."""
+    return replace(data, root=str(Path(data.root).resolve())) if data.root else data
 
 
 def _check_out(out: Path, data: DataConfig) -> None:
