@@ -205,6 +205,27 @@ def test_prepare_data_command_and_bad_input(folder, tmp_path, capsys):
         prep.prepare(unreadable.parent, tmp_path / "p3", image_size=S)
 
 
+def test_prepare_data_refuses_an_out_inside_the_source_or_holding_a_latent_cache(
+    folder, tmp_path, capsys
+):
+    """``--out SRC`` wrote shards and ``progress/`` into the image folder (which then had a
+    class folder without images: training on it failed); an ``--out`` holding a latent
+    cache's manifest.json was taken for a finished prepared folder (KeyError traceback)."""
+    listing = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    for out in (folder, folder / "prepared"):
+        args = ["prepare-data", str(folder), "--out", str(out), "--image-size", str(S)]
+        assert main(args) == 2
+        assert "is inside the image folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == listing  # untouched
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"format": "denoiselab-latents"}))
+    args = ["prepare-data", str(folder), "--out", str(cache), "--image-size", str(S)]
+    assert main(args) == 2
+    assert "of format 'denoiselab-latents', not a prepared folder's" in capsys.readouterr().err
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"]
+
+
 def test_num_workers_auto(monkeypatch):
     from denoiselab.data import config as data_config
 

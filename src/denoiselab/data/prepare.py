@@ -93,6 +93,26 @@ def _done(out: Path, k: int) -> dict[str, Any] | None:
         return None
 
 
+def _check_out(out: Path, source: Path) -> None:
+    """Refuse an ``out`` inside the image folder (its folders would become classes of the
+    source) or holding another kind of ``manifest.json`` (a latent cache)."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise PreparedDataError(
+            f"--out {str(out)!r} is inside the image folder {str(source)!r}: its files would "
+            "become part of the data; choose a directory outside it"
+        )
+    if (out / MANIFEST).is_file():
+        try:
+            kind = json.loads((out / MANIFEST).read_text()).get("format")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != FORMAT:
+            raise PreparedDataError(
+                f"--out {str(out)!r} holds a {MANIFEST} of format {kind!r}, not a prepared "
+                "folder's: choose an empty directory (or an earlier prepared folder to resume)"
+            )
+
+
 def _check_source(out: Path, listing: dict[str, Any]) -> None:
     """Record the source listing, or refuse a source that changed since the last run."""
     path = out / "progress" / "source.json"
@@ -134,6 +154,7 @@ def prepare(
         "channels": channels,
         "shard_size": shard_size,
     }
+    _check_out(out, Path(source))
     (out / "progress").mkdir(parents=True, exist_ok=True)
     _check_source(out, listing)
     if (out / MANIFEST).is_file():
