@@ -217,8 +217,12 @@ def test_cache_latents_refuses_bad_sizes_and_an_out_that_holds_other_data(tmp_pa
     before = (tmp_path / "prep" / "manifest.json").read_text()
     data = DataConfig(name="prepared", root=str(tmp_path / "prep"), image_size=16)
     for out in (tmp_path / "prep", tmp_path / "prep" / "."):  # the data itself
-        with pytest.raises(ConfigError, match=r"is data\.root"):
+        with pytest.raises(ConfigError, match=r"is in data\.root"):
             cache_latents(data, ae, out)
+    folder = DataConfig(name="imagefolder", root=str(images.parent), image_size=16)
+    with pytest.raises(ConfigError, match=r"is in data\.root"):  # a class folder-to-be
+        cache_latents(folder, ae, images.parent / "latents")
+    assert not (images.parent / "latents").exists()
     with pytest.raises(ConfigError, match="not a latent cache's"):
         cache_latents(SHAPES16, ae, tmp_path / "prep")
     assert (tmp_path / "prep" / "manifest.json").read_text() == before

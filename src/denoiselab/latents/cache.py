@@ -196,10 +196,14 @@ def _absolute_root(data: DataConfig) -> DataConfig:
 
 
 def _check_out(out: Path, data: DataConfig) -> None:
-    """Refuse an ``out`` that holds other data: its ``manifest.json`` is deleted first (the
-    cache is incomplete until the end), which would ruin a prepared folder or the source."""
-    if data.root and out.resolve() == Path(data.root).resolve():
-        raise ConfigError(f"--out {str(out)!r} is data.root, the data to encode; choose another")
+    """Refuse an ``out`` inside the source data or holding other data: its ``manifest.json``
+    is deleted first (the cache is incomplete until the end), which would ruin a prepared
+    folder."""
+    if data.root and out.resolve().is_relative_to(Path(data.root).resolve()):
+        raise ConfigError(
+            f"--out {str(out)!r} is in data.root, the data to encode (an image folder would "
+            "take it for a class); choose a directory outside it"
+        )
     path = out / MANIFEST
     if not path.is_file():
         return
