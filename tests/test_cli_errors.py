@@ -141,6 +141,19 @@ BAD = [
     (["repa-e", "--autoencoder", "{run}", "--out", "{out}/r", "seed=-1"], "seed=-1 must be >= 0"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),
     (
+        [
+            "cache-latents",
+            "{cfg}",
+            "--out",
+            "{out}/c",
+            "--autoencoder",
+            "identity",
+            "--device",
+            "gpu",
+        ],
+        "'gpu' is not a device",
+    ),
+    (
         ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "identity", "--batch", "0"],
         "batch_size=0 must be >= 1",
     ),

@@ -334,11 +334,9 @@ def cache_latents_main(argv: list[str] | None = None) -> int:
             )
         data_raw = apply_overrides({"data": raw.get("data", {})}, args.overrides)
         data = from_dict(DataConfig, data_raw["data"], "data")
-        device = (
-            args.device
-            if args.device != "auto"
-            else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        from denoiselab.train.distributed import resolve_device
+
+        device = resolve_device(args.device)  # a misspelt or missing device: a named error
         ae = load_autoencoder(ae_path, args.kind, device=device, image_channels=data.channels)
         teacher = None
         if args.teacher:
