@@ -79,6 +79,7 @@ BAD = [
         "does not exist",
     ),
     (["train", "--resume", "{out}/missing"], "does not exist"),
+    (["train", "--auto-resume", "--resume", "{run}"], "--auto-resume takes a CONFIG"),
     (["train", "--resume", "{junk}"], "is corrupt or truncated"),
     # sample
     (["sample", "{out}/missing", "--out", "{out}/s"], "does not exist"),
@@ -155,7 +156,26 @@ BAD = [
     ),
     (["train-ae", "{bad}", "--out", "{out}/ae"], "is not valid YAML"),
     (["train-ae", "{cfg}", "--out", "{out}/ae", "--steps", "0"], "steps=0 must be >= 1"),
+    (["train-ae", "{cfg}", "--out", "{out}/ae", "--seed", "-1"], "seed=-1 must be >= 0"),
+    (["repa-e", "--autoencoder", "{run}", "--out", "{out}/r", "seed=-1"], "seed=-1 must be >= 0"),
     (["cache-latents", "{cfg}", "--out", "{out}/c"], "no autoencoder"),
+    (
+        [
+            "cache-latents",
+            "{cfg}",
+            "--out",
+            "{out}/c",
+            "--autoencoder",
+            "identity",
+            "--device",
+            "gpu",
+        ],
+        "'gpu' is not a device",
+    ),
+    (
+        ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "identity", "--batch", "0"],
+        "batch_size=0 must be >= 1",
+    ),
     (
         ["cache-latents", "{cfg}", "--out", "{out}/c", "--autoencoder", "{out}/none"],
         "does not exist",

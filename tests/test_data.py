@@ -364,7 +364,7 @@ def test_shapes_texture_subset_changes_only_the_backgrounds():
     assert {two.spec(i).texture for i in range(200)} == {"plain", "dots"}
     assert full.spec(3).texture in ("plain", "stripes", "checker", "dots", "gradient")
     with pytest.raises(ValueError, match=r"shapes textures \['wood'\]; valid: plain, stripes"):
-        build_dataset(DataConfig(name="shapes", textures=("wood",)))
+        ShapesDataset(num_images=4, textures=("wood",))
 
 
 def test_in_memory_cache_renders_each_sample_once_and_changes_nothing(monkeypatch):

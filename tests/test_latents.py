@@ -195,6 +195,60 @@ def test_cache_resumes_finished_shards_and_refuses_a_changed_encoder(
         decoder_for(latents_cfg(tmp_path, autoencoder=str(tmp_path / "moved")))
 
 
+def test_cache_latents_refuses_bad_sizes_and_an_out_that_holds_other_data(tmp_path, capsys):
+    """``--shard-size 0`` was a ZeroDivisionError traceback, a negative one wrote no shard and
+    then failed on NaN statistics; ``--out`` on a prepared folder deleted its manifest.json (the
+    cache's is written at the end) and left it unusable."""
+    import numpy as np
+
+    from denoiselab.data import prepare as prep
+
+    ae = load_autoencoder("identity")
+    for kwargs, fragment in (({"shard_size": 0}, "shard_size=0"), ({"batch_size": -1}, "-1")):
+        with pytest.raises(ConfigError, match=fragment):
+            cache_latents(SHAPES16, ae, tmp_path / "c", **kwargs)
+    argv = ["cache-latents", "quickstart", "data.num_images=8", "--autoencoder", "identity"]
+    assert cli_main([*argv, "--out", str(tmp_path / "c"), "--shard-size", "0"]) == 2
+    assert "shard_size=0 must be >= 1" in capsys.readouterr().err
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    prep.prepare(images.parent, tmp_path / "prep", image_size=16)
+    before = (tmp_path / "prep" / "manifest.json").read_text()
+    data = DataConfig(name="prepared", root=str(tmp_path / "prep"), image_size=16)
+    for out in (tmp_path / "prep", tmp_path / "prep" / "."):  # the data itself
+        with pytest.raises(ConfigError, match=r"is in data\.root"):
+            cache_latents(data, ae, out)
+    folder = DataConfig(name="imagefolder", root=str(images.parent), image_size=16)
+    with pytest.raises(ConfigError, match=r"is in data\.root"):  # a class folder-to-be
+        cache_latents(folder, ae, images.parent / "latents")
+    assert not (images.parent / "latents").exists()
+    with pytest.raises(ConfigError, match="not a latent cache's"):
+        cache_latents(SHAPES16, ae, tmp_path / "prep")
+    assert (tmp_path / "prep" / "manifest.json").read_text() == before
+    assert not list((tmp_path / "prep").glob("shard_*"))
+    cache_latents(SHAPES16, ae, tmp_path / "c", shard_size=16)  # a cache may be re-run
+    cache_latents(SHAPES16, ae, tmp_path / "c", shard_size=16)
+
+
+def test_the_cache_records_where_its_source_is_from_any_directory(tmp_path, monkeypatch):
+    """A latent run's metrics compare with the cache's source pixels (pixel_data_config); a
+    relative data.root was recorded as given, so from another directory it was not found."""
+    import numpy as np
+
+    from denoiselab.latents import pixel_data_config
+
+    images = tmp_path / "work" / "images" / "a"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    monkeypatch.chdir(tmp_path / "work")
+    data = DataConfig(name="imagefolder", root="images", image_size=16)
+    cache_latents(data, load_autoencoder("identity"), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    pixels = pixel_data_config(latents_cfg(tmp_path / "cache"))
+    assert pixels.root == str(images.parent) and len(build_dataset(pixels)) == 1
+
+
 def test_mismatches_fail_when_the_run_is_built(cache_dir, tmp_path):
     cfg = from_dict(
         TrainConfig,

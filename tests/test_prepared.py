@@ -105,6 +105,37 @@ def test_training_on_prepared_data_equals_training_on_the_folder(folder, tmp_pat
     assert all(torch.equal(ca.model[k], cb.model[k]) for k in ca.model)
 
 
+def test_a_captioned_folder_keeps_its_captions_and_trains_a_text_run(folder, tmp_path):
+    """Captions from a sidecar .txt and metadata.jsonl survive preparation: each index has the
+    imagefolder's caption (an unreadable file's replacement's), and a text run on the prepared
+    folder trains on them. Before, the prepared folder captioned with class names, and a text
+    run failed at the first batch (``caption()`` took no epoch)."""
+    (folder / "cat" / "0.txt").write_text("a striped cat\n")
+    lines = [{"file_name": "grey.jpg", "text": "a grey dog"},
+             {"file_name": "1.jpg", "text": "the truncated one"}]  # fmt: skip
+    (folder / "dog" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    m = prep.prepare(folder, tmp_path / "prep", image_size=S, shard_size=4)
+    ds_folder = ImageFolderDataset(folder, image_size=S)
+    ds = PreparedDataset(tmp_path / "prep", image_size=S)
+    for i in range(len(ds_folder)):
+        ds_folder[i]  # the folder's caption follows the files it found unreadable: load first
+    want = [ds_folder.caption(i) for i in range(len(ds))]
+    assert [ds.caption(i, epoch=1) for i in range(len(ds))] == want
+    assert {"a striped cat", "a grey dog"} <= set(want) and "the truncated one" not in want
+    assert ds.caption_source == "files" and m["missing_captions"] == ds.missing_captions == 10
+    assert prep.verify(tmp_path / "prep") == []
+    (tmp_path / "prep" / "captions.json").write_text("[]")  # a damaged captions file is named
+    assert prep.verify(tmp_path / "prep") == ["captions.json"]
+    prep.prepare(folder, tmp_path / "prep2", image_size=S, shard_size=4)
+    text = {"model.name": "JiT-Micro-T2I", "model.text": {"mode": "joint", "encoder": "words"}}
+    cfg = tiny(**{"data.name": "prepared", "data.root": str(tmp_path / "prep2"),
+                  "data.image_size": S, "data.hflip": False, "duration_nimg": 16,
+                  "ckpt_every_nimg": 0, "device": "cpu", **text})  # fmt: skip
+    run = train(cfg, tmp_path / "run", quiet=True)
+    vocab = ckpt_io.load_checkpoint(run).config_yaml
+    assert "striped" in vocab and "grey" in vocab
+
+
 def test_interrupted_preparation_resumes_and_a_changed_source_is_refused(
     folder, tmp_path, monkeypatch
 ):
@@ -172,6 +203,27 @@ def test_prepare_data_command_and_bad_input(folder, tmp_path, capsys):
     (unreadable / "x.jpg").write_bytes(b"not an image")
     with pytest.raises(ImageFolderError, match="none of its 1 image files could be decoded"):
         prep.prepare(unreadable.parent, tmp_path / "p3", image_size=S)
+
+
+def test_prepare_data_refuses_an_out_inside_the_source_or_holding_a_latent_cache(
+    folder, tmp_path, capsys
+):
+    """``--out SRC`` wrote shards and ``progress/`` into the image folder (which then had a
+    class folder without images: training on it failed); an ``--out`` holding a latent
+    cache's manifest.json was taken for a finished prepared folder (KeyError traceback)."""
+    listing = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    for out in (folder, folder / "prepared"):
+        args = ["prepare-data", str(folder), "--out", str(out), "--image-size", str(S)]
+        assert main(args) == 2
+        assert "is inside the image folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == listing  # untouched
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"format": "denoiselab-latents"}))
+    args = ["prepare-data", str(folder), "--out", str(cache), "--image-size", str(S)]
+    assert main(args) == 2
+    assert "of format 'denoiselab-latents', not a prepared folder's" in capsys.readouterr().err
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"]
 
 
 def test_num_workers_auto(monkeypatch):

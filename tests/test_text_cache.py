@@ -9,9 +9,11 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from denoiselab.cli import main
 from denoiselab.config import apply_overrides, from_dict
@@ -173,3 +175,13 @@ def test_cache_text_cli(t5, tmp_path, capsys):
     argv = ["cache-text", "t2i_quickstart", "--out", str(tmp_path / "w")]
     assert main(argv) == 2
     assert "the offline 'words' table is trained, not frozen" in capsys.readouterr().err
+    images = tmp_path / "images" / "a"  # an --out inside the image folder would be a class
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    folder = ["data.name=imagefolder", f"data.root={images.parent}"]
+    assert main(["cache-text", str(cfg), *folder, "--out", str(images.parent / "t")]) == 2
+    assert "is in data.root" in capsys.readouterr().err
+    assert not (images.parent / "t").exists()
+    bad = ["cache-text", str(cfg), "--out", str(tmp_path / "b"), "--batch", "0"]
+    assert main(bad) == 2  # was "range() arg 3 must not be zero"
+    assert "batch_size=0 must be >= 1" in capsys.readouterr().err

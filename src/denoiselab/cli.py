@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     source = args.resume
     if args.auto_resume:
         if args.resume or args.config is None:
-            raise SystemExit("denoiselab train: --auto-resume takes a CONFIG (not --resume)")
+            raise ConfigError("--auto-resume takes a CONFIG (not --resume)")
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         source = out if ckpt_io.list_checkpoints(out / "checkpoints") else None
     if source:

@@ -12,13 +12,18 @@ from denoiselab.data.digits import DigitsDataset
 from denoiselab.data.imagefolder import ImageFolderDataset, folder_class_names
 from denoiselab.data.latents import LatentDataset
 from denoiselab.data.prepared import PreparedDataset
-from denoiselab.data.shapes import EASY_SHAPES, SHAPE_NAMES, ShapesDataset
+from denoiselab.data.shapes import EASY_SHAPES, SHAPE_NAMES, TEXTURES, ShapesDataset
 from denoiselab.data.shapes_caption import parse_pair
 
 DatasetName = Literal["shapes", "digits", "imagefolder", "prepared", "latents"]
 Difficulty = Literal["hard", "easy"]
 LatentNormName = Literal["autoencoder", "dataset", "none"]
 NEEDS_ROOT = ("imagefolder", "prepared", "latents")
+ROOT_KINDS = {
+    "imagefolder": "image folder",
+    "prepared": "prepared (`denoiselab prepare-data --out`)",
+    "latents": "latent cache",
+}
 # read from files by ``num_workers: auto`` workers; the others render or map in memory
 FILE_DATASETS = ("imagefolder", "prepared")
 AUTO_WORKERS_MAX = 8
@@ -100,12 +105,12 @@ class DataConfig:
         if not (_is_int(self.image_size) and lo <= self.image_size <= hi):
             raise ValueError(f"data.image_size={self.image_size!r}; valid: integers {lo} … {hi}")
         if self.name in NEEDS_ROOT and not self.root:
-            what = "dataset" if self.name == "imagefolder" else "latent cache"
+            what = ROOT_KINDS[self.name]
             raise ValueError(f"data.root={self.root!r}; {self.name!r} needs the {what} directory")
         if self.name not in NEEDS_ROOT and self.root is not None:
             raise ValueError(
-                f"data.root={self.root!r} is only used by 'imagefolder' and 'latents', "
-                f"not {self.name!r}"
+                f"data.root={self.root!r} is only used by "
+                f"{', '.join(map(repr, NEEDS_ROOT))}, not {self.name!r}"
             )
         self._check_latent_fields()
         self._check_shapes_fields()
@@ -164,6 +169,16 @@ class DataConfig:
                     parse_pair(pair, shapes)
                 except ValueError as err:
                     raise ValueError(f"data.holdout_pairs: {err}") from None
+        unknown = [t for t in self.textures or () if t not in TEXTURES]
+        if unknown:
+            raise ValueError(
+                f"data.textures has {unknown!r}; valid: {', '.join(TEXTURES)} (a subset)"
+            )
+        if self.textures is not None and not self.textures:
+            raise ValueError(
+                "data.textures=[] draws no background; list some of "
+                f"{', '.join(TEXTURES)}, or null for all"
+            )
         if self.difficulty == "easy" and self.textures:
             raise ValueError(
                 f"data.textures={list(self.textures)!r} applies to difficulty 'hard'; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from denoiselab.data.captions import index_captions
 from denoiselab.data.imagefolder import ImageFolderError, decode_crop, find_images
-from denoiselab.data.prepared import FORMAT, MANIFEST, PreparedDataError
+from denoiselab.data.prepared import CAPTIONS, FORMAT, MANIFEST, PreparedDataError
 from denoiselab.io import atomic_write, atomic_write_text
 
 _HASH_CHUNK = 1 << 24
@@ -91,6 +93,26 @@ def _done(out: Path, k: int) -> dict[str, Any] | None:
         return None
 
 
+def _check_out(out: Path, source: Path) -> None:
+    """Refuse an ``out`` inside the image folder (its folders would become classes of the
+    source) or holding another kind of ``manifest.json`` (a latent cache)."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise PreparedDataError(
+            f"--out {str(out)!r} is inside the image folder {str(source)!r}: its files would "
+            "become part of the data; choose a directory outside it"
+        )
+    if (out / MANIFEST).is_file():
+        try:
+            kind = json.loads((out / MANIFEST).read_text()).get("format")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != FORMAT:
+            raise PreparedDataError(
+                f"--out {str(out)!r} holds a {MANIFEST} of format {kind!r}, not a prepared "
+                "folder's: choose an empty directory (or an earlier prepared folder to resume)"
+            )
+
+
 def _check_source(out: Path, listing: dict[str, Any]) -> None:
     """Record the source listing, or refuse a source that changed since the last run."""
     path = out / "progress" / "source.json"
@@ -132,6 +154,7 @@ def prepare(
         "channels": channels,
         "shard_size": shard_size,
     }
+    _check_out(out, Path(source))
     (out / "progress").mkdir(parents=True, exist_ok=True)
     _check_source(out, listing)
     if (out / MANIFEST).is_file():
@@ -164,13 +187,38 @@ def prepare(
     if todo:
         rate = decoded / max(time.perf_counter() - tic, 1e-9)
         say(f"decoded {decoded} files in {time.perf_counter() - tic:.1f}s ({rate:.0f} files/s)")
-    return _finish(out, listing, class_names, [records[k] for k in range(len(chunks))])
+    records_in_order = [records[k] for k in range(len(chunks))]
+    return _finish(out, listing, class_names, records_in_order, source, samples)
+
+
+def _write_captions(
+    out: Path, source: str | Path, samples: list[tuple[str, int]], ok: np.ndarray
+) -> dict[str, Any]:
+    """``captions.json`` (the caption of each stored image, as the imagefolder reads it) and
+    its manifest entries, where the folder has caption files; ``{}`` where it has none (the
+    class names are the captions then, as in the imagefolder)."""
+    paths = [os.path.normpath(path) for path, _ in samples]
+    index = index_captions(str(source), paths)
+    if index.empty:
+        return {}
+    kept = [path for path, good in zip(paths, ok) if good]
+    atomic_write_text(out / CAPTIONS, json.dumps([index.caption(p) for p in kept]))
+    return {
+        "captions_sha256": _sha256(out / CAPTIONS),
+        "missing_captions": sum(not index.has_caption(p) for p in kept),
+    }
 
 
 def _finish(
-    out: Path, listing: dict[str, Any], class_names: list[str], records: list[dict[str, Any]]
+    out: Path,
+    listing: dict[str, Any],
+    class_names: list[str],
+    records: list[dict[str, Any]],
+    source: str | Path,
+    samples: list[tuple[str, int]],
 ) -> dict[str, Any]:
-    """``labels.npy``, ``index.npy`` and the manifest, from the shard records."""
+    """``labels.npy``, ``index.npy``, ``captions.json`` (captioned folders) and the manifest,
+    from the shard records."""
     ok = np.array([good for r in records for good in r["ok"]], dtype=bool)
     readable = np.flatnonzero(ok)
     if readable.size == 0:
@@ -186,10 +234,12 @@ def _finish(
     _save_npy(out / "index.npy", index.astype(np.int64))
     _save_npy(out / "labels.npy", labels)
     shards = [{"file": r["file"], "count": r["count"], "sha256": r["sha256"]} for r in records]
+    captions = _write_captions(out, source, samples, ok)
     parts = {
         "shards": [s["sha256"] for s in shards],
         "labels": _sha256(out / "labels.npy"),
         "index": _sha256(out / "index.npy"),
+        **({"captions": captions["captions_sha256"]} if captions else {}),
     }
     manifest = {
         "format": FORMAT,
@@ -199,6 +249,7 @@ def _finish(
         "shards": shards,
         "labels_sha256": parts["labels"],
         "index_sha256": parts["index"],
+        **captions,
         "bad_files": [b for r in records for b in r["bad"]],
         "content_hash": hashlib.sha256(json.dumps(parts).encode()).hexdigest(),
         "crop": "ADM centre crop (BOX halving, BICUBIC resize), denoiselab.data.imagefolder",
@@ -214,7 +265,9 @@ def verify(out: str | Path) -> list[str]:
     out = Path(out)
     m = read_manifest(out)
     bad = [s["file"] for s in m["shards"] if _sha256(out / s["file"]) != s["sha256"]]
-    for name, key in (("labels.npy", "labels_sha256"), ("index.npy", "index_sha256")):
+    files = [("labels.npy", "labels_sha256"), ("index.npy", "index_sha256")]
+    files += [(CAPTIONS, "captions_sha256")] if "captions_sha256" in m else []
+    for name, key in files:
         if _sha256(out / name) != m[key]:
             bad.append(name)
     return bad

@@ -11,6 +11,10 @@ writes, for the ``N`` image files of ``SRC`` (the imagefolder's order and labels
   ``imagefolder`` replaces a bad file — so the dataset has the folder's length and
   ``ds[i]`` equals the folder's ``ds[i]``, flips included: the flip of index ``i`` in epoch
   ``e`` is ``flip_decision(seed, i, epoch)`` in both;
+- ``captions.json`` (only where the folder has caption files: ``metadata.jsonl`` or sidecar
+  ``.txt``, :mod:`denoiselab.data.captions`): ``[M]`` strings, the caption of each stored
+  image as the imagefolder reads it (``""`` for an image without one), so a text run on the
+  prepared folder sees the folder's captions; without it the class names are the captions;
 - ``manifest.json``, written last: settings, shard sizes and SHA-256 hashes, the bad files,
   and a content hash over all of it (the folder is complete once it exists).
 
@@ -35,6 +39,7 @@ from denoiselab.data.base import ImageDataset, uint8_to_model
 
 FORMAT = "denoiselab-prepared-1"
 MANIFEST = "manifest.json"
+CAPTIONS = "captions.json"
 
 
 class PreparedDataError(ConfigError):
@@ -98,6 +103,13 @@ class PreparedDataset(ImageDataset):
         if len(self._index) != m["num_files"] or len(self._labels) != m["num_images"]:
             raise PreparedDataError(f"prepared data {str(root)!r}: index or labels are cut")
         self._maps: dict[int, np.ndarray] = {}
+        self._captions: list[str] | None = None
+        if "captions_sha256" in m:
+            self._captions = json.loads((self.root / CAPTIONS).read_text())
+            if len(self._captions) != m["num_images"]:
+                raise PreparedDataError(f"prepared data {str(root)!r}: {CAPTIONS} is cut")
+        self.caption_source = "class names" if self._captions is None else "files"
+        self.missing_captions = int(m.get("missing_captions", 0))
 
     def __len__(self) -> int:
         return len(self._index)
@@ -124,7 +136,11 @@ class PreparedDataset(ImageDataset):
     def label(self, index: SupportsIndex) -> int:
         return int(self._labels[int(self._index[self._check_index(index)])])
 
-    def caption(self, index: SupportsIndex) -> str:
-        """The class folder name, underscores as spaces (as ``imagefolder``)."""
+    def caption(self, index: SupportsIndex, epoch: int | None = None) -> str:
+        """The caption the imagefolder gives ``index``: from the folder's caption files (stored
+        in ``captions.json``), else the class folder name with underscores as spaces.
+        ``epoch`` is ignored (a caption file describes the photo, flipped or not)."""
         position = int(self._index[self._check_index(index)])
+        if self._captions is not None:
+            return self._captions[position]
         return self.class_names[int(self._labels[position])].replace("_", " ")

@@ -48,6 +48,7 @@ from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
 from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
+    CACHE_FORMAT,
     MANIFEST,
     STORE_DTYPES,
     CacheManifest,
@@ -109,8 +110,12 @@ def cache_latents(
     """Encode every image of ``data`` (unflipped, and mirrored if ``flips``) into ``out``;
     with ``teacher``, also store its patch features of the same pixels."""
     shape = _check_inputs(data, ae, store_dtype)
-    source = build_dataset(replace(data, hflip=False))
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"cache-latents: {name}={value} must be >= 1")
     out = Path(out)
+    _check_out(out, data)
+    source = build_dataset(replace(data, hflip=False))
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until the end
     record, src_fp = encoder_record(ae), _source_fingerprint(data)
@@ -158,7 +163,7 @@ def cache_latents(
         class_names=list(source.class_names),
         flips=flips,
         source_hflip=data.resolved_hflip,
-        source=to_dict(data),
+        source=to_dict(_absolute_root(data)),
         normalization={"autoencoder": ae.normalization(), "dataset": stats.norm()},
         shards=shards,
         dtype=store_dtype,
@@ -182,6 +187,35 @@ def _check_inputs(data: DataConfig, ae: Autoencoder, store_dtype: str) -> tuple[
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"dtype={store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
     return ae.latent_shape(data.image_size)
+
+
+def _absolute_root(data: DataConfig) -> DataConfig:
+    """``data`` with an absolute ``root``: the manifest's source is read later (the pixel
+    reference of a latent run's metrics) from wherever that process runs."""
+    return replace(data, root=str(Path(data.root).resolve())) if data.root else data
+
+
+def _check_out(out: Path, data: DataConfig) -> None:
+    """Refuse an ``out`` inside the source data or holding other data: its ``manifest.json``
+    is deleted first (the cache is incomplete until the end), which would ruin a prepared
+    folder."""
+    if data.root and out.resolve().is_relative_to(Path(data.root).resolve()):
+        raise ConfigError(
+            f"--out {str(out)!r} is in data.root, the data to encode (an image folder would "
+            "take it for a class); choose a directory outside it"
+        )
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        kind = json.loads(path.read_text()).get("format")
+    except (ValueError, AttributeError):
+        kind = None
+    if kind != CACHE_FORMAT:
+        raise ConfigError(
+            f"--out {str(out)!r} holds a {MANIFEST} that is not a latent cache's "
+            f"(format {kind!r}): choose an empty directory or an earlier cache to resume"
+        )
 
 
 def _encode_range(
@@ -300,11 +334,9 @@ def cache_latents_main(argv: list[str] | None = None) -> int:
             )
         data_raw = apply_overrides({"data": raw.get("data", {})}, args.overrides)
         data = from_dict(DataConfig, data_raw["data"], "data")
-        device = (
-            args.device
-            if args.device != "auto"
-            else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        from denoiselab.train.distributed import resolve_device
+
+        device = resolve_device(args.device)  # a misspelt or missing device: a named error
         ae = load_autoencoder(ae_path, args.kind, device=device, image_channels=data.channels)
         teacher = None
         if args.teacher:

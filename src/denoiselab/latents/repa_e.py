@@ -86,6 +86,8 @@ class REPAEConfig:
         for key in ("steps", "batch", "stats_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        if self.seed < 0:  # seeds numpy's batch order, which refuses negatives
+            raise ConfigError(f"seed={self.seed!r} must be >= 0")
         if self.data.name == "latents":
             raise ConfigError("repa-e tunes the encoder on pixels; data.name='latents' is a cache")
         if self.repa.schedule != "constant" or not self.repa.weight > 0:

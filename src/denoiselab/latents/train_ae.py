@@ -56,6 +56,8 @@ class AETrainConfig:
         for key in ("steps", "batch", "stats_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
+        if self.seed < 0:  # seeds numpy's batch order, which refuses negatives
+            raise ConfigError(f"seed={self.seed!r} must be >= 0")
         if not self.lr > 0 or self.kl_weight < 0:
             raise ConfigError(f"need lr > 0 and kl_weight >= 0; got {self.lr}, {self.kl_weight}")
         if self.data.name == "latents":

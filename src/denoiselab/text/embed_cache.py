@@ -107,6 +107,9 @@ def cache_text(
     from denoiselab.text import tokenizer_for
     from denoiselab.text.hf import load_text_encoder
 
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise TextCacheError(f"cache-text: {name}={value} must be >= 1")
     if text.encoder == "words" or not text.resolved:
         raise TextCacheError(
             f"cache-text needs a resolved transformers model.text (encoder t5, clip or auto), "

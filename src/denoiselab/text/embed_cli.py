@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError
@@ -35,6 +36,12 @@ def cache_text_main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         cfg = load_train_config(args.config, args.overrides)
+        root = cfg.data.root
+        if root and Path(args.out).resolve().is_relative_to(Path(root).resolve()):
+            raise ConfigError(
+                f"--out {args.out!r} is in data.root {root!r} (an image folder would take it "
+                "for a class); choose a directory outside the data"
+            )
         ds = build_dataset(cfg.data)
         mc = model_config_for(cfg, ds)
         if mc.text is None:

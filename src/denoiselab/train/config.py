@@ -90,6 +90,8 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"optim.grad_clip={self.grad_clip!r} must be > 0 or null")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
 
     def resolved_lr(self, global_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * global_batch / 256
@@ -271,6 +273,8 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be >= 1")
         _check_device_name(self.device)
+        if self.seed < 0:  # seeds numpy's order and flip streams, which refuse negatives
+            raise ConfigError(f"seed={self.seed!r} must be >= 0")
         if (
             self.objective.noise_scale == "auto"
             and self.data.name == "latents"
