@@ -132,3 +132,49 @@ def test_cache_latents_cli_teacher_flags(setup, tmp_path, capsys):
     args = [str(src), "--autoencoder", str(setup["ae"]), "--out", str(tmp_path / "c")]
     assert cache_latents_main([*args, "--teacher", "dinov2"]) == 2
     assert "teacher.path is not set" in capsys.readouterr().err
+
+
+def test_pretrained_teacher_ids_hash_the_weights_and_old_caches_still_open(setup, tmp_path):
+    """A Hugging Face teacher's weights_id changes with its weights, not only with its config
+    and file sizes: features cached from another checkpoint of the same architecture are
+    refused (they were accepted when the id was config + names + sizes); a cache made before,
+    which recorded that older id for these very weights, still opens."""
+    pytest.importorskip("transformers")
+    from dataclasses import replace as dc_replace
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    from denoiselab.encoders.hf import dir_id, legacy_dir_id
+    from denoiselab.latents.manifest import write_manifest
+
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          mlp_ratio=2, image_size=16, patch_size=4)  # fmt: skip
+    dirs = {}
+    for seed in (0, 1):  # the same architecture, other weights (a fine-tune, a retrain)
+        torch.manual_seed(seed)
+        Dinov2Model(config).eval().save_pretrained(tmp_path / f"dino{seed}")
+        dirs[seed] = tmp_path / f"dino{seed}"
+    assert legacy_dir_id(dirs[0]) == legacy_dir_id(dirs[1])  # blind to the weights
+    assert dir_id(dirs[0]) != dir_id(dirs[1])
+    teacher = build_teacher(TeacherConfig(kind="dinov2", path=str(dirs[0])), SHAPES16)
+    cache = tmp_path / "cache"
+    cache_latents(SHAPES16, load_autoencoder(setup["ae"]), cache, batch_size=12, shard_size=24,
+                  teacher=teacher)  # fmt: skip
+
+    def build(path):
+        teacher_cfg = {"kind": "dinov2", "path": str(path)}
+        return build_terms(parse_terms({"repa": {"block": 1, "teacher": teacher_cfg}}),
+                           _ctx(_latent_data(cache))[1])  # fmt: skip
+
+    assert build(dirs[0])[0].teacher is None  # the cached features serve
+    with pytest.raises(ConfigError, match="does not match the teacher whose features the cache"):
+        build(dirs[1])
+    manifest = read_manifest(cache)  # as written before ids hashed the weights
+    old = dc_replace(manifest, teacher={**manifest.teacher, "weights_id": legacy_dir_id(dirs[0])})
+    write_manifest(cache, old)
+    assert build(dirs[0])[0].teacher is None
+    write_manifest(
+        cache, dc_replace(manifest, teacher={**manifest.teacher, "weights_id": "0" * 16})
+    )
+    with pytest.raises(ConfigError, match="does not match the teacher whose features the cache"):
+        build(dirs[0])

@@ -53,6 +53,7 @@ from denoiselab.config import ConfigError
 from denoiselab.encoders import (
     ImageEncoder,
     TeacherConfig,
+    accepted_teacher_ids,
     build_teacher,
     teacher_dim,
     teacher_weights_id,
@@ -278,11 +279,14 @@ def _cached_teacher(cfg: TeacherConfig, ctx: TermContext, key: str) -> dict[str,
             f"{root!r} has none: re-cache with `denoiselab cache-latents CONFIG --teacher "
             f"{cfg.kind}{' --teacher-path DIR' if cfg.kind != 'offline' else ''} --out DIR`"
         )
-    weights_id = teacher_weights_id(cfg, pixel_data_config(ctx.data), f"{key}.teacher")
+    pixels, teacher_key = pixel_data_config(ctx.data), f"{key}.teacher"
+    weights_id = teacher_weights_id(cfg, pixels, teacher_key)
     wanted: dict[str, Any] = {"kind": cfg.kind, "weights_id": weights_id}
     if cfg.resolution is not None:
         wanted["resolution"] = cfg.resolution
     found = {k: record.get(k) for k in wanted}
+    if found.get("weights_id") in accepted_teacher_ids(cfg, pixels, teacher_key):
+        found["weights_id"] = weights_id  # cached under this teacher's older id
     if found != wanted:
         raise ConfigError(
             f"{key}.teacher {wanted} does not match the teacher whose features the cache "

@@ -23,7 +23,7 @@ import torch
 
 from denoiselab.config import ConfigError, from_dict
 from denoiselab.encoders.base import ImageEncoder
-from denoiselab.encoders.hf import HF_FAMILIES, dir_id, load_hf_encoder
+from denoiselab.encoders.hf import HF_FAMILIES, dir_id, legacy_dir_id, load_hf_encoder
 from denoiselab.encoders.offline import load_offline_teacher, teacher_key
 from denoiselab.encoders.ssl import SSLConfig
 
@@ -147,11 +147,22 @@ def teacher_weights_id(cfg: TeacherConfig, pixel_data: Any, key: str = "teacher"
     return dir_id(_require_dir(cfg, key))
 
 
+def accepted_teacher_ids(cfg: TeacherConfig, pixel_data: Any, key: str = "teacher") -> set[str]:
+    """The ``weights_id`` values under which features of this teacher may have been cached:
+    :func:`teacher_weights_id`, and for a pretrained directory also the id it had before
+    ids hashed the weights themselves (``encoders.hf.legacy_dir_id``)."""
+    ids = {teacher_weights_id(cfg, pixel_data, key)}
+    if cfg.kind != "offline":
+        ids.add(legacy_dir_id(_require_dir(cfg, key)))
+    return ids
+
+
 __all__ = [
     "HF_FAMILIES",
     "ImageEncoder",
     "SSLConfig",
     "TeacherConfig",
+    "accepted_teacher_ids",
     "build_teacher",
     "teacher_dim",
     "teacher_weights_id",

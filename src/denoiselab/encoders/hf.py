@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,41 @@ def normalisation(
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+_SAMPLE = 1 << 20  # bytes of each weights file hashed at its start and at its end
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """SHA-256 (16 hex) of a weights directory: every ``*.json`` file in full, and of each
+    ``*.safetensors`` file its name, size, header (tensor names, dtypes, shapes, offsets) and
+    first and last MiB of tensor data — cheap for a multi-GB model, and different for other
+    or retrained weights of the same architecture (a fine-tune changes the tensors at both
+    ends). The ``weights_id`` of the pretrained encoders and metric extractors (it enters
+    the reference-statistics cache key and the teacher record of a latent cache) and the
+    text-embedding cache's ``fingerprint``."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            size = f.stat().st_size
+            with open(f, "rb") as stream:
+                (n,) = struct.unpack("<Q", stream.read(8))
+                h.update(f.name.encode() + str(size).encode() + stream.read(min(n, size)))
+                h.update(stream.read(_SAMPLE))
+                stream.seek(max(0, size - _SAMPLE))
+                h.update(stream.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
 def dir_id(path: Path) -> str:
-    """SHA-256 of ``config.json`` plus the names and sizes of the weight files (16 hex)."""
+    """The ``weights_id`` of a Hugging Face directory: :func:`weights_fingerprint`."""
+    return weights_fingerprint(path)
+
+
+def legacy_dir_id(path: Path) -> str:
+    """The ``weights_id`` denoiselab gave a directory before 2026-12-01: ``config.json``
+    plus the weight files' names and sizes (blind to other weights of the same shapes).
+    Only read to accept teacher features cached then (``algorithms.repa``)."""
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())

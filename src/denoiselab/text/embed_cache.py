@@ -22,10 +22,8 @@ network ``[L, D_text + 1]`` per sample (tokens, then the mask as a last channel;
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from denoiselab.config import ConfigError
+from denoiselab.encoders.hf import weights_fingerprint
 from denoiselab.io import atomic_write, atomic_write_text
 from denoiselab.latents.captions import digest
 from denoiselab.latents.manifest import STORE_DTYPES
@@ -42,30 +41,10 @@ from denoiselab.text.config import TextConfig
 MANIFEST = "text.json"
 FORMAT, VERSION = "denoiselab-text-embeddings", 1
 DTYPES = STORE_DTYPES  # the latent cache's stored dtypes
-_SAMPLE = 1 << 20  # bytes of each weights file hashed at its start and at its end
 
 
 class TextCacheError(ConfigError):
     """A text-embedding cache is missing, incomplete, or made for another encoder or data."""
-
-
-def encoder_fingerprint(path: str | Path) -> str:
-    """SHA-256 (16 hex) of an encoder directory: every ``*.json`` file in full, and of each
-    ``*.safetensors`` file its size, header (tensor names, shapes, offsets) and first and last
-    MiB — cheap for a multi-GB encoder, and different for retrained or other weights."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).iterdir()):
-        if f.suffix == ".json":
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-        elif f.suffix == ".safetensors":
-            size = f.stat().st_size
-            with open(f, "rb") as stream:
-                (n,) = struct.unpack("<Q", stream.read(8))
-                h.update(f.name.encode() + str(size).encode() + stream.read(min(n, size)))
-                h.update(stream.read(_SAMPLE))
-                stream.seek(max(0, size - _SAMPLE))
-                h.update(stream.read(_SAMPLE))
-    return h.hexdigest()[:16]
 
 
 def caption_variants(dataset: Any) -> tuple[list[str], list[str] | None]:
@@ -83,7 +62,7 @@ def encoder_record(text: TextConfig) -> dict[str, Any]:
     return {
         "encoder": text.encoder,
         "path": str(path),
-        "fingerprint": encoder_fingerprint(path),
+        "fingerprint": weights_fingerprint(path),
         "max_len": text.max_len,
         "dim": text.dim,
     }
