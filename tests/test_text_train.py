@@ -125,6 +125,13 @@ def test_sample_prompts_reproducible_and_condition_flags_named(tmp_path, capsys)
     assert "is text-conditioned; give --prompt TEXT" in error("--class", "star")
     assert "--num is for sampling without prompts" in error("--prompt", "a red star", "--num", "2")
     assert "--negative-prompt needs --prompt" in error("--negative-prompt", "a red star")
+    # --guidance reaches prompted sampling: sparse on this routing-free run is the sampler's
+    # named error (the flag was dropped: CFG drew the prompts, exit 0), and with a negative
+    # prompt, which only CFG can use, it says so
+    assert "guidance 'sparse' guides a network trained with token routing" in error(
+        "--prompt", "a red star", "--guidance", "sparse")  # fmt: skip
+    assert "a negative prompt replaces CFG's unconditional branch" in error(
+        "--prompt", "a red star", "--negative-prompt", "a circle", "--guidance", "sparse")  # fmt: skip
     cls_run = train(from_dict(TrainConfig, apply_overrides(TINY, ["duration_nimg=8"])),
                     tmp_path / "cls", quiet=True)  # fmt: skip
     assert (

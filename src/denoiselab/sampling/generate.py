@@ -124,6 +124,11 @@ class Sampler:
                 y_null=None if negative is None else negative.to(self.device),
             )
         elif guidance == "sparse":
+            if negative is not None:
+                raise ValueError(
+                    "a negative prompt replaces CFG's unconditional branch; guidance 'sparse' "
+                    "has none (it guides the network by its routed self): use guidance 'cfg'"
+                )
             fn = SparseGuidance(self.net, self.velocity, labels,
                                 self._weak_routes(sparse_ratio, seed), cfg_scale, interval)  # fmt: skip
         else:

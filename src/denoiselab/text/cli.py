@@ -66,7 +66,12 @@ def sample_prompts(
     for start in range(0, len(wanted), args.batch):
         batch = wanted[start : start + args.batch]
         x = r.sample_prompts(
-            batch, args.seed + start, negative_prompt=args.negative_prompt, **settings
+            batch,
+            args.seed + start,
+            negative_prompt=args.negative_prompt,
+            guidance=args.guidance,
+            sparse_ratio=args.sparse_ratio,
+            **settings,
         )
         save_images(x, out, start=start)
         images.append(x.cpu())
