@@ -28,6 +28,7 @@ from denoiselab.evaluation_clip import (
     prompt_generator,
     score_clipscore,
 )
+from denoiselab.io import atomic_write_text
 from denoiselab.latents import pixel_data_config
 from denoiselab.metrics import METRICS, ProbeConfig, evaluate, to_uint8
 from denoiselab.metrics.evaluate import check_sample_count
@@ -371,10 +372,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     if result.pop("rank") != 0:
         return 0  # rank 0 writes eval.json
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".eval.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out / "eval.json")
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2, default=str))
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
     if result.get("probe_real_accuracy") is not None:
         summary += f" (the probe on held-out real images: {result['probe_real_accuracy']:.4g})"

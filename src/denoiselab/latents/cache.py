@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import replace
@@ -45,6 +44,7 @@ from denoiselab.config import (
 )
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
+from denoiselab.io import atomic_write
 from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
@@ -270,14 +270,8 @@ def _reuse(path: Path, meta: dict[str, str]) -> dict[str, Tensor] | None:
 
 
 def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp, meta))
 
 
 def _parser() -> argparse.ArgumentParser:

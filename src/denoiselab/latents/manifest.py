@@ -23,7 +23,6 @@ captions came from (:mod:`denoiselab.latents.captions`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -31,6 +30,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from denoiselab.config import ConfigError
+from denoiselab.io import atomic_write_text
 from denoiselab.latents.norm import LatentNorm
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,14 +141,4 @@ def read_manifest(root: str | Path) -> CacheManifest:
 
 def write_manifest(root: str | Path, manifest: CacheManifest) -> Path:
     """Write ``manifest.json`` atomically (temporary file, fsync, rename)."""
-    path = Path(root) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest.to_json(), indent=1))
