@@ -124,3 +124,36 @@ def test_an_unwritable_out_fails_before_any_sample(tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err
         assert f"--out {str(out)!r}" in err and "not a directory" in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_one_class_data_skips_acc_probe_and_eval_refuses_it(tmp_path, capsys):
+    """On one flat folder (one class) every sample is of the class: periodic evaluation skips
+    acc_probe, saying so at the start (it logged 1.0 at every evaluation), and ``denoiselab
+    eval --metrics acc_probe`` is a named error; fd_probe is still scored."""
+    from PIL import Image
+
+    from denoiselab.cli import main
+    from denoiselab.train.loop import train
+    from denoiselab.train.run import read_metrics
+
+    from .test_train import tiny
+
+    root = tmp_path / "pics"
+    root.mkdir()
+    for k in range(16):
+        Image.new("RGB", (16, 16), (16 * k, 255 - 16 * k, 90)).save(root / f"{k}.png")
+    probe = '{"steps": 5, "num_train": 16, "num_val": 8, "batch": 8}'
+    cfg = tiny(**{"data.name": "imagefolder", "data.root": str(root), "data.num_images": 16,
+                  "duration_nimg": 16, "eval.every_nimg": 16, "eval.num": 8, "eval.batch": 8,
+                  "eval.steps": 1, "eval.cache_dir": str(tmp_path / "cache"),
+                  "eval.probe": probe})  # fmt: skip
+    assert cfg.eval.metrics == ("fd_probe", "acc_probe")  # the defaults
+    run = train(cfg, tmp_path / "run")
+    assert "eval.metrics ['acc_probe'] skipped: the data has one class" in capsys.readouterr().err
+    (row,) = [r for r in read_metrics(run / "metrics.jsonl") if "eval_seconds" in r]
+    assert "eval/fd_probe" in row and "eval/acc_probe" not in row
+    argv = ["eval", str(run), "--metrics", "fd_probe,acc_probe", "--num", "8", "--batch", "8",
+            "--steps", "1", "--probe-steps", "5", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 2
+    assert "acc_probe: this run's data (imagefolder) has 1 class" in capsys.readouterr().err

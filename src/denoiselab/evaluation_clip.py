@@ -38,14 +38,22 @@ def check_clipscore_run(r: Restored, run: str) -> None:
 
 
 def check_acc_probe_run(r: Restored, metrics: list[str]) -> None:
-    """``acc_probe`` on a text run asks whether each sample shows the class of the image whose
-    caption prompted it; data with a single class (a flat imagefolder) has no such class."""
-    if "acc_probe" in metrics and r.is_text and r.model_cfg.num_classes < 2:
+    """``acc_probe`` asks whether each sample shows its class (on a text run: the class of the
+    image whose caption prompted it); on data with a single class (a flat imagefolder) every
+    sample is of that class and the accuracy is 1 by construction."""
+    if "acc_probe" not in metrics or r.model_cfg.num_classes >= 2:
+        return
+    if r.is_text:
         raise ValueError(
             f"acc_probe: this text run's data ({r.cfg.data.name}) has "
             f"{r.model_cfg.num_classes} class, so no prompt has a class to check; drop "
             "acc_probe (fd_probe, mmd_probe, kid, fid, cmmd and clipscore still apply)"
         )
+    raise ValueError(
+        f"acc_probe: this run's data ({r.cfg.data.name}) has {r.model_cfg.num_classes} class, "
+        "so every sample is of it and the accuracy is 1 by construction; drop acc_probe "
+        "(fd_probe, mmd_probe, kid, fid and cmmd still apply)"
+    )
 
 
 def eval_prompts(

@@ -47,7 +47,14 @@ from denoiselab.train.ema import EMA
 from denoiselab.train.module import TrainingModule
 from denoiselab.train.optim import build_optimizer, lr_at
 from denoiselab.train.parallel import build_strategy, full, uses_bf16
-from denoiselab.train.periodic import check_eval_ready, draw_grid, ema_network, evaluate_run
+from denoiselab.train.periodic import (
+    ONE_CLASS_DROPS,
+    check_eval_ready,
+    draw_grid,
+    ema_network,
+    evaluate_run,
+    one_class_note,
+)
 from denoiselab.train.preempt import Preempted, StopRequest
 from denoiselab.train.progress import ProgressBar, format_duration
 from denoiselab.train.run import RunFolder, plot_loss
@@ -179,6 +186,12 @@ class Trainer:
         self.step_clock: StepClock = NO_CLOCK  # bench --breakdown times the step's phases
         if self.parallel.note:
             self.log(self.parallel.note)
+        if (
+            self.model_cfg.num_classes < 2
+            and cfg.eval.every_nimg > 0
+            and ONE_CLASS_DROPS & set(cfg.eval.metrics)
+        ):
+            self.log(one_class_note(cfg.eval.metrics))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, step: int) -> Path | None:

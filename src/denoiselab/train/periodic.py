@@ -84,6 +84,18 @@ def _check_clipscore_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"eval.metrics has {CLIPSCORE!r}: {err}") from None
 
 
+ONE_CLASS_DROPS = {"acc_probe"}  # metrics that mean nothing on data of one class
+
+
+def one_class_note(metrics: Any) -> str:
+    """The start-of-run line saying which periodic metrics a one-class run skips."""
+    dropped = [m for m in metrics if m in ONE_CLASS_DROPS]
+    return (
+        f"note: eval.metrics {dropped} skipped: the data has one class, so every sample is of "
+        "it and the accuracy is 1 by construction"
+    )
+
+
 def evaluate_network(
     sampler: Sampler,
     cfg: TrainConfig,
@@ -105,7 +117,8 @@ def evaluate_network(
 
     values: dict[str, float] = {}
     loaded = {} if loaded is None else loaded
-    scorer, registry = None, [m for m in ev.metrics if m != CLIPSCORE]
+    skip = {CLIPSCORE, *(ONE_CLASS_DROPS if num_classes < 2 else ())}  # one_class_note
+    scorer, registry = None, [m for m in ev.metrics if m not in skip]
     if CLIPSCORE in ev.metrics:
         scorer = loaded.get(CLIPSCORE) or _load_clip_scorer(cfg, device)
         loaded[CLIPSCORE] = scorer
