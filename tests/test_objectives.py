@@ -284,3 +284,13 @@ def test_contrastive_term_carries_the_denoising_weight_so_the_loss_stays_bounded
         out = obj.terms(lambda z, t, y, c=c: c * torch.ones_like(z), x, y, t, eps)
         totals.append(out["denoise"] + out["contrastive"])
     assert torch.all(totals[1] > totals[0])
+
+
+def test_contrastive_term_on_a_batch_of_one_is_a_named_error():
+    # roll(1) of one sample is itself: the push-away term became −λ‖p̂ − p‖², a silent
+    # rescaling of the denoising loss by (1 − λ) instead of a contrastive term
+    cfg = ObjectiveConfig(contrastive=0.3, label_drop=0.0, noise_scale=1.0)
+    obj = DenoisingObjective(cfg, 10)
+    x, eps = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"objective.contrastive.*1 sample"):
+        obj.terms(lambda z, t, y: z, x, torch.zeros(1, dtype=torch.long), torch.tensor([0.5]), eps)

@@ -217,6 +217,12 @@ class ContrastiveFlowMatching(LossTerm):
         self.weight, self.space, self.time_weight = weight, space, time_weight
 
     def forward(self, ctx: StepContext) -> Tensor:
+        if ctx.x.shape[0] < 2:  # the only other sample would be itself
+            raise ValueError(
+                f"objective.contrastive={self.weight!r} pairs each sample with another of its "
+                f"micro-batch, which has {ctx.x.shape[0]} sample: use global_batch / "
+                "(grad_accum × processes) >= 2 or objective.contrastive: 0"
+            )
         negative = ctx.target.get(self.space).roll(1, dims=0)
         push = -self.weight * mean_square(ctx.pred.get(self.space) - negative)
         return push if self.time_weight is None else push * self.time_weight(ctx.t)
