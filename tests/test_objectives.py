@@ -247,3 +247,50 @@ def test_contrastive_flow_matching_pushes_away_from_the_next_samples_target(loss
 def test_bad_config_names_value(kw, match):
     with pytest.raises(ValueError, match=match):
         ObjectiveConfig(**kw)
+
+
+def test_contrastive_term_carries_the_denoising_weight_so_the_loss_stays_bounded():
+    # With weighting min_snr the denoising term is w(t)·‖v̂ − v‖²; the push-away term must be
+    # weighted alike, w(t)·(‖v̂ − v‖² − λ‖v̂ − ṽ‖²), or it dominates wherever w(t) < λ and the
+    # loss has no minimum (v̂ → ∞ drives it to −∞). For x-pred, v-loss, away from the clamps,
+    # w = min(SNR, γ)·(1 − t)², SNR = t²/(1 − t)² (s = 1).
+    lam, gamma = 0.5, 5.0
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 2, 2, generator=g)
+    eps = torch.randn(4, 3, 2, 2, generator=g)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    y = torch.zeros(4, dtype=torch.long)
+    cfg = ObjectiveConfig(
+        contrastive=lam, label_drop=0.0, noise_scale=1.0, weighting="min_snr", min_snr_gamma=gamma
+    )
+    obj = DenoisingObjective(cfg, 10)
+    snr = t**2 / (1 - t) ** 2
+    w = snr.clamp_max(gamma) * (1 - t) ** 2
+    tb = t.view(-1, 1, 1, 1)
+    z = tb * x + (1 - tb) * eps
+    per = lambda d: d.pow(2).flatten(1).mean(1)  # noqa: E731
+
+    def net(z, t, y):
+        return torch.tanh(z + 0.5)
+
+    terms = obj.terms(net, x, y, t, eps)
+    v_hat = (net(z, t, y) - z) / (1 - tb)
+    other = (x - eps).roll(1, dims=0)
+    torch.testing.assert_close(terms["denoise"], w * per(v_hat - (x - eps)))
+    torch.testing.assert_close(terms["contrastive"], -lam * w * per(v_hat - other))
+    # bounded below: a far-off output costs more than a near one, for every sample
+    totals = []
+    for c in (1.0, 100.0):
+        out = obj.terms(lambda z, t, y, c=c: c * torch.ones_like(z), x, y, t, eps)
+        totals.append(out["denoise"] + out["contrastive"])
+    assert torch.all(totals[1] > totals[0])
+
+
+def test_contrastive_term_on_a_batch_of_one_is_a_named_error():
+    # roll(1) of one sample is itself: the push-away term became −λ‖p̂ − p‖², a silent
+    # rescaling of the denoising loss by (1 − λ) instead of a contrastive term
+    cfg = ObjectiveConfig(contrastive=0.3, label_drop=0.0, noise_scale=1.0)
+    obj = DenoisingObjective(cfg, 10)
+    x, eps = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"objective.contrastive.*1 sample"):
+        obj.terms(lambda z, t, y: z, x, torch.zeros(1, dtype=torch.long), torch.tensor([0.5]), eps)

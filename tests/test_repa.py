@@ -181,6 +181,10 @@ def test_lambda_schedules():
         REPAConfig(schedule="stop")
     with pytest.raises(ConfigError, match="0 < decay_nimg <= until_nimg"):
         REPAConfig(schedule="linear", until_nimg=10, decay_nimg=20)
+    # until_nimg: 0 (no REPA from the start) was ignored under the constant schedule: λ stayed
+    for bad in ({"until_nimg": 0}, {"decay_nimg": 0}):
+        with pytest.raises(ConfigError, match="need schedule 'stop' or 'linear'"):
+            REPAConfig(**bad)
 
 
 def test_zero_lambda_skips_the_teacher_but_gives_every_projector_parameter_a_zero_gradient():

@@ -120,3 +120,21 @@ def test_suites_may_vary_only_the_tokenizer_of_latent_data(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"only latent data \(data.name: latents\) may vary"):
         load_suite(tmp_path / "s.yaml")
+
+
+def test_the_denoiser_is_trained_on_every_term_of_its_objective(tmp_path):
+    # objective.contrastive adds a term to the objective; the denoiser's loss summed only
+    # "denoise" and "repa", so the push-away term was computed and silently dropped
+    run = _setup(tmp_path, objective={"contrastive": 0.3, "noise_scale": 1.0})
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, 8, (4,), generator=g)
+    losses = run.losses(x, y, step=5)
+    gen = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + 5)
+    mu, _ = run.ae.moments(x)
+    torch.randn(mu.shape, generator=gen)  # the reconstruction's noise comes first
+    z = (mu - run.mean) / run.std
+    t, eps, yd = run.objective.draw(z, y, gen)
+    terms = run.objective.terms(run.net, z, yd, t, eps, extras={"teacher": run.term.teacher(x)})
+    assert set(terms) == {"denoise", "repa", "contrastive"}
+    expected = sum(v.mean() for v in terms.values())
+    torch.testing.assert_close(losses["denoiser_loss"], expected, rtol=1e-5, atol=1e-6)

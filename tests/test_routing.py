@@ -371,3 +371,21 @@ def test_routing_stops_for_the_full_token_stage(tmp_path) -> None:
     assert probe.ctx.route is None and probe.ctx.tokens_through(1) is None
     with pytest.raises(ConfigError, match=r"objective.routing_until=0.0 must lie in \(0, 1\]"):
         load_train_config(None, ["model.name=JiT-Micro", "objective.routing_until=0"])
+
+
+def test_routing_until_on_a_network_without_routing_is_a_named_error() -> None:
+    # the full-token stage needs a routed stage before it; without model.routing the key
+    # changed nothing (the run trained dense throughout, as if it were absent)
+    with pytest.raises(ConfigError, match=r"objective.routing_until=0.9 .*model.routing"):
+        load_train_config(None, ["model.name=JiT-Micro", "objective.routing_until=0.9"])
+    cfg = load_train_config(
+        None,
+        [
+            "model.name=JiT-Micro",
+            "model.routing.kind=tread",
+            "model.routing.start=0",
+            "model.routing.end=1",
+            "objective.routing_until=0.9",
+        ],
+    )
+    assert cfg.objective.routing_until == 0.9

@@ -53,10 +53,30 @@ def test_sampling_and_cli_with_sparse_guidance(tmp_path, capsys) -> None:
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--cfg", "2",
                  "--guidance", "sparse", "--sparse-ratio", "0.5", "--out", str(tmp_path / "s")]) == 0  # fmt: skip
     assert (tmp_path / "s" / "grid.png").is_file()
-    with pytest.raises(ValueError, match=r"model.routing.ratio=1.0 must lie in \[0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"sparse_ratio=1.0 \(--sparse-ratio\) must lie in \(0, 1\)"
+    ):
         r.sample(labels, 3, steps=2, cfg_scale=2.0, guidance="sparse", sparse_ratio=1.0)
     dense = restore(train(routed("none"), tmp_path / "d", quiet=True))
     with pytest.raises(ValueError, match=r"has model\.routing\.kind: none"):
         dense.sample(labels, 3, steps=2, cfg_scale=2.0, guidance="sparse")
     with pytest.raises(ValueError, match="guidance='pag'; valid: cfg, sparse"):
         dense.sample(labels, 3, steps=2, guidance="pag")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 1.0, -0.5])
+def test_a_sparse_ratio_that_routes_no_token_or_all_is_a_named_error(ratio) -> None:
+    # JiT-Micro's 4×4 grid: ratio 0.01 skips round(0.16) = 0 tokens, so the weak pass would
+    # be the full network and guidance would silently do nothing (v = v_f)
+    from denoiselab.sampling.generate import Sampler
+
+    net = _net("tread")
+    objective = DenoisingObjective(ObjectiveConfig(noise_scale=1.0), 10)
+    cfg = net.config
+    sampler = Sampler(
+        net, objective.velocity, (cfg.in_channels, cfg.image_size, cfg.image_size),
+        num_classes=10, noise_scale=1.0, decode=lambda x: x,
+        routes=RouteSampler.for_model(cfg),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"sparse_ratio={ratio!r}"):
+        sampler(torch.arange(2), 0, steps=2, cfg_scale=2.0, guidance="sparse", sparse_ratio=ratio)

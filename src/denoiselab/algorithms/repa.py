@@ -91,7 +91,7 @@ class AlignConfig:
             raise ConfigError(f"block={self.block!r} must be >= 1 (tokens after that block)")
         if self.schedule not in ("constant", "stop", "linear"):
             raise ConfigError(f"schedule={self.schedule!r}; valid: constant, stop, linear")
-        if self.schedule == "constant" and (self.until_nimg or self.decay_nimg):
+        if self.schedule == "constant" and (self.until_nimg, self.decay_nimg) != (None, None):
             raise ConfigError("until_nimg / decay_nimg need schedule 'stop' or 'linear'")
         if self.schedule != "constant" and (self.until_nimg is None or self.until_nimg < 0):
             raise ConfigError(

@@ -152,7 +152,8 @@ class REPAE:
             "align": align,
             "recon": recon,
             "kl": kl,
-            "denoiser_loss": out["denoise"].mean() + out["repa"].mean(),
+            # every term of the objective (denoise, repa, and e.g. contrastive), as in training
+            "denoiser_loss": sum(v.mean() for v in out.values()),
             "ae_loss": recon + cfg.kl_weight * kl + cfg.vae_align_weight * align,
             "latent_mean": mu.detach(),
         }

@@ -202,16 +202,30 @@ class ContrastiveFlowMatching(LossTerm):
     cyclically: the batch is already in random order). With the v-loss, ``p̃ = x̃ − ε̃`` is
     the other sample's transport direction (seeds/002, Stoica et al. 2025); the total loss
     ``‖p̂ − p‖² − λ‖p̂ − p̃‖²`` stays bounded below for λ < 1.
+
+    ``time_weight(t) [B]``: the per-sample weight ``w(t)`` the denoising term carries
+    (``objective.weighting``); the push-away term carries it too, so the total
+    ``w(t)·(‖p̂ − p‖² − λ‖p̂ − p̃‖²)`` stays bounded below (unweighted, it would dominate
+    wherever ``w(t) < λ`` and drive ``p̂`` to infinity). None: 1.
     """
 
     name = "contrastive"
 
-    def __init__(self, weight: float, space: LossSpace) -> None:
-        self.weight, self.space = weight, space
+    def __init__(
+        self, weight: float, space: LossSpace, time_weight: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        self.weight, self.space, self.time_weight = weight, space, time_weight
 
     def forward(self, ctx: StepContext) -> Tensor:
+        if ctx.x.shape[0] < 2:  # the only other sample would be itself
+            raise ValueError(
+                f"objective.contrastive={self.weight!r} pairs each sample with another of its "
+                f"micro-batch, which has {ctx.x.shape[0]} sample: use global_batch / "
+                "(grad_accum × processes) >= 2 or objective.contrastive: 0"
+            )
         negative = ctx.target.get(self.space).roll(1, dims=0)
-        return -self.weight * mean_square(ctx.pred.get(self.space) - negative)
+        push = -self.weight * mean_square(ctx.pred.get(self.space) - negative)
+        return push if self.time_weight is None else push * self.time_weight(ctx.t)
 
 
 Net = Callable[..., Tensor]
@@ -250,7 +264,7 @@ class DenoisingObjective(nn.Module):
         self.routes_until_nimg = routes_until_nimg  # then dense (a full-token fine-tuning stage)
         self.extra_terms = list(extra_terms or [])
         if cfg.contrastive > 0:
-            self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss))
+            self.extra_terms.append(ContrastiveFlowMatching(cfg.contrastive, cfg.loss, self.weight))
         names = ["denoise", *(term.name for term in self.extra_terms)]
         if len(set(names)) < len(names):  # one would overwrite the other's loss
             raise ValueError(f"loss terms need distinct names; got {names}")

@@ -148,7 +148,15 @@ class Sampler:
                 "guidance 'sparse' guides a network trained with token routing by its routed "
                 "self; this network has model.routing.kind: none (use guidance 'cfg')"
             )
-        weak = replace(self.routes, cfg=replace(self.routes.cfg, ratio=ratio))  # checks ratio
+        n = self.routes.num_patches
+        skipped = round(ratio * n) if 0 < ratio < 1 else 0
+        if not 0 < ratio < 1 or skipped == 0:  # none routed: v_w = v_f, guidance would vanish
+            raise ValueError(
+                f"sparse_ratio={ratio!r} (--sparse-ratio) must lie in (0, 1) and route at least "
+                f"one of the network's {n} patch tokens (more than {0.5 / n:.3g}); it is the fraction "
+                "of patch tokens the weak pass routes"
+            )
+        weak = replace(self.routes, cfg=replace(self.routes.cfg, ratio=ratio))
         gen = torch.Generator(self.device).manual_seed(seed + 0x5EED)
         return lambda b: weak(b, gen, self.device)
 
