@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """A fresh denoiselab cache for the session (probes, reference statistics, teachers):
+    results never depend on what earlier runs left in ``~/.cache/denoiselab``, and concurrent
+    test runs do not share files. Subprocesses (torchrun) inherit it."""
+    before = os.environ.get("DENOISELAB_CACHE")
+    os.environ["DENOISELAB_CACHE"] = str(tmp_path_factory.mktemp("denoiselab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("DENOISELAB_CACHE", None)
+    else:
+        os.environ["DENOISELAB_CACHE"] = before
 
 
 @pytest.fixture(scope="session", autouse=True)
