@@ -4,6 +4,7 @@ autoencoder that ``cache-latents`` and ``train`` accept."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from denoiselab.config import from_dict
@@ -138,3 +139,14 @@ def test_the_denoiser_is_trained_on_every_term_of_its_objective(tmp_path):
     assert set(terms) == {"denoise", "repa", "contrastive"}
     expected = sum(v.mean() for v in terms.values())
     torch.testing.assert_close(losses["denoiser_loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_of_the_latent_model_is_refused(tmp_path):
+    """repa-e draws no routes for its latent model: a model.routing it would silently ignore
+    (the model trained dense) is a ConfigError naming the key; kind none is accepted."""
+    from denoiselab.config import ConfigError
+
+    routed = {"name": "JiT-Micro", "routing": {"kind": "tread", "ratio": 0.5}}
+    with pytest.raises(ConfigError, match=r"model.routing=.*repa-e trains its latent model dense"):
+        _setup(tmp_path, model=routed)
+    _setup(tmp_path, model={"name": "JiT-Micro", "routing": {"kind": "none"}})

@@ -92,6 +92,15 @@ class REPAEConfig:
             raise ConfigError("repa-e tunes the encoder on pixels; data.name='latents' is a cache")
         if self.repa.schedule != "constant" or not self.repa.weight > 0:
             raise ConfigError("repa-e needs repa.weight > 0 with the constant schedule")
+        routing = self.model.get("routing")
+        if (
+            routing
+            and (routing.get("kind", "none") if isinstance(routing, dict) else routing) != "none"
+        ):
+            raise ConfigError(
+                f"model.routing={routing!r}: repa-e trains its latent model dense (its loss "
+                "draws no routes); drop model.routing (route in the JLT run on the tuned latents)"
+            )
         if self.vae_align_weight < 0 or self.kl_weight < 0 or not 0 < self.norm_momentum <= 1:
             raise ConfigError("need vae_align_weight, kl_weight >= 0 and norm_momentum in (0, 1]")
 
