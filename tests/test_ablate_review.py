@@ -1,0 +1,142 @@
+"""Ablation runner review: comparisons stay fair across ``--only`` sessions, a variant run by
+another process is not marked failed, one-class data, the final loss, malformed suites."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from denoiselab.ablate import ablate_main, load_suite
+from denoiselab.ablate.runner import run_suite
+from denoiselab.config import ConfigError
+from denoiselab.train import checkpoint as ckpt_io
+
+from .test_ablate import TINY, jsonl, write_suite
+
+QUIET = {"devices": ["cpu"], "log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One probe/reference cache for the module (the probe trains once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+class Crash(Exception):
+    """A variant that fails (an Exception: the runner records it and goes on)."""
+
+
+def test_only_sessions_with_other_settings_are_refused_for_the_whole_folder(tmp_path, cache):
+    """``--only x`` then ``--only v --set optim.lr=…`` would put an x trained at one rate
+    beside a v trained at another on one scoreboard: refused, naming x, before v trains."""
+    path = write_suite(tmp_path / "s.yaml", cache)
+    out = tmp_path / "out"
+    assert run_suite(load_suite(path), out, only=["x"], **QUIET) == {"x": "done"}
+    changed = load_suite(path, sets=["optim.lr=0.5"])
+    with pytest.raises(
+        ConfigError, match=r"variant 'x' .* other settings \(train\.optim\.lr: 0\.001 → 0\.5"
+    ):
+        run_suite(changed, out, only=["v"], **QUIET)
+    assert not (out / "variants" / "v").exists()
+    assert json.loads((out / "suite.json").read_text())["base"]["optim"]["lr"] == 1e-3
+    # the same settings still add a variant to the folder
+    assert run_suite(load_suite(path), out, only=["v"], **QUIET) == {"v": "done"}
+
+
+def test_a_variant_that_failed_before_its_first_checkpoint_takes_new_settings(tmp_path, cache):
+    """Nothing was trained: its recorded settings bind nothing (nor block other variants)."""
+    path = write_suite(tmp_path / "s.yaml", cache)
+    out = tmp_path / "out"
+
+    def crash_at_step_1(state):
+        if state.step == 1:  # the first checkpoint is at step 2
+            raise Crash("boom")
+
+    status = run_suite(load_suite(path), out, only=["v"], callbacks=[crash_at_step_1], **QUIET)
+    vdir = out / "variants" / "v"
+    assert status["v"].startswith("failed: Crash") and (vdir / "variant.json").is_file()
+    assert not ckpt_io.list_checkpoints(vdir / "checkpoints")
+    changed = load_suite(path, sets=["optim.lr=0.002"])
+    assert run_suite(changed, out, only=["x"], **QUIET) == {"x": "done"}  # v does not block x
+    assert run_suite(changed, out, only=["v"], **QUIET) == {"v": "done"}
+    assert json.loads((vdir / "variant.json").read_text())["train"]["optim"]["lr"] == 0.002
+    assert not (vdir / "failed.json").exists()
+
+
+def test_a_variant_locked_by_another_process_is_not_marked_failed(tmp_path, cache):
+    """A second invocation meets the live lock of the first: it skips the variant and leaves
+    the folder alone (a failed.json there made the scoreboard call a running variant failed)."""
+    import os
+    import socket
+
+    from denoiselab.ablate.scoreboard import variant_status
+
+    path = write_suite(tmp_path / "s.yaml", cache)
+    out = tmp_path / "out"
+    vdir = out / "variants" / "v"
+    vdir.mkdir(parents=True)
+    lock = {"pid": os.getpid(), "host": socket.gethostname()}  # a live owner
+    (vdir / ".lock").write_text(json.dumps(lock))
+    status = run_suite(load_suite(path), out, only=["v"], **QUIET)
+    assert status["v"].startswith("failed: LockedError") and "is being run by pid" in status["v"]
+    assert not (vdir / "failed.json").exists()
+    assert variant_status(vdir, 4) == "pending"
+    assert json.loads((vdir / ".lock").read_text()) == lock
+
+
+@pytest.mark.integration
+def test_one_class_data_scores_no_acc_probe(tmp_path, cache):
+    """A flat image folder has one class: acc_probe would be 1 for every variant and every
+    periodic row; it is skipped in both, fd_probe is still scored."""
+    from PIL import Image
+
+    root = tmp_path / "pics"
+    root.mkdir()
+    for k in range(16):
+        Image.new("RGB", (16, 16), (16 * k, 255 - 16 * k, 90)).save(root / f"{k}.png")
+    data = {"name": "imagefolder", "root": str(root), "image_size": 16, "num_images": 16}
+    base = json.loads(json.dumps(TINY["base"])) | {"data": data}
+    evals = {"num": 8, "batch": 8, "every_nimg": 16, "periodic_num": 8, "grid_num": 4,
+             "periodic_metrics": ["fd_probe", "acc_probe"], "cache_dir": str(cache),
+             "probe": {"steps": 5, "num_train": 16, "num_val": 8, "batch": 8}}  # fmt: skip
+    path = write_suite(tmp_path / "s.yaml", cache, base=base, eval=evals, verdict=None)
+    out = tmp_path / "out"
+    assert run_suite(load_suite(path), out, only=["x"], **QUIET) == {"x": "done"}
+    done = json.loads((out / "variants/x/done.json").read_text())
+    assert "fd_probe" in done["metrics"] and "acc_probe" not in done["metrics"]
+    rows = jsonl(out / "variants/x/eval.jsonl")
+    assert rows and all("fd_probe" in r and "acc_probe" not in r for r in rows)
+
+
+@pytest.mark.integration
+def test_final_loss_is_the_last_logged_loss(tmp_path, cache):
+    """A base whose own ``eval.every_nimg`` is on (as ``quickstart``'s) logs an evaluation row
+    after the last loss row: done.json's final_loss must still be that loss (it was None)."""
+    base = json.loads(json.dumps(TINY["base"]))
+    base["eval"] = {"every_nimg": 32, "metrics": ["fd_probe"], "num": 8, "batch": 8,
+                    "steps": 1, "cache_dir": str(cache),
+                    "probe": {"steps": 5, "num_train": 16, "num_val": 8, "batch": 8}}  # fmt: skip
+    path = write_suite(tmp_path / "s.yaml", cache, base=base)
+    out = tmp_path / "out"
+    assert run_suite(load_suite(path), out, only=["x"], **QUIET) == {"x": "done"}
+    rows = jsonl(out / "variants/x/metrics.jsonl")
+    assert "loss" not in rows[-1]  # the base's own evaluation row comes last
+    losses = [r["loss"] for r in rows if "loss" in r]
+    done = json.loads((out / "variants/x/done.json").read_text())
+    assert done["final_loss"] == losses[-1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"eval": 5}, r"eval must be a mapping of dotted keys, got 5"),
+        ({"eval": [1, 2]}, r"eval must be a mapping of dotted keys, got \[1, 2\]"),
+        ({"budget": "time", "durations": [1]}, r"durations=\[1\] must map variant names"),
+    ],
+)
+def test_non_mapping_sections_are_named(tmp_path, cache, capsys, change, message):
+    path = write_suite(tmp_path / "bad.yaml", cache, **change)
+    assert ablate_main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)
