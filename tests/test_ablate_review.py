@@ -140,3 +140,43 @@ def test_non_mapping_sections_are_named(tmp_path, cache, capsys, change, message
     path = write_suite(tmp_path / "bad.yaml", cache, **change)
     assert ablate_main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_an_eval_ema_that_a_variant_does_not_train_is_refused_at_load(tmp_path, cache):
+    """eval.ema names a decay; a variant (or a --base) without it failed at its first
+    evaluation, after training (the GPU command of the bottleneck suite: hours)."""
+    variants = {"x": {}, "v": {"ema.decays": [0.5]}}
+    evals = json.loads(json.dumps(TINY["eval"])) | {"ema": 0.99, "cache_dir": str(cache)}
+    path = write_suite(tmp_path / "s.yaml", cache, variants=variants, verdict=None, eval=evals)
+    with pytest.raises(
+        ConfigError, match=r"eval.ema=0.99 is not a trained EMA decay of variant 'v'"
+    ):
+        load_suite(path)
+    with pytest.raises(ConfigError, match=r"ema.decays=\[0.9996, 0.9998, 0.9999\]"):
+        load_suite("bottleneck", base="jit_b16_imagenet256")
+    assert load_suite("bottleneck", base="jit_b16_imagenet256", sets=["eval.ema=auto"])
+
+
+def test_the_paper_size_commands_in_the_suite_headers_load(capsys):
+    """Each built-in suite's documented GPU command (``--base …`` in its header) resolves and
+    validates (``--dry-run``; ``...`` and ``--devices`` dropped: no GPU here)."""
+    import shlex
+
+    from denoiselab.ablate.suite import SUITES_DIR
+
+    checked = 0
+    for path in sorted(SUITES_DIR.glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "denoiselab ablate" not in line or "--base" not in line:
+                continue
+            text, j = line.lstrip("# ").rstrip("\\"), i
+            while lines[j].rstrip().endswith("\\"):
+                j += 1
+                text += " " + lines[j].lstrip("# ").rstrip("\\")
+            args = [a for a in shlex.split(text)[2:] if a != "..."]
+            if "--devices" in args:
+                del args[args.index("--devices") : args.index("--devices") + 2]
+            assert ablate_main([*args, "--dry-run"]) == 0, (path.name, capsys.readouterr().err)
+            checked += 1
+    assert checked >= 8

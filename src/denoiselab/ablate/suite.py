@@ -336,7 +336,12 @@ def _validate(suite: Suite, where: str) -> None:
             f"{where}: baseline {suite.baseline!r} is not a variant; valid: {suite.names}"
         )
     for name in suite.variants:
-        suite.config(name)
+        decays = suite.config(name).ema.decays
+        if not isinstance(suite.eval.ema, str) and decays and suite.eval.ema not in decays:
+            raise ConfigError(  # else the first evaluation fails, after hours of training
+                f"{where}: eval.ema={suite.eval.ema!r} is not a trained EMA decay of variant "
+                f"{name!r} (ema.decays={list(decays)}); use one of them, auto or none"
+            )
     pretrained = [m for m in metric_columns(suite.eval) if m not in PROBE_COLUMNS]
     if suite.eval.image_size is not None and pretrained:
         raise ConfigError(
