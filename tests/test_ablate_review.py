@@ -180,3 +180,30 @@ def test_the_paper_size_commands_in_the_suite_headers_load(capsys):
             assert ablate_main([*args, "--dry-run"]) == 0, (path.name, capsys.readouterr().err)
             checked += 1
     assert checked >= 8
+
+
+def test_a_variant_finished_while_waiting_for_its_lock_is_not_run_again(
+    tmp_path, cache, monkeypatch
+):
+    """Another invocation finishes the variant between this one's done.json check and its
+    taking the lock: the lock holder must not train and score it again (a 50k-sample FID)."""
+    import contextlib
+
+    from denoiselab.ablate import runner
+
+    path = write_suite(tmp_path / "s.yaml", cache)
+    out = tmp_path / "out"
+    finished = {"variant": "x", "metrics": {"fd_probe": 1.0}}
+    real_lock = runner.exclusive_lock
+
+    @contextlib.contextmanager
+    def lock_after_the_other_finished(lock_path):
+        runner.write_json(lock_path.parent / "done.json", finished)  # the other process
+        with real_lock(lock_path):
+            yield
+
+    monkeypatch.setattr(runner, "exclusive_lock", lock_after_the_other_finished)
+    assert run_suite(load_suite(path), out, only=["x"], **QUIET) == {"x": "done"}
+    vdir = out / "variants" / "x"
+    assert json.loads((vdir / "done.json").read_text()) == finished
+    assert not (vdir / "checkpoints").exists() and not (vdir / "eval.json").exists()

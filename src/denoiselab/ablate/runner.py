@@ -160,6 +160,9 @@ def run_variant(
         return read_json(vdir / "done.json")
     vdir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(vdir / ".lock"):
+        if (vdir / "done.json").is_file():  # finished by another process since the check
+            log(f"{name}: done already, skipped")
+            return read_json(vdir / "done.json")
         check_fingerprint(suite, name, vdir)
         (vdir / "failed.json").unlink(missing_ok=True)
         cfg = suite.config(name, device=None if device in (None, "auto") else device)
