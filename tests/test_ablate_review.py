@@ -207,3 +207,23 @@ def test_a_variant_finished_while_waiting_for_its_lock_is_not_run_again(
     vdir = out / "variants" / "x"
     assert json.loads((vdir / "done.json").read_text()) == finished
     assert not (vdir / "checkpoints").exists() and not (vdir / "eval.json").exists()
+
+
+def test_the_report_does_not_claim_one_image_count_at_equal_wall_clock(tmp_path, cache):
+    """With budget: time each variant trains for its own images; report.html said "same …
+    N training images" with the first row's N."""
+    import dataclasses
+
+    from denoiselab.ablate.files import write_json
+    from denoiselab.ablate.report import build_report
+
+    suite = load_suite(write_suite(tmp_path / "s.yaml", cache, budget="time"))
+    suite = dataclasses.replace(suite, durations={"x": 32, "v": 48})
+    out = tmp_path / "out"
+    for name, nimg in suite.durations.items():
+        done = {"variant": name, "metrics": {"fd_probe": 1.0}, "nimg": nimg, "img_per_s": 1.0}
+        write_json(out / "variants" / name / "done.json", done)
+    write_json(out / "suite.json", suite.to_json())
+    page = (build_report(out)).read_text()
+    assert "32 training images" not in page and "48 training images" not in page
+    assert "equal wall-clock, throughput.json: x 32, v 48" in page
