@@ -227,3 +227,19 @@ def test_the_report_does_not_claim_one_image_count_at_equal_wall_clock(tmp_path,
     page = (build_report(out)).read_text()
     assert "32 training images" not in page and "48 training images" not in page
     assert "equal wall-clock, throughput.json: x 32, v 48" in page
+
+
+@pytest.mark.integration
+def test_periodic_evaluation_off_means_off(tmp_path, cache):
+    """eval.every_nimg: 0 is "off" (EvalSpec, and the training loop's rule); the suite still
+    scored periodic_num samples at the last step."""
+    evals = json.loads(json.dumps(TINY["eval"])) | {"every_nimg": 0, "cache_dir": str(cache)}
+    path = write_suite(tmp_path / "s.yaml", cache, eval=evals)
+    out = tmp_path / "out"
+    assert run_suite(load_suite(path), out, only=["x"], **QUIET) == {"x": "done"}
+    assert not jsonl_or_empty(out / "variants/x/eval.jsonl")
+    assert "fd_probe" in json.loads((out / "variants/x/done.json").read_text())["metrics"]
+
+
+def jsonl_or_empty(path):
+    return jsonl(path) if path.is_file() else []

@@ -137,7 +137,8 @@ def ema_decay(spec: EvalSpec, decays: tuple[float, ...], step: int) -> float | N
 
 class PeriodicEval:
     """Training callback: score the EMA weights every ``every_nimg`` images (the rule of
-    ``denoiselab.train.schedule``; 0: never) and at the end.
+    ``denoiselab.train.schedule``) and at the end; 0: never, not even at the end (as the
+    training loop's ``eval.every_nimg``).
 
     Rows ``{"step", "nimg", "kimg", <metrics>, "seconds"}`` are appended to ``path``.
     :meth:`attach` binds the callback to its ``Trainer`` (for the EMA, objective and
@@ -158,7 +159,7 @@ class PeriodicEval:
 
     def __call__(self, state: Any) -> None:
         due = crosses(state.step, self.every_nimg, self.global_batch)
-        if not due and state.step != self.total:
+        if self.every_nimg <= 0 or (not due and state.step != self.total):
             return
         tr, tic = self.trainer, time.perf_counter()
         decay = ema_decay(self.spec, tr.ema.decays, state.step)
