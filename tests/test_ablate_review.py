@@ -243,3 +243,18 @@ def test_periodic_evaluation_off_means_off(tmp_path, cache):
 
 def jsonl_or_empty(path):
     return jsonl(path) if path.is_file() else []
+
+
+def test_a_row_appended_after_a_cut_line_is_kept(tmp_path):
+    """A kill mid-append leaves a last line without its newline; the next row (sessions.jsonl,
+    eval.jsonl) was glued onto it and both were unreadable."""
+    from denoiselab.ablate.files import append_jsonl, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, {"a": 1})
+    with open(path, "a") as f:
+        f.write('{"b": 2, "cu')  # killed here
+    append_jsonl(path, {"c": 3})
+    append_jsonl(path, {"d": 4})
+    assert read_jsonl(path) == [{"a": 1}, {"c": 3}, {"d": 4}]
+    assert path.read_text().count("\n") == 4
