@@ -258,3 +258,25 @@ def test_a_row_appended_after_a_cut_line_is_kept(tmp_path):
     append_jsonl(path, {"d": 4})
     assert read_jsonl(path) == [{"a": 1}, {"c": 3}, {"d": 4}]
     assert path.read_text().count("\n") == 4
+
+
+def test_directions_of_run_metrics_and_clipscore(tmp_path):
+    """The runs report heads ``eval/acc_probe`` columns (a run's metrics.jsonl names); they
+    and CLIPScore were marked "lower is better"."""
+    from denoiselab.ablate.runs_report import build_runs_report
+    from denoiselab.ablate.scoreboard import arrowed
+
+    assert [arrowed(m) for m in ("eval/acc_probe", "eval/fd_probe", "clipscore")] == [
+        "eval/acc_probe ↑",
+        "eval/fd_probe ↓",
+        "clipscore ↑",
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "nimg": 8, "kimg": 0.008, "loss": 1.0},
+            {"step": 1, "nimg": 8, "kimg": 0.008, "eval/acc_probe": 0.5,
+             "eval/clipscore": 0.3, "eval/fd_probe": 2.0}]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = build_runs_report([run], tmp_path / "r.html").read_text()
+    for head in ("eval/acc_probe ↑", "eval/clipscore ↑", "eval/fd_probe ↓"):
+        assert f"<th>{head}</th>" in page
