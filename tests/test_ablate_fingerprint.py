@@ -13,7 +13,9 @@ from denoiselab.config import ConfigError
 
 
 def _stored(tmp_path, fingerprint) -> None:
+    """A finished variant started with ``fingerprint`` (settings bind once results exist)."""
     (tmp_path / "variant.json").write_text(json.dumps(fingerprint))
+    (tmp_path / "done.json").write_text("{}")
 
 
 def test_a_new_option_at_its_default_is_not_a_change(tmp_path):

@@ -27,6 +27,7 @@ from denoiselab.metrics.images import to_uint8
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
+from denoiselab.train.periodic import ONE_CLASS_DROPS
 from denoiselab.train.schedule import crosses
 
 GRID_SEED_TAG = 0x6A1D  # the grid noise seed is eval.seed + this: apart from eval batches
@@ -65,10 +66,11 @@ class Scorer:
     def score(
         self, spec: EvalSpec, metrics: list[str], num: int, steps: int | None = None
     ) -> dict[str, Any]:
-        """``metrics.evaluate`` of ``num`` class-balanced samples (the suite's reference set)."""
+        """``metrics.evaluate`` of ``num`` class-balanced samples (the suite's reference set);
+        on data of one class ``acc_probe`` is skipped (1 by construction: ``one_class_note``)."""
         return evaluate(
             self.generator(spec, steps),
-            metrics=metrics,
+            metrics=scored_metrics(metrics, self.sampler.num_classes),
             num=num,
             dataset_cfg=eval_data_config(self.cfg, spec),
             num_classes=self.sampler.num_classes,
@@ -86,6 +88,14 @@ class Scorer:
         """``grid_num`` samples from the suite's fixed noise and balanced labels (CPU)."""
         labels = balanced_labels(spec.grid_num, self.sampler.num_classes)
         return self.sample(labels, spec.seed + GRID_SEED_TAG, spec, None)
+
+
+def scored_metrics(metrics: list[str], num_classes: int) -> list[str]:
+    """``metrics`` without those that mean nothing on data of one class (a flat image folder:
+    every sample is of the class, so ``acc_probe`` would be 1 for every variant)."""
+    if num_classes >= 2:
+        return list(metrics)
+    return [m for m in metrics if m not in ONE_CLASS_DROPS]
 
 
 def eval_data_config(cfg: TrainConfig, spec: EvalSpec) -> Any:
@@ -127,7 +137,8 @@ def ema_decay(spec: EvalSpec, decays: tuple[float, ...], step: int) -> float | N
 
 class PeriodicEval:
     """Training callback: score the EMA weights every ``every_nimg`` images (the rule of
-    ``denoiselab.train.schedule``; 0: never) and at the end.
+    ``denoiselab.train.schedule``) and at the end; 0: never, not even at the end (as the
+    training loop's ``eval.every_nimg``).
 
     Rows ``{"step", "nimg", "kimg", <metrics>, "seconds"}`` are appended to ``path``.
     :meth:`attach` binds the callback to its ``Trainer`` (for the EMA, objective and
@@ -148,7 +159,7 @@ class PeriodicEval:
 
     def __call__(self, state: Any) -> None:
         due = crosses(state.step, self.every_nimg, self.global_batch)
-        if not due and state.step != self.total:
+        if self.every_nimg <= 0 or (not due and state.step != self.total):
             return
         tr, tic = self.trainer, time.perf_counter()
         decay = ema_decay(self.spec, tr.ema.decays, state.step)

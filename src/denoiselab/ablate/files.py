@@ -33,9 +33,14 @@ def read_json(path: str | Path) -> Any:
 
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one JSON object as a line, flushed and fsynced."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one JSON object as a line, flushed and fsynced (on a new line after a last
+    line cut by a kill: glued to it, the row would be unreadable too)."""
+    with open(path, "a+b") as f:
+        cut = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -221,6 +221,18 @@ def build_report(out: str | Path, suite: Suite | None = None) -> Path:
     return out / "report.html"
 
 
+def _budget_text(suite: Suite, result: dict[str, Any]) -> str:
+    """The training images of the variants: one count, or equal wall-clock's own counts."""
+    if suite.budget == "time":
+        shown = ", ".join(f"{html.escape(n)} {d:,}" for n, d in suite.durations.items())
+        return (
+            "the images the baseline's training time buys at each variant's measured step "
+            f"speed (equal wall-clock, throughput.json: {shown})"
+        )
+    base = next((r for r in result["rows"] if r["baseline"]), result["rows"][0])
+    return f"{fmt(base.get('nimg'))} training images"
+
+
 def _html(
     suite: Suite,
     result: dict[str, Any],
@@ -245,7 +257,7 @@ def _html(
         "<h2>Scoreboard</h2>",
         _table(result),
         f"<p>Δ against the baseline <code>{html.escape(suite.baseline)}</code>. Every variant: "
-        f"same seeds, data order, {fmt(result['rows'][0].get('nimg'))} training images, and the "
+        f"same seeds, data order, {_budget_text(suite, result)}, and the "
         f"same evaluation ({suite.eval.num} samples, seed {suite.eval.seed}). Throughput: median "
         "training images/s over log intervals (periodic evaluation excluded), measured under "
         "whatever else the machine was running: on a shared machine, differences between "

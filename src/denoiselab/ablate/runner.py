@@ -33,8 +33,15 @@ from typing import IO, Any
 import torch
 
 from denoiselab import __version__
-from denoiselab.ablate.evaluation import PeriodicEval, Scorer, ema_decay, final_metrics
+from denoiselab.ablate.evaluation import (
+    PeriodicEval,
+    Scorer,
+    ema_decay,
+    final_metrics,
+    scored_metrics,
+)
 from denoiselab.ablate.files import (
+    LockedError,
     append_jsonl,
     atomic_write,
     exclusive_lock,
@@ -86,7 +93,7 @@ def check_fingerprint(suite: Suite, name: str, vdir: Path) -> None:
     change: options are added with defaults that keep the old behaviour."""
     new = suite.fingerprint(name)
     path = vdir / "variant.json"
-    if not path.is_file():
+    if not path.is_file() or not started(vdir):  # nothing trained yet: nothing to invalidate
         write_json(path, new)
         return
     diff = _diff(read_json(path), new, default=_fingerprint_defaults())
@@ -95,6 +102,15 @@ def check_fingerprint(suite: Suite, name: str, vdir: Path) -> None:
             f"variant {name!r} in {vdir} was started with other settings ({'; '.join(diff[:5])}); "
             f"use another --out, or delete {vdir} to start it again"
         )
+
+
+def started(vdir: Path) -> bool:
+    """Whether a variant folder holds results that its settings produced: a checkpoint, the
+    final evaluation or ``done.json`` (a variant that failed or was killed before its first
+    checkpoint restarts from scratch, so its recorded settings bind nothing)."""
+    if any((vdir / f).is_file() for f in ("done.json", "eval.json")):
+        return True
+    return bool(ckpt_io.list_checkpoints(vdir / "checkpoints"))
 
 
 _ABSENT = object()
@@ -144,6 +160,9 @@ def run_variant(
         return read_json(vdir / "done.json")
     vdir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(vdir / ".lock"):
+        if (vdir / "done.json").is_file():  # finished by another process since the check
+            log(f"{name}: done already, skipped")
+            return read_json(vdir / "done.json")
         check_fingerprint(suite, name, vdir)
         (vdir / "failed.json").unlink(missing_ok=True)
         cfg = suite.config(name, device=None if device in (None, "auto") else device)
@@ -184,7 +203,7 @@ def _finish(suite: Suite, name: str, vdir: Path, device: str, log: Log) -> dict[
     decay = ema_decay(suite.eval, tuple(ck.ema), ck.step)
     r = restore(vdir, ema=decay, device=dev)
     scorer = Scorer(r.sampler, r.cfg)
-    metrics = final_metrics(suite.eval)
+    metrics = scored_metrics(final_metrics(suite.eval), r.sampler.num_classes)
     log(f"{name}: scoring {suite.eval.num} samples on {', '.join(metrics)}")
     result = scorer.score(suite.eval, metrics, suite.eval.num)
     write_json(vdir / "eval.json", result)
@@ -204,7 +223,7 @@ def _finish(suite: Suite, name: str, vdir: Path, device: str, log: Log) -> dict[
         "wall_s": train_s + result["wall_time_s"],
         "nimg": ck.step * r.cfg.global_batch,
         "steps": ck.step,
-        "final_loss": rows[-1].get("loss") if rows else None,
+        "final_loss": next((row["loss"] for row in reversed(rows) if "loss" in row), None),
         "weights": r.weights,
         "device": str(dev),
         "sessions": len(read_jsonl(vdir / "sessions.jsonl")),
@@ -252,9 +271,12 @@ def run_suite(
         from denoiselab.ablate.budget import apply_time_budget
 
         suite = apply_time_budget(suite, out, devices[0], log, names=names)
-    for name in names:  # settings changed since a variant started: stop before any work
-        if (variant_dir(out, name) / "variant.json").is_file():
-            check_fingerprint(suite, name, variant_dir(out, name))
+    # settings changed since a variant started: stop before any work. Every variant of the
+    # folder, not only those run now: the scoreboard compares them all under this suite.json
+    for name in suite.names:
+        vdir = variant_dir(out, name)
+        if (vdir / "variant.json").is_file() and (name in names or started(vdir)):
+            check_fingerprint(suite, name, vdir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "suite.json", suite.to_json())
     if len(devices) > 1:
@@ -269,6 +291,9 @@ def run_suite(
                 suite, name, out, device=devices[0], callbacks=callbacks, verbose=verbose, log=log
             )
             status[name] = "done"
+        except LockedError as e:  # another process runs it: its folder is not ours to mark
+            status[name] = f"failed: {type(e).__name__}: {e}"
+            log(f"{name}: skipped — {e}")
         except Exception as e:  # one failed variant must not stop the others
             status[name] = f"failed: {type(e).__name__}: {e}"
             _record_failure(variant_dir(out, name), e, log)

@@ -22,12 +22,14 @@ from denoiselab.ablate.equal_time import markdown as equal_time_markdown
 from denoiselab.ablate.files import atomic_write_text, read_json, read_jsonl, write_json
 from denoiselab.ablate.suite import Suite, group_value
 
-HIGHER_IS_BETTER = ("acc", "precision", "recall", "is", "img_per_s")
+HIGHER_IS_BETTER = ("acc", "precision", "recall", "is", "img_per_s", "clipscore")
 COST_COLUMNS = ("img_per_s", "train_wall_s", "eval_wall_s", "wall_s", "params")
 
 
 def lower_is_better(metric: str) -> bool:
-    """FD, MMD, KID are distances (lower is better); accuracy, precision, recall, IS are not."""
+    """FD, MMD, KID are distances (lower is better); accuracy, precision, recall, IS and
+    CLIPScore are not. A run's ``metrics.jsonl`` names them ``eval/<metric>``."""
+    metric = metric.removeprefix("eval/")
     return not (metric == "is" or metric.startswith(HIGHER_IS_BETTER))
 
 

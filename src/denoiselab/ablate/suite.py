@@ -248,7 +248,7 @@ def load_suite(
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(TOP_KEYS)}")
     train = resolve_base(base if base is not None else raw.get("base", {}), path.parent, where)
-    eval_data = dict(raw.get("eval") or {})
+    eval_data = dict(_mapping(raw.get("eval") or {}, "eval", where))
     layers = [(raw.get("quick") or {}, "quick")] if quick else []
     layers.append(({".".join(k): v for k, v in map(parse_override, sets)}, "--set"))
     for mapping, label in layers:
@@ -267,7 +267,7 @@ def load_suite(
         quick=quick,
         source=str(path),
         budget=budget if budget is not None else str(raw.get("budget") or "images"),
-        durations=dict(raw.get("durations") or {}),
+        durations=_durations(raw.get("durations"), where),
     )
     _validate(suite, where)
     return suite
@@ -336,7 +336,12 @@ def _validate(suite: Suite, where: str) -> None:
             f"{where}: baseline {suite.baseline!r} is not a variant; valid: {suite.names}"
         )
     for name in suite.variants:
-        suite.config(name)
+        decays = suite.config(name).ema.decays
+        if not isinstance(suite.eval.ema, str) and decays and suite.eval.ema not in decays:
+            raise ConfigError(  # else the first evaluation fails, after hours of training
+                f"{where}: eval.ema={suite.eval.ema!r} is not a trained EMA decay of variant "
+                f"{name!r} (ema.decays={list(decays)}); use one of them, auto or none"
+            )
     pretrained = [m for m in metric_columns(suite.eval) if m not in PROBE_COLUMNS]
     if suite.eval.image_size is not None and pretrained:
         raise ConfigError(
@@ -393,6 +398,14 @@ def group_value(suite: Suite, variant: str, key: str) -> str:
     if key == "variant":
         return variant
     return str(lookup(to_dict(suite.config(variant)), key))
+
+
+def _durations(value: Any, where: str) -> dict[str, int]:
+    if not isinstance(value, Mapping | None):
+        raise ConfigError(
+            f"{where}: durations={value!r} must map variant names to image counts >= 1"
+        )
+    return dict(value or {})
 
 
 def _mapping(value: Any, label: str, where: str) -> Mapping[str, Any]:
