@@ -502,8 +502,16 @@ def test_cpu_allocator_setting_reuses_freed_memory_and_can_be_turned_off():
                              capture_output=True, text=True).stdout.split()  # fmt: skip
         return out[0], int(out[1])
 
-    applied, faults = run("1")
+    pages = (64 << 20) // 4096
+    # The kernel may reclaim retained pages on its own (a VM's proactive reclaim, memory
+    # pressure from other processes): that only adds faults, so the fewest over up to three
+    # runs is the allocator's own behaviour.
+    tries = []
+    for _ in range(3):
+        applied, faults = run("1")
+        tries.append(faults)
+        if faults <= 2 * pages:
+            break
     default, default_faults = run("0")
     assert applied == "True" and default == "False"
-    pages = (64 << 20) // 4096
-    assert faults <= 2 * pages < 8 * pages <= default_faults
+    assert min(tries) <= 2 * pages < 8 * pages <= default_faults, tries
