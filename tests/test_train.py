@@ -478,7 +478,7 @@ from denoiselab.train import allocator
 print(allocator.retain_freed_memory())
 torch.empty(16 << 20).fill_(1)  # 64 MiB: always mmap-ed by glibc's default
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(20):
     torch.empty(16 << 20).fill_(1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -489,9 +489,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     reason="glibc malloc only",
 )
 def test_cpu_allocator_setting_reuses_freed_memory_and_can_be_turned_off():
-    """Freed 64 MiB blocks are reused instead of mapped afresh (16384 page faults each; at
-    most one of the ten allocations faults with the setting, every one without it);
-    ``DENOISELAB_RETAIN_MEMORY=0`` leaves malloc as it was."""
+    """Freed 64 MiB blocks are reused instead of mapped afresh (16384 page faults each):
+    without the setting every one of twenty allocations faults; with it only the first few,
+    until the heap has room for the pattern (0–2 here idle, 4 once under a full pytest run:
+    which small allocations land above a freed block decides whether the next aligned
+    request fits in it), so at most a quarter. ``DENOISELAB_RETAIN_MEMORY=0`` leaves malloc
+    as it was."""
     import os
     import subprocess
     import sys
@@ -503,15 +506,7 @@ def test_cpu_allocator_setting_reuses_freed_memory_and_can_be_turned_off():
         return out[0], int(out[1])
 
     pages = (64 << 20) // 4096
-    # The kernel may reclaim retained pages on its own (a VM's proactive reclaim, memory
-    # pressure from other processes): that only adds faults, so the fewest over up to three
-    # runs is the allocator's own behaviour.
-    tries = []
-    for _ in range(3):
-        applied, faults = run("1")
-        tries.append(faults)
-        if faults <= 2 * pages:
-            break
+    applied, faults = run("1")
     default, default_faults = run("0")
     assert applied == "True" and default == "False"
-    assert min(tries) <= 2 * pages < 8 * pages <= default_faults, tries
+    assert faults <= 5 * pages < 16 * pages <= default_faults, (faults, default_faults)
