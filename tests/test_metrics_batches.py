@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -57,9 +56,7 @@ def test_batches_seeds_and_order_in_one_process():
     assert [r[0] for r in run.results] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     want = torch.cat([_images_of(s, n).float().mean((1, 2, 3)) for s, n in zip(seeds, (4, 4, 2))])
     assert torch.equal(torch.cat([r[1] for r in run.results]), want)
-    # batch_seed is SeedSequence([seed, index]): distinct per batch and per evaluation seed
-    assert seeds[0] == int(np.random.SeedSequence([5, 0]).generate_state(1)[0])
-    assert len({*seeds, batch_seed(6, 0)}) == 4
+    assert len({*seeds, batch_seed(6, 0)}) == 4  # distinct per batch and per evaluation seed
 
 
 def test_batches_name_bad_input():

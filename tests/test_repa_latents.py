@@ -144,7 +144,7 @@ def test_pretrained_teacher_ids_hash_the_weights_and_old_caches_still_open(setup
 
     from transformers import Dinov2Config, Dinov2Model
 
-    from denoiselab.encoders.hf import dir_id, legacy_dir_id
+    from denoiselab.encoders.hf import legacy_dir_id, weights_fingerprint
     from denoiselab.latents.manifest import write_manifest
 
     config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -155,7 +155,7 @@ def test_pretrained_teacher_ids_hash_the_weights_and_old_caches_still_open(setup
         Dinov2Model(config).eval().save_pretrained(tmp_path / f"dino{seed}")
         dirs[seed] = tmp_path / f"dino{seed}"
     assert legacy_dir_id(dirs[0]) == legacy_dir_id(dirs[1])  # blind to the weights
-    assert dir_id(dirs[0]) != dir_id(dirs[1])
+    assert weights_fingerprint(dirs[0]) != weights_fingerprint(dirs[1])
     teacher = build_teacher(TeacherConfig(kind="dinov2", path=str(dirs[0])), SHAPES16)
     cache = tmp_path / "cache"
     cache_latents(SHAPES16, load_autoencoder(setup["ae"]), cache, batch_size=12, shard_size=24,

@@ -25,6 +25,7 @@ from denoiselab.evaluation_clip import (
     CLIPSCORE,
     check_acc_probe_run,
     check_clipscore_run,
+    eval_prompts,
     prompt_generator,
     score_clipscore,
 )
@@ -157,9 +158,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             out["compositional"] = score_compositional(r, generate, num, seed, args, device)
             out["metrics"].update(compositional_summary(out["compositional"]))
         if clipscore:
-            out[CLIPSCORE] = score_clipscore(
-                r.cfg.data, generate, num, seed, scorer, args.batch, args.prompts
-            )
+            prompts = eval_prompts(r.cfg.data, num, seed, args.prompts)
+            out[CLIPSCORE] = score_clipscore(prompts, generate, seed, scorer, args.batch)
             out["metrics"].update(out[CLIPSCORE]["metrics"])
         if not metrics:
             return {**out, "num": num, "probe_real_accuracy": None, "ema": ema, "cfg": scale}

@@ -113,17 +113,15 @@ def prompt_generator(
 
 
 def score_clipscore(
-    data_cfg: Any,
+    prompts: tuple[list[str], str],
     generate: PromptGenerate,
-    num: int,
     seed: int,
     scorer: Any,
     batch: int,
-    prompts_file: str | None = None,
 ) -> dict[str, Any]:
-    """CLIPScore of ``num`` samples of a text run on data ``data_cfg`` (one per prompt of
-    :func:`eval_prompts`), drawn by ``generate`` (:func:`prompt_generator`)."""
+    """CLIPScore of a text run's samples drawn by ``generate`` (:func:`prompt_generator`), one
+    per prompt of ``prompts`` (:func:`eval_prompts`' prompts and where they come from)."""
     from denoiselab.metrics.clipscore import clip_score
 
-    prompts, source = eval_prompts(data_cfg, num, seed, prompts_file)
-    return {**clip_score(generate, prompts, scorer, batch=batch, seed=seed), "prompts": source}
+    texts, source = prompts
+    return {**clip_score(generate, texts, scorer, batch=batch, seed=seed), "prompts": source}

@@ -1,7 +1,9 @@
-"""Atomic file writes: what is already on disk is never replaced by a half-written file."""
+"""Atomic file writes (what is already on disk is never replaced by a half-written file), and
+the output-folder checks of the commands that write data sets and caches."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,3 +38,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def foreign_manifest(out: str | Path, manifest: str, fmt: str) -> str | None:
+    """Why ``out`` must not be written as a ``fmt`` folder (None: it may): it holds a
+    ``manifest`` JSON of another ``format`` (another kind of data that writing over would
+    ruin)."""
+    path = Path(out) / manifest
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text()).get("format")
+    except (ValueError, AttributeError):
+        kind = None
+    return None if kind == fmt else f"holds a {manifest} of format {kind!r}"
+
+
+def is_inside(out: str | Path, root: str | Path | None) -> bool:
+    """Whether ``out`` is ``root`` or lies inside it (both resolved; no ``root``: False)."""
+    return root is not None and Path(out).resolve().is_relative_to(Path(root).resolve())

@@ -27,7 +27,7 @@ from denoiselab.metrics.images import to_uint8
 from denoiselab.sampling.generate import Sampler, balanced_labels
 from denoiselab.train.config import TrainConfig
 from denoiselab.train.ema import auto_decay
-from denoiselab.train.periodic import ONE_CLASS_DROPS
+from denoiselab.train.periodic import scored_metrics
 from denoiselab.train.schedule import crosses
 
 GRID_SEED_TAG = 0x6A1D  # the grid noise seed is eval.seed + this: apart from eval batches
@@ -67,7 +67,7 @@ class Scorer:
         self, spec: EvalSpec, metrics: list[str], num: int, steps: int | None = None
     ) -> dict[str, Any]:
         """``metrics.evaluate`` of ``num`` class-balanced samples (the suite's reference set);
-        on data of one class ``acc_probe`` is skipped (1 by construction: ``one_class_note``)."""
+        on data of one class ``acc_probe`` is skipped (``train.periodic.scored_metrics``)."""
         return evaluate(
             self.generator(spec, steps),
             metrics=scored_metrics(metrics, self.sampler.num_classes),
@@ -88,14 +88,6 @@ class Scorer:
         """``grid_num`` samples from the suite's fixed noise and balanced labels (CPU)."""
         labels = balanced_labels(spec.grid_num, self.sampler.num_classes)
         return self.sample(labels, spec.seed + GRID_SEED_TAG, spec, None)
-
-
-def scored_metrics(metrics: list[str], num_classes: int) -> list[str]:
-    """``metrics`` without those that mean nothing on data of one class (a flat image folder:
-    every sample is of the class, so ``acc_probe`` would be 1 for every variant)."""
-    if num_classes >= 2:
-        return list(metrics)
-    return [m for m in metrics if m not in ONE_CLASS_DROPS]
 
 
 def eval_data_config(cfg: TrainConfig, spec: EvalSpec) -> Any:

@@ -33,13 +33,7 @@ from typing import IO, Any
 import torch
 
 from denoiselab import __version__
-from denoiselab.ablate.evaluation import (
-    PeriodicEval,
-    Scorer,
-    ema_decay,
-    final_metrics,
-    scored_metrics,
-)
+from denoiselab.ablate.evaluation import PeriodicEval, Scorer, ema_decay, final_metrics
 from denoiselab.ablate.files import (
     LockedError,
     append_jsonl,
@@ -54,6 +48,7 @@ from denoiselab.ablate.suite import Suite
 from denoiselab.config import ConfigError
 from denoiselab.images import make_grid
 from denoiselab.train import checkpoint as ckpt_io
+from denoiselab.train.periodic import scored_metrics
 
 Log = Callable[[str], None]
 
@@ -203,7 +198,7 @@ def _finish(suite: Suite, name: str, vdir: Path, device: str, log: Log) -> dict[
     decay = ema_decay(suite.eval, tuple(ck.ema), ck.step)
     r = restore(vdir, ema=decay, device=dev)
     scorer = Scorer(r.sampler, r.cfg)
-    metrics = scored_metrics(final_metrics(suite.eval), r.sampler.num_classes)
+    metrics = scored_metrics(final_metrics(suite.eval), r.sampler.num_classes)  # as score()
     log(f"{name}: scoring {suite.eval.num} samples on {', '.join(metrics)}")
     result = scorer.score(suite.eval, metrics, suite.eval.num)
     write_json(vdir / "eval.json", result)

@@ -27,7 +27,7 @@ import numpy as np
 from denoiselab.data.captions import index_captions
 from denoiselab.data.imagefolder import ImageFolderError, decode_crop, find_images
 from denoiselab.data.prepared import CAPTIONS, FORMAT, MANIFEST, PreparedDataError
-from denoiselab.io import atomic_write, atomic_write_text
+from denoiselab.io import atomic_write, atomic_write_text, foreign_manifest, is_inside
 
 _HASH_CHUNK = 1 << 24
 
@@ -96,21 +96,17 @@ def _done(out: Path, k: int) -> dict[str, Any] | None:
 def _check_out(out: Path, source: Path) -> None:
     """Refuse an ``out`` inside the image folder (its folders would become classes of the
     source) or holding another kind of ``manifest.json`` (a latent cache)."""
-    if out.resolve().is_relative_to(source.resolve()):
+    if is_inside(out, source):
         raise PreparedDataError(
             f"--out {str(out)!r} is inside the image folder {str(source)!r}: its files would "
             "become part of the data; choose a directory outside it"
         )
-    if (out / MANIFEST).is_file():
-        try:
-            kind = json.loads((out / MANIFEST).read_text()).get("format")
-        except (ValueError, AttributeError):
-            kind = None
-        if kind != FORMAT:
-            raise PreparedDataError(
-                f"--out {str(out)!r} holds a {MANIFEST} of format {kind!r}, not a prepared "
-                "folder's: choose an empty directory (or an earlier prepared folder to resume)"
-            )
+    foreign = foreign_manifest(out, MANIFEST, FORMAT)
+    if foreign:
+        raise PreparedDataError(
+            f"--out {str(out)!r} {foreign}, not a prepared folder's: choose an empty "
+            "directory (or an earlier prepared folder to resume)"
+        )
 
 
 def _check_source(out: Path, listing: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from denoiselab.config import ConfigError, from_dict
 from denoiselab.encoders.base import ImageEncoder
-from denoiselab.encoders.hf import HF_FAMILIES, dir_id, legacy_dir_id, load_hf_encoder
+from denoiselab.encoders.hf import HF_FAMILIES, legacy_dir_id, load_hf_encoder, weights_fingerprint
 from denoiselab.encoders.offline import load_offline_teacher, teacher_key
 from denoiselab.encoders.ssl import SSLConfig
 
@@ -144,7 +144,7 @@ def teacher_weights_id(cfg: TeacherConfig, pixel_data: Any, key: str = "teacher"
     """The ``weights_id`` :func:`build_teacher` would give, without loading or training it."""
     if cfg.kind == "offline":
         return teacher_key(pixel_data, cfg.ssl_config())
-    return dir_id(_require_dir(cfg, key))
+    return weights_fingerprint(_require_dir(cfg, key))
 
 
 def accepted_teacher_ids(cfg: TeacherConfig, pixel_data: Any, key: str = "teacher") -> set[str]:

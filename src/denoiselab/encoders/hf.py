@@ -137,11 +137,6 @@ def weights_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def dir_id(path: Path) -> str:
-    """The ``weights_id`` of a Hugging Face directory: :func:`weights_fingerprint`."""
-    return weights_fingerprint(path)
-
-
 def legacy_dir_id(path: Path) -> str:
     """The ``weights_id`` denoiselab gave a directory before 2026-12-01: ``config.json``
     plus the weight files' names and sizes (blind to other weights of the same shapes).
@@ -218,6 +213,6 @@ def load_hf_encoder(
             f"{model.config.patch_size}"
         )
     return HFPatchEncoder(
-        model, kind=kind, name=path.name, weights_id=dir_id(path), mean=mean, std=std,
+        model, kind=kind, name=path.name, weights_id=weights_fingerprint(path), mean=mean, std=std,
         resolution=side,
     )  # fmt: skip

@@ -44,7 +44,7 @@ from denoiselab.config import (
 )
 from denoiselab.data import DataConfig, build_dataset
 from denoiselab.encoders import ImageEncoder, TeacherConfig, build_teacher
-from denoiselab.io import atomic_write
+from denoiselab.io import atomic_write, foreign_manifest, is_inside
 from denoiselab.latents import captions as cap
 from denoiselab.latents.autoencoders import Autoencoder, fingerprint, load_autoencoder
 from denoiselab.latents.manifest import (
@@ -199,22 +199,16 @@ def _check_out(out: Path, data: DataConfig) -> None:
     """Refuse an ``out`` inside the source data or holding other data: its ``manifest.json``
     is deleted first (the cache is incomplete until the end), which would ruin a prepared
     folder."""
-    if data.root and out.resolve().is_relative_to(Path(data.root).resolve()):
+    if is_inside(out, data.root):
         raise ConfigError(
             f"--out {str(out)!r} is in data.root, the data to encode (an image folder would "
             "take it for a class); choose a directory outside it"
         )
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    try:
-        kind = json.loads(path.read_text()).get("format")
-    except (ValueError, AttributeError):
-        kind = None
-    if kind != CACHE_FORMAT:
+    foreign = foreign_manifest(out, MANIFEST, CACHE_FORMAT)
+    if foreign:
         raise ConfigError(
-            f"--out {str(out)!r} holds a {MANIFEST} that is not a latent cache's "
-            f"(format {kind!r}): choose an empty directory or an earlier cache to resume"
+            f"--out {str(out)!r} {foreign}, not a latent cache's: choose an empty directory "
+            "or an earlier cache to resume"
         )
 
 

@@ -52,6 +52,7 @@ from denoiselab.latents.train_ae import latent_statistics, reconstruction_mse
 from denoiselab.models import JiT
 from denoiselab.models.condition import condition_for
 from denoiselab.objectives import DenoisingObjective, ObjectiveConfig
+from denoiselab.train.config import has_routing
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,9 @@ class REPAEConfig:
             raise ConfigError("repa-e tunes the encoder on pixels; data.name='latents' is a cache")
         if self.repa.schedule != "constant" or not self.repa.weight > 0:
             raise ConfigError("repa-e needs repa.weight > 0 with the constant schedule")
-        routing = self.model.get("routing")
-        if (
-            routing
-            and (routing.get("kind", "none") if isinstance(routing, dict) else routing) != "none"
-        ):
+        if has_routing(self.model):
             raise ConfigError(
-                f"model.routing={routing!r}: repa-e trains its latent model dense (its loss "
+                f"model.routing={self.model['routing']!r}: repa-e trains its latent model dense (its loss "
                 "draws no routes); drop model.routing (route in the JLT run on the tuned latents)"
             )
         if self.vae_align_weight < 0 or self.kl_weight < 0 or not 0 < self.norm_momentum <= 1:

@@ -36,7 +36,12 @@ import torch
 from torch import Tensor
 
 from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD
-from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
+from denoiselab.encoders.hf import (
+    load_pretrained,
+    normalisation,
+    read_model_type,
+    weights_fingerprint,
+)
 
 from .batches import run_batches
 from .compositional import PromptGenerate
@@ -205,7 +210,7 @@ def load_clip_scorer(
         model,
         tokenizer,
         name=f"clip:{path.name}",
-        weights_id=dir_id(path),
+        weights_id=weights_fingerprint(path),
         mean=mean,
         std=std,
         device=torch.device(device),

@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from denoiselab.encoders.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from denoiselab.encoders.hf import dir_id, load_pretrained, normalisation, read_model_type
+from denoiselab.encoders.hf import (
+    load_pretrained,
+    normalisation,
+    read_model_type,
+    weights_fingerprint,
+)
 
 from .cache import cache_root
 from .images import check_uint8_images, resize_uint8
@@ -264,7 +269,7 @@ def load_clip(model_dir: str | Path | None, device: str | torch.device = "cpu") 
     return HFImageEmbedder(
         model,
         name=f"clip:{path.name}",
-        weights_id=dir_id(path),
+        weights_id=weights_fingerprint(path),
         size=int(model.config.image_size),
         mean=mean,
         std=std,
@@ -292,7 +297,7 @@ def load_dinov2(
     return HFImageEmbedder(
         model,
         name=f"dinov2:{path.name}",
-        weights_id=dir_id(path),
+        weights_id=weights_fingerprint(path),
         size=size,
         mean=mean,
         std=std,

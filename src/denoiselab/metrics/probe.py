@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import __version__
 from .cache import atomic_write, cache_root, content_hash, data_key, to_jsonable
 from .images import check_uint8_images, ensure_rgb, from_uint8
-from .probe_train import ProbeConfig, ProbeNet, accuracy, materialize, train_probe
+from .probe_train import N, ProbeConfig, ProbeNet, accuracy, materialize, train_probe
 
 __all__ = [
     "PROBE_CODE_VERSION",
@@ -37,8 +37,6 @@ __all__ = [
     "read_net_file",
     "write_net_file",
 ]
-
-N = TypeVar("N", bound=nn.Module)
 
 PROBE_CODE_VERSION = "probe-v1"  # bump when ProbeNet or the training recipe changes
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from denoiselab.cliutil import ArgumentParser
 from denoiselab.config import ConfigError
+from denoiselab.io import is_inside
 from denoiselab.text.embed_cache import DTYPES, cache_text
 
 
@@ -37,7 +37,7 @@ def cache_text_main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         cfg = load_train_config(args.config, args.overrides)
         root = cfg.data.root
-        if root and Path(args.out).resolve().is_relative_to(Path(root).resolve()):
+        if is_inside(args.out, root):
             raise ConfigError(
                 f"--out {args.out!r} is in data.root {root!r} (an image folder would take it "
                 "for a class); choose a directory outside the data"

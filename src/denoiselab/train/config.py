@@ -307,7 +307,7 @@ class TrainConfig:
                 "model.text); class names are no captions — use acc_probe for class fidelity, "
                 "or a text model (model.text, e.g. JiT-S/8-T2I)"
             )
-        if self.objective.routing_until < 1 and not _routes(self.model):
+        if self.objective.routing_until < 1 and not has_routing(self.model):
             raise ConfigError(
                 f"objective.routing_until={self.objective.routing_until!r} ends a routed stage, "
                 "but the network has no token routing (model.routing.kind: none); set "
@@ -392,12 +392,14 @@ def _check_device_name(device: str) -> None:
 PIXEL_DATASETS = ("shapes", "digits", "imagefolder", "prepared")
 
 
-def _routes(model: dict[str, Any]) -> bool:
-    """Whether a checked ``model:`` section routes tokens (``model.routing.kind`` not none)."""
+def has_routing(model: dict[str, Any]) -> bool:
+    """Whether a ``model:`` section routes tokens (``model.routing.kind`` not none, from the
+    preset or the section itself)."""
     from denoiselab.models.registry import MODEL_PRESETS
     from denoiselab.models.routing import routing_config
 
-    return routing_config({**MODEL_PRESETS[model["name"]], **model}.get("routing")).enabled
+    preset = MODEL_PRESETS.get(model.get("name"), {})  # an unknown name is named elsewhere
+    return routing_config({**preset, **model}.get("routing")).enabled
 
 
 def is_text_model(model: dict[str, Any]) -> bool:

@@ -48,7 +48,6 @@ from denoiselab.train.module import TrainingModule
 from denoiselab.train.optim import build_optimizer, lr_at
 from denoiselab.train.parallel import build_strategy, full, uses_bf16
 from denoiselab.train.periodic import (
-    ONE_CLASS_DROPS,
     check_eval_ready,
     draw_grid,
     ema_network,
@@ -186,12 +185,9 @@ class Trainer:
         self.step_clock: StepClock = NO_CLOCK  # bench --breakdown times the step's phases
         if self.parallel.note:
             self.log(self.parallel.note)
-        if (
-            self.model_cfg.num_classes < 2
-            and cfg.eval.every_nimg > 0
-            and ONE_CLASS_DROPS & set(cfg.eval.metrics)
-        ):
-            self.log(one_class_note(cfg.eval.metrics))
+        note = one_class_note(cfg.eval.metrics, self.model_cfg.num_classes)
+        if note and cfg.eval.every_nimg > 0:
+            self.log(note)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, step: int) -> Path | None:

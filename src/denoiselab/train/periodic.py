@@ -7,12 +7,13 @@ cached by content hash, so only the first evaluation of a dataset pays for them 
 trains with gradients: only the sampling runs under ``no_grad``). A text run may list
 ``clipscore``: scored as ``denoiselab eval --metrics clipscore`` does (the same held-out
 prompts and batch seeds, :mod:`denoiselab.evaluation_clip`), with the CLIP of ``eval.clip``,
-whose vision tower then also serves ``cmmd`` (one load per evaluation).
+whose vision tower then also serves ``cmmd`` (one load per run).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -87,9 +88,20 @@ def _check_clipscore_dir(cfg: TrainConfig) -> None:
 ONE_CLASS_DROPS = {"acc_probe"}  # metrics that mean nothing on data of one class
 
 
-def one_class_note(metrics: Any) -> str:
-    """The start-of-run line saying which periodic metrics a one-class run skips."""
-    dropped = [m for m in metrics if m in ONE_CLASS_DROPS]
+def scored_metrics(metrics: Sequence[str], num_classes: int) -> list[str]:
+    """``metrics`` without those that mean nothing on data of one class (a flat image folder:
+    every sample is of the class, so ``acc_probe`` would be 1 by construction). Periodic
+    evaluation and the ablation scorer score these."""
+    if num_classes >= 2:
+        return list(metrics)
+    return [m for m in metrics if m not in ONE_CLASS_DROPS]
+
+
+def one_class_note(metrics: Sequence[str], num_classes: int) -> str | None:
+    """The start-of-run line naming the periodic metrics :func:`scored_metrics` skips."""
+    dropped = [m for m in metrics if m not in scored_metrics(metrics, num_classes)]
+    if not dropped:
+        return None
     return (
         f"note: eval.metrics {dropped} skipped: the data has one class, so every sample is of "
         "it and the accuracy is 1 by construction"
@@ -117,8 +129,8 @@ def evaluate_network(
 
     values: dict[str, float] = {}
     loaded = {} if loaded is None else loaded
-    skip = {CLIPSCORE, *(ONE_CLASS_DROPS if num_classes < 2 else ())}  # one_class_note
-    scorer, registry = None, [m for m in ev.metrics if m not in skip]
+    registry = [m for m in scored_metrics(ev.metrics, num_classes) if m != CLIPSCORE]
+    scorer = None
     if CLIPSCORE in ev.metrics:
         scorer = loaded.get(CLIPSCORE) or _load_clip_scorer(cfg, device)
         loaded[CLIPSCORE] = scorer
@@ -177,15 +189,14 @@ def _clipscore(
     (drawn once per run and kept in ``loaded``: on captioned folders that reads the data
     set), the run's sampler with ``sampling`` (:func:`_sampling`); under DDP each rank draws a
     share of the batches (``metrics.batches.run_batches``)."""
-    from denoiselab.evaluation_clip import eval_prompts, prompt_generator
-    from denoiselab.metrics.clipscore import clip_score
+    from denoiselab.evaluation_clip import eval_prompts, prompt_generator, score_clipscore
 
     ev = cfg.eval
     key = f"{CLIPSCORE}/prompts"
     if key not in loaded:
-        loaded[key] = eval_prompts(cfg.data, ev.num, ev.seed)[0]
+        loaded[key] = eval_prompts(cfg.data, ev.num, ev.seed)
     generate = prompt_generator(sampler.prompts, *sampling)
-    result = clip_score(generate, loaded[key], scorer, batch=ev.batch, seed=ev.seed)
+    result = score_clipscore(loaded[key], generate, ev.seed, scorer, ev.batch)
     values.update({k: float(v) for k, v in result["metrics"].items()})
 
 
